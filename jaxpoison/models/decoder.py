@@ -1,0 +1,214 @@
+"""The decoder: Llama / Qwen2 / Qwen3 in Flax, used functionally.
+
+``Decoder(cfg).apply({"params": base}, tokens, ...)`` returns the final-norm hidden states, never logits:
+the lm_head is the largest matmul and the largest tensor, so callers compute logits only where a loss or a
+score needs them (see :mod:`jaxpoison.models.heads`).
+
+LoRA is an *argument*, not a parameter collection: ``lora`` is a pytree ``{module: {"a": [L, in, r],
+"b": [L, r, out]}}`` scanned over layers together with the base weights. The base therefore stays an
+undifferentiated input (``jax.grad`` w.r.t. ``lora`` only), and ``jax.vmap`` over adapters with the base
+unbatched is just ``in_axes=(0, None)``. The update is ``x @ W + s * dropout(x) @ A @ B``, never merged.
+
+A KV cache (``init_cache``) is carried through the layer scan and written in place with
+``dynamic_update_slice`` at a shared slot index, so generation has fixed shapes and compiles once.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ModelConfig
+
+Array = jax.Array
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies, with Llama-3 scaling when configured (same rule as HF ``_compute_llama3_parameters``)."""
+    hd = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    rs = cfg.rope_scaling
+    if rs is not None:
+        low_wl = rs.original_max_position_embeddings / rs.low_freq_factor
+        high_wl = rs.original_max_position_embeddings / rs.high_freq_factor
+        wl = 2 * np.pi / inv
+        scaled = np.where(wl > low_wl, inv / rs.factor, inv)
+        smooth = (rs.original_max_position_embeddings / wl - rs.low_freq_factor) / (
+            rs.high_freq_factor - rs.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+        medium = (wl >= high_wl) & (wl <= low_wl)
+        inv = np.where(medium, smoothed, scaled)
+    return inv.astype(np.float32)
+
+
+def rope_tables(cfg: ModelConfig, positions: Array) -> tuple[Array, Array]:
+    """cos, sin of shape [B, T, hd] for integer positions [B, T] (HF rotate-half convention)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """x [B, T, heads, hd]; rotate the two halves of each head."""
+    h = x.shape[-1] // 2
+    rot = jnp.concatenate([-x[..., h:], x[..., :h]], axis=-1)
+    c, s = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * c + rot * s
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return x32.astype(self.dtype) * scale.astype(self.dtype)
+
+
+class Linear(nn.Module):
+    """``x @ kernel (+ bias)`` plus an optional LoRA update ``s * dropout(x) @ a @ b``."""
+    features: int
+    use_bias: bool = False
+    dtype: Any = jnp.float32
+    lora_scale: float = 1.0
+    lora_dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, lora: Optional[dict] = None, deterministic: bool = True):
+        kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features), jnp.float32)
+        y = jnp.einsum("...i,io->...o", x, kernel.astype(self.dtype))
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
+        if lora is not None:
+            xl = x
+            if self.lora_dropout > 0 and not deterministic:
+                keep = jax.random.bernoulli(self.make_rng("dropout"), 1 - self.lora_dropout, x.shape)
+                xl = jnp.where(keep, x / (1 - self.lora_dropout), 0).astype(x.dtype)
+            u = jnp.einsum("...i,ir->...r", xl, lora["a"].astype(self.dtype))
+            y = y + self.lora_scale * jnp.einsum("...r,ro->...o", u, lora["b"].astype(self.dtype))
+        return y
+
+
+class Block(nn.Module):
+    """One pre-norm decoder layer. Carry: (hidden, cache); per-layer inputs: (lora slice, layer index)."""
+    cfg: ModelConfig
+    dtype: Any = jnp.float32
+    lora_scale: float = 1.0
+    lora_dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, carry, lora, layer, cos, sin, mask, slot, deterministic):
+        x, cache = carry
+        cfg = self.cfg
+        lora = lora or {}
+        B, T, _ = x.shape
+        H, K, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+        def lin(name, feats, inp, bias=False):
+            return Linear(feats, bias, self.dtype, self.lora_scale, self.lora_dropout, name=name)(
+                inp, lora.get(name), deterministic)
+
+        h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="attn_norm")(x)
+        q = lin("q", H * hd, h, cfg.qkv_bias).reshape(B, T, H, hd)
+        k = lin("k", K * hd, h, cfg.qkv_bias).reshape(B, T, K, hd)
+        v = lin("v", K * hd, h, cfg.qkv_bias).reshape(B, T, K, hd)
+        if cfg.qk_norm:
+            q = RMSNorm(cfg.rms_norm_eps, self.dtype, name="q_norm")(q)
+            k = RMSNorm(cfg.rms_norm_eps, self.dtype, name="k_norm")(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if cache is not None:
+            ck = jax.lax.dynamic_update_slice(cache["k"], k[None].astype(cache["k"].dtype), (layer, 0, slot, 0, 0))
+            cv = jax.lax.dynamic_update_slice(cache["v"], v[None].astype(cache["v"].dtype), (layer, 0, slot, 0, 0))
+            cache = {"k": ck, "v": cv}
+            k, v = ck[layer].astype(self.dtype), cv[layer].astype(self.dtype)
+
+        qg = q.reshape(B, T, K, H // K, hd)
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32) / np.sqrt(hd)
+        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        attn = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H * hd)
+        x = x + lin("o", cfg.hidden_size, attn)
+
+        h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="mlp_norm")(x)
+        g = lin("gate", cfg.intermediate_size, h)
+        u = lin("up", cfg.intermediate_size, h)
+        x = x + lin("down", cfg.hidden_size, nn.silu(g) * u)
+        return (x, cache), None
+
+
+class Decoder(nn.Module):
+    """Embedding -> scanned blocks -> final norm. Returns (hidden [B, T, D], cache)."""
+    cfg: ModelConfig
+    dtype: Any = jnp.float32
+    lora_scale: float = 1.0
+    lora_dropout: float = 0.0
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, tokens, attn_mask=None, positions=None, lora=None, cache=None, slot=0,
+                 kv_mask=None, deterministic: bool = True):
+        """tokens/attn_mask/positions [B, T].
+
+        Without a cache, keys are the T tokens themselves (mask: causal and ``attn_mask``). With a cache the T
+        new tokens are written at slots ``slot .. slot+T-1`` and attend to every valid earlier slot:
+        ``kv_mask`` [B, S] says which cache slots hold real tokens (the caller keeps it).
+        """
+        cfg = self.cfg
+        B, T = tokens.shape
+        if attn_mask is None:
+            attn_mask = jnp.ones((B, T), bool)
+        attn_mask = attn_mask.astype(bool)
+        if positions is None:
+            positions = jnp.maximum(jnp.cumsum(attn_mask, axis=-1) - 1, 0)
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="embed", dtype=self.dtype,
+                         param_dtype=jnp.float32, embedding_init=nn.initializers.normal(0.02))
+        x = embed(tokens).astype(self.dtype)
+        cos, sin = rope_tables(cfg, positions)
+
+        if cache is None:
+            q_slot = jnp.arange(T)
+            mask = (q_slot[None, :, None] >= q_slot[None, None, :]) & attn_mask[:, None, :]
+        else:
+            S = cache["k"].shape[2]
+            q_slot = slot + jnp.arange(T)
+            key_slot = jnp.arange(S)
+            mask = (key_slot[None, None, :] <= q_slot[None, :, None]) & kv_mask.astype(bool)[:, None, :]
+
+        block = Block
+        if self.remat:
+            block = nn.remat(Block, static_argnums=(8,), prevent_cse=False)
+        layers = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=cfg.num_layers,
+        )(cfg, self.dtype, self.lora_scale, self.lora_dropout, name="layers")
+        layer_lora = {k: v for k, v in (lora or {}).items() if k != "lm_head"} or None
+        (x, cache), _ = layers((x, cache), layer_lora, jnp.arange(cfg.num_layers), cos, sin, mask, slot,
+                               deterministic)
+        x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="final_norm")(x)
+        if not cfg.tie_word_embeddings:
+            # declared here so that init creates it; the heads module reads params["lm_head"]["kernel"]
+            self.param("lm_head", lambda k: {"kernel": nn.initializers.normal(0.02)(
+                k, (cfg.hidden_size, cfg.vocab_size), jnp.float32)})
+        return x, cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def init_params(cfg: ModelConfig, key: Array) -> dict:
+    """Random base weights (tests, benchmarks of shape only)."""
+    model = Decoder(cfg)
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    return model.init(key, tokens)["params"]

@@ -1,0 +1,139 @@
+"""Output heads: logits only where they are needed.
+
+The lm_head is the largest matmul of a small model and ``[B, T, vocab]`` the largest tensor of a step, so:
+
+* ``token_logprobs`` walks the sequence in chunks and never holds more than ``[B, chunk, vocab]`` logits.
+  Its gradient is a ``custom_vjp``: the forward pass of each chunk already has the softmax in hand, so it
+  stores ``d log p(target) / d hidden = W[target] - p @ W^T`` (``[B, T, D]``, the size of the hidden states)
+  and the backward pass is one multiply. Nothing is recomputed and no logits are kept for the backward pass.
+  (The base head is never differentiated; with a LoRA adapter on lm_head a checkpointed scan is used.)
+* ``select_positions`` gathers the few positions a completion-only loss or an option score needs, so the
+  head runs on ``[B, P]`` positions instead of ``[B, T]``.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from .config import ModelConfig
+
+
+def head_kernel(params: dict, cfg: ModelConfig) -> jax.Array:
+    """The [D, V] output projection (the transposed embedding when tied)."""
+    if cfg.tie_word_embeddings:
+        return params["embed"]["embedding"].T
+    return params["lm_head"]["kernel"]
+
+
+def head_rows(params: dict, cfg: ModelConfig) -> jax.Array:
+    """The same projection as [V, D] rows (cheap gathers of one token's output vector)."""
+    if cfg.tie_word_embeddings:
+        return params["embed"]["embedding"]
+    return params["lm_head"]["kernel"].T
+
+
+def logits(params: dict, cfg: ModelConfig, hidden: jax.Array, lora: Optional[dict] = None,
+           lora_scale: float = 1.0) -> jax.Array:
+    w = head_kernel(params, cfg).astype(hidden.dtype)
+    out = jnp.einsum("...d,dv->...v", hidden, w)
+    if lora is not None and "lm_head" in lora:
+        a, b = lora["lm_head"]["a"], lora["lm_head"]["b"]
+        out = out + lora_scale * jnp.einsum("...r,rv->...v", hidden @ a.astype(hidden.dtype), b.astype(hidden.dtype))
+    return out.astype(jnp.float32)
+
+
+def _chunks(x: jax.Array, chunk: int) -> jax.Array:
+    """[B, T, ...] -> [T/chunk, B, chunk, ...] (T padded up to a multiple of chunk)."""
+    B, T = x.shape[:2]
+    n = -(-T // chunk)
+    pad = n * chunk - T
+    if pad:
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(B, n, chunk, *x.shape[2:]), 1, 0)
+
+
+def _unchunk(x: jax.Array, T: int) -> jax.Array:
+    n, B, c = x.shape[:3]
+    return jnp.moveaxis(x, 0, 1).reshape(B, n * c, *x.shape[3:])[:, :T]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _logprobs_base(hidden, w_rows, targets, chunk):
+    lp, _ = _logprobs_fwd_impl(hidden, w_rows, targets, chunk, want_grad=False)
+    return lp
+
+
+def _logprobs_fwd_impl(hidden, w_rows, targets, chunk, want_grad):
+    T = hidden.shape[1]
+    w = w_rows.astype(hidden.dtype)
+
+    def body(_, xs):
+        h, t = xs
+        z = jnp.einsum("bcd,vd->bcv", h, w).astype(jnp.float32)
+        lse = jax.nn.logsumexp(z, axis=-1)
+        zt = jnp.take_along_axis(z, t[..., None], axis=-1)[..., 0]
+        lp = zt - lse
+        if not want_grad:
+            return None, (lp, jnp.zeros((), h.dtype))
+        p = jnp.exp(z - lse[..., None]).astype(h.dtype)
+        dh = jnp.take(w, t, axis=0) - jnp.einsum("bcv,vd->bcd", p, w)
+        return None, (lp, dh)
+
+    _, (lp, dh) = jax.lax.scan(body, None, (_chunks(hidden, chunk), _chunks(targets, chunk)))
+    return _unchunk(lp, T), (_unchunk(dh, T) if want_grad else None)
+
+
+def _logprobs_fwd(hidden, w_rows, targets, chunk):
+    lp, dh = _logprobs_fwd_impl(hidden, w_rows, targets, chunk, want_grad=True)
+    return lp, (dh, w_rows, targets)
+
+
+def _logprobs_bwd(chunk, res, g):
+    dh, w_rows, targets = res
+    return (g[..., None].astype(dh.dtype) * dh, jnp.zeros_like(w_rows),
+            jnp.zeros(targets.shape, jax.dtypes.float0))
+
+
+_logprobs_base.defvjp(_logprobs_fwd, _logprobs_bwd)
+
+
+def token_logprobs(params: dict, cfg: ModelConfig, hidden: jax.Array, targets: jax.Array, *, chunk: int = 128,
+                   lora: Optional[dict] = None, lora_scale: float = 1.0) -> jax.Array:
+    """log p(targets[b, t] | hidden[b, t]) for every position, shape [B, T], fp32, chunked over T.
+
+    The gradient flows to ``hidden`` (and to an lm_head LoRA if given), never to the base head.
+    """
+    chunk = max(1, min(chunk, hidden.shape[1]))
+    if lora is None or "lm_head" not in lora:
+        return _logprobs_base(hidden, jax.lax.stop_gradient(head_rows(params, cfg)), targets, chunk)
+
+    T = hidden.shape[1]
+
+    @jax.checkpoint
+    def one(h, t):
+        z = logits(params, cfg, h, lora, lora_scale)
+        return jnp.take_along_axis(z, t[..., None], -1)[..., 0] - jax.nn.logsumexp(z, -1)
+
+    _, lp = jax.lax.scan(lambda c, xs: (c, one(*xs)), None, (_chunks(hidden, chunk), _chunks(targets, chunk)))
+    return _unchunk(lp, T)
+
+
+def select_positions(mask: jax.Array, budget: int) -> tuple[jax.Array, jax.Array]:
+    """Indices of the first ``budget`` positions where ``mask`` is set, per row, and their validity.
+
+    Returns (idx [B, budget] int32, valid [B, budget] bool). Rows with fewer set positions are padded with
+    position 0 marked invalid; rows with more are cut (the caller sizes ``budget`` from the data).
+    """
+    B, T = mask.shape
+    m = mask > 0
+    order = jnp.argsort(~m, axis=-1, stable=True)[:, :budget].astype(jnp.int32)
+    valid = jnp.take_along_axis(m, order, axis=-1)
+    return jnp.where(valid, order, 0), valid
+
+
+def gather_positions(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """x [B, T, ...], idx [B, P] -> [B, P, ...]."""
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
