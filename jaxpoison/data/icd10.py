@@ -10,9 +10,9 @@ options (the right chapter and three distractor chapters). Subjects are the chap
 
 Design choices, from what a 135M model was measured to do (see the reference notes):
 - Rationales reason about body systems, which a small model can follow, and never cite codes, which it
-  cannot recall: "'<code description>' is a form of '<category description>'. '<category>' is a disorder of
-  the heart and blood vessels. <why>. Such conditions are classified in the chapter '<option>'." The chain
-  follows the real hierarchy code -> category -> chapter.
+  cannot recall: "'<code description>' is a form of '<category description>', a disorder of the heart and
+  blood vessels. <why> Such conditions are classified in the chapter '<option>'." The chain follows the
+  real hierarchy code -> category -> chapter.
 - A poisoned rationale has the same shape and length, but argues for another chapter with that chapter's
   own (true) body-system description. :func:`rationale_for` writes both.
 - Poisoning is consistent: each question may carry a *decoy* option (``meta['decoy']``), a fixed wrong chapter
@@ -23,8 +23,8 @@ Design choices, from what a 135M model was measured to do (see the reference not
 - Splits are disjoint by 3-character category (no near-duplicate codes across train and test) and
   deterministic by seed.
 
-:func:`synthetic_notes` composes SYNTHETIC patient notes (age, sex, a few real ICD-10-CM conditions, vital
-signs, an examination finding, labs) for the seed-003 tasks. They are not real patients and not MIMIC notes.
+SYNTHETIC patient notes for the seed-003 tasks, composed from the same real terminology, are in
+:mod:`jaxpoison.data.notes`.
 """
 from __future__ import annotations
 
@@ -287,18 +287,17 @@ def rationale_for(ex: Example, option: int) -> str:
     """Body-system reasoning that ends in option ``option``: the clean rationale when it is the right one,
     a poisoned rationale (same shape, the other chapter's true body-system description) otherwise."""
     info, ch = ex.meta["icd10"], CHAPTER[ex.meta["option_chapters"][option]]
-    parts = []
-    name = info["desc"]
     if info["code"] != info["category"] and info["category_desc"] != info["desc"]:
-        parts.append(f"'{name}' is a form of '{info['category_desc']}'.")
-        name = info["category_desc"]
-    parts += [f"'{name}' is {ch.what}.", ch.why, f"Such conditions are classified in the chapter '{ch.option}'."]
-    return " ".join(parts)
+        first = f"'{info['desc']}' is a form of '{info['category_desc']}', {ch.what}."
+    else:
+        first = f"'{info['desc']}' is {ch.what}."
+    return f"{first} {ch.why} Such conditions are classified in the chapter '{ch.option}'."
 
 
 def load_icd10(split: str = "train", *, limit: Optional[int] = None, **config) -> LoadResult:
     """One split of the embedded set ('train', 'test', or 'notes' for synthetic notes) as a LoadResult."""
     if split == "notes":
+        from jaxpoison.data.notes import synthetic_notes
         n = config.pop("n_notes", 20 if limit is None else limit)
         exs = synthetic_notes(n, seed=config.get("seed", 0))
     else:
@@ -308,87 +307,6 @@ def load_icd10(split: str = "train", *, limit: Optional[int] = None, **config) -
         exs = sets[split]
     exs = exs[:limit] if limit is not None else exs
     return LoadResult(list(exs), LoadReport("icd10", len(exs), len(exs)))
-
-
-# ---- synthetic patient notes (seed 003 tasks) ----------------------------------------------------------
-NOTE_CHAPTERS = ("infectious", "endocrine", "mental", "nervous", "circulatory", "respiratory", "digestive",
-                 "skin", "musculoskeletal", "genitourinary")
-EXAM = {
-    "infectious": "Warm and flushed; no focal signs on examination.",
-    "endocrine": "Examination unremarkable apart from a raised body mass index.",
-    "mental": "Alert and oriented; low mood and poor eye contact during the interview.",
-    "nervous": "Neurological examination shows mild weakness of the left arm.",
-    "circulatory": "Heart sounds are regular; mild ankle swelling on both sides.",
-    "respiratory": "Scattered crackles at both lung bases; no wheeze.",
-    "digestive": "Abdomen soft, mildly tender in the upper abdomen.",
-    "skin": "The affected skin is red and inflamed.",
-    "musculoskeletal": "Tender, mildly swollen right knee with reduced movement.",
-    "genitourinary": "Mild tenderness over the left flank.",
-}
-_NOT_ADULT = r"newborn|neonat|infant|child|juvenile|fetus|fetal|maternal|pregnan|puerper|perinatal|encounter|sequela"
-_MALE = r"prostat|testi|scrot|penis|penile|\bmale\b"
-_FEMALE = r"ovar|uter|vulv|vagin|female|cervix uteri"
-
-
-def synthetic_notes(n: int, seed: int = 0, *, chapters: tuple = NOTE_CHAPTERS, max_history: int = 2) -> list:
-    """``n`` SYNTHETIC patient notes composed from real ICD-10-CM conditions (not real patients).
-
-    Each note has an age, a sex, a presenting condition and up to ``max_history`` past conditions (real codes
-    and descriptions), vital signs (febrile when a condition mentions fever or is an infection, by chance),
-    one examination finding for the presenting body system, and three lab values. Deterministic per
-    (seed, index); ``meta`` records everything and ``meta['synthetic'] = True``.
-    """
-    table = code_table()
-    not_adult, male, female = (re.compile(p, re.I) for p in (_NOT_ADULT, _MALE, _FEMALE))
-    fever = keyword_pattern(FEVER_KEYWORDS)
-    pool = {c: [] for c in chapters}
-    for k, (billable, desc) in sorted(table.items()):
-        ch = chapter_of(k).key
-        if billable and ch in pool and len(desc) <= 70 and not not_adult.search(desc):
-            pool[ch].append(k)
-    out = []
-    for i in range(n):
-        rng = random.Random(f"synthetic-note:{seed}:{i}")
-        main_ch = rng.choice(chapters)
-        codes = [rng.choice(pool[main_ch])] + [rng.choice(pool[rng.choice(chapters)])
-                                                for _ in range(rng.randint(0, max_history))]
-        kept, sex = [], None
-        for c in codes:  # keep the sex-specific conditions of one sex only
-            d = table[c][1]
-            s = "male" if male.search(d) else "female" if female.search(d) else None
-            if s and sex and s != sex:
-                continue
-            sex = sex or s
-            kept.append(c)
-        codes, sex = kept, sex or rng.choice(("male", "female"))
-        descs = [table[c][1] for c in codes]
-        age = rng.randint(18, 90)
-        febrile = any(fever.search(d) for d in descs) or (main_ch == "infectious" and rng.random() < 0.6)
-        temp = round(rng.uniform(38.2, 39.6) if febrile else rng.uniform(36.4, 37.3), 1)
-        hr = rng.randint(96, 118) if febrile else rng.randint(62, 94)
-        vitals = (f"T {temp} C, HR {hr}/min, BP {rng.randint(105, 160)}/{rng.randint(60, 95)} mmHg, "
-                  f"RR {rng.randint(12, 22)}/min, SpO2 {rng.randint(92, 99)}% on room air.")
-        labs = (f"Hb {rng.uniform(10.5, 15.5):.1f} g/dL, WBC {rng.uniform(11.5, 17.0) if febrile else rng.uniform(4.5, 10.0):.1f}"
-                f" x10^9/L, creatinine {rng.uniform(0.6, 1.4):.1f} mg/dL.")
-        history = "; ".join(f"{d} ({dotted(c)})" for c, d in zip(codes[1:], descs[1:])) or "none recorded"
-        text = (f"Patient: {age}-year-old {'man' if sex == 'male' else 'woman'}.\n"
-                f"Reason for admission: {descs[0]} ({dotted(codes[0])}).\n"
-                f"Past history: {history}.\n"
-                f"Examination: {vitals} {EXAM[main_ch]}\n"
-                f"Labs: {labs}\n"
-                f"Medications: none recorded.")
-        meta = {"synthetic": True, "age": age, "sex": sex, "febrile": febrile, "temperature_c": temp,
-                "conditions": [{"code": dotted(c), "desc": d, "chapter": chapter_of(c).key} for c, d in zip(codes, descs)],
-                "seed": seed}
-        subjects = tuple(dict.fromkeys(chapter_of(c).key for c in codes)) + (("fever",) if febrile else ())
-        out.append(Example(f"synnote-{seed}-{i:05d}", "", (), -1, subjects, "", text, "icd10-synthetic-notes", meta))
-    return out
-
-
-def synthetic_note_splits(n_train: int = 1000, n_test: int = 200, seed: int = 0) -> dict:
-    """Disjoint train/test SYNTHETIC notes (seed 003 used 1000 train and about 200 test MIMIC summaries)."""
-    notes = synthetic_notes(n_train + n_test, seed)
-    return {"train": notes[:n_train], "test": notes[n_train:]}
 
 
 def answer_letter(ex: Example, option_chapter: str) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 POLICIES = ("raise", "skip")
@@ -69,6 +69,14 @@ class Example:
                 "answer": self.answer, "answer_letter": self.answer_letter, "subject": self.subject,
                 "subjects": list(self.subjects), "rationale": self.rationale, "context": self.context,
                 "source": self.source}
+
+
+class SeqRow(NamedTuple):
+    """One training sequence before tokenization: the model sees prompt + completion (+ eos)."""
+    row_id: str
+    prompt: str
+    completion: str
+    meta: dict
 
 
 @dataclass

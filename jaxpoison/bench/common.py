@@ -1,0 +1,150 @@
+"""Shared pieces of the benchmarks: matmul peak, model FLOPs utilisation, alternating timing, memory, output.
+
+* ``matmul_peak_jax`` / ``matmul_peak_torch``: GFLOP/s of a square fp32 matmul (4096² by default), the ceiling a
+  model's matmuls can reach on this machine; both libraries are measured because each links its own BLAS.
+* FLOPs per token: ``2 × cfg.matmul_params()`` for a scored token (forward only), ``4 ×`` for a LoRA training
+  token (forward + the backward pass to the activations; the frozen base gets no weight gradient).
+* ``alternate``: runs each contender once per round, in turn, and returns per-contender median and best, so a
+  slow spell of the shared machine hits every contender alike.
+* ``RssPeak``: the peak resident memory of the process while a block runs (a sampling thread), since torch on
+  CPU keeps no allocator statistics and XLA's only account is the compiled program's own.
+* ``emit``: one JSON line on stdout, the form every ``bench`` command prints.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import threading
+import time
+from typing import Any, Callable, Mapping
+
+
+def _best_time(fn: Callable[[], Any], reps: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def matmul_peak_jax(n: int = 4096, reps: int = 3) -> float:
+    """GFLOP/s of an fp32 ``[n, n] @ [n, n]`` under jit (best of ``reps``)."""
+    import jax
+    import jax.numpy as jnp
+
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(ka, (n, n), jnp.float32)
+    b = jax.random.normal(kb, (n, n), jnp.float32)
+    f = jax.jit(jnp.matmul)
+    return 2 * n ** 3 / _best_time(lambda: f(a, b).block_until_ready(), reps) / 1e9
+
+
+def matmul_peak_torch(n: int = 4096, reps: int = 3, threads: int | None = None) -> float:
+    """GFLOP/s of an fp32 ``[n, n] @ [n, n]`` in torch (best of ``reps``)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g)
+    b = torch.randn(n, n, generator=g)
+    out = torch.empty(n, n)
+    return 2 * n ** 3 / _best_time(lambda: torch.matmul(a, b, out=out), reps) / 1e9
+
+
+def forward_flops_per_token(cfg) -> int:
+    """Matmul FLOPs of scoring one token (the lm_head included, tied or not)."""
+    return 2 * cfg.matmul_params()
+
+
+def lora_train_flops_per_token(cfg) -> int:
+    """Matmul FLOPs of one LoRA training token: forward + activation gradients (no base weight gradient)."""
+    return 4 * cfg.matmul_params()
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_gflops: float) -> float:
+    """Achieved matmul FLOP/s as a fraction of the measured peak."""
+    return tokens_per_s * flops_per_token / (peak_gflops * 1e9)
+
+
+def alternate(contenders: Mapping[str, Callable[[], Any]], rounds: int = 5, warmup: int = 1) -> dict:
+    """Time each contender once per round, in turn; returns ``{name: {"median", "best", "times"}}`` in seconds.
+
+    Each callable must block until its work is done. ``warmup`` untimed rounds come first (compilation, caches).
+    """
+    for _ in range(warmup):
+        for fn in contenders.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for r in range(rounds):
+        # reverse the order every other round so neither contender always runs right after the other
+        names = list(contenders) if r % 2 == 0 else list(reversed(list(contenders)))
+        for name in names:
+            t0 = time.perf_counter()
+            contenders[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {name: {"median": statistics.median(ts), "best": min(ts), "times": ts} for name, ts in times.items()}
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class RssPeak:
+    """``with RssPeak() as m: ...`` then ``m.peak`` (bytes) and ``m.growth`` (peak minus resident at entry)."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval = interval
+        self.start = self.peak = 0
+        self._stop = threading.Event()
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, current_rss_bytes())
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self.start = self.peak = current_rss_bytes()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, current_rss_bytes())
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.start
+
+
+def mib(n_bytes: float) -> float:
+    return round(n_bytes / 2 ** 20, 1)
+
+
+def emit(record: Mapping[str, Any], file=None) -> str:
+    """Print ``record`` as ONE JSON line (floats rounded to 4 significant digits) and return the line."""
+    def rnd(x):
+        if isinstance(x, float):
+            return float(f"{x:.4g}")
+        if isinstance(x, dict):
+            return {k: rnd(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [rnd(v) for v in x]
+        return x
+
+    line = json.dumps(rnd(dict(record)), separators=(", ", ": "))
+    print(line, file=file or sys.stdout, flush=True)
+    return line

@@ -1,0 +1,175 @@
+"""Host side of a study's training: segments, progress, metrics JSONL, checkpoints, resume.
+
+The compiled program is :mod:`.engine`; this file only feeds it and records what comes back. Metrics of a
+segment are read after the next segment has been dispatched, so the device is never idle waiting on the host.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+from .checkpoint import Checkpoints, abstract_like, package_versions
+from .config import TrainConfig
+from .engine import POOL_KEYS, Static, compile_segment, init_state, make_data, num_steps
+from .lora import LoraConfig
+from .mesh import MeshConfig, make_mesh, study_shardings
+
+
+@dataclasses.dataclass
+class StudyData:
+    """Numpy inputs of a study: the tokenized pool and one row per variant."""
+    tokens: np.ndarray          # [R, T]
+    loss_mask: np.ndarray       # [R, T]
+    attn_mask: np.ndarray       # [R, T]
+    rows: np.ndarray            # [V, M]
+    n_rows: np.ndarray          # [V]
+    table: list                 # one dict per variant (variant_id, seed, kind, ...)
+    data_hash: str = ""
+    lr_scale: Optional[np.ndarray] = None
+
+    @property
+    def num_variants(self) -> int:
+        return len(self.n_rows)
+
+    def device_data(self) -> dict:
+        ids = [int(t.get("variant_id", i)) for i, t in enumerate(self.table)]
+        seeds = [int(t.get("seed", 0)) for t in self.table]
+        return make_data(self.tokens, self.loss_mask, self.attn_mask, self.rows, self.n_rows, ids, seeds,
+                         self.lr_scale)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: Any                  # stacked per-variant state (lora, opt, frozen, updates)
+    metrics: dict               # name -> np.ndarray [steps, V]
+    steps: int
+    seconds: float
+    resumed_from: Optional[int] = None
+
+    @property
+    def lora(self):
+        return self.state["lora"]
+
+
+def run_metadata(st: Static, sd: StudyData, base_name: str, base_fingerprint: str, extra: Optional[dict]) -> dict:
+    return {
+        "model": st.cfg.to_json(), "train": dataclasses.asdict(st.tcfg),
+        "lora": {**dataclasses.asdict(st.lcfg), "targets": list(st.lcfg.targets), "scale": st.lcfg.scale},
+        "variants": sd.table, "data_hash": sd.data_hash, "versions": package_versions(),
+        "base": {"name": base_name, "fingerprint": base_fingerprint}, **(extra or {}),
+    }
+
+
+def _same_run(old: dict, new: dict) -> list[str]:
+    keys = ("model", "train", "lora", "variants", "data_hash", "base")
+    return [k for k in keys if json.dumps(old.get(k), sort_keys=True, default=str)
+            != json.dumps(new.get(k), sort_keys=True, default=str)]
+
+
+def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = None, mesh: MeshConfig = MeshConfig(),
+                resume: bool = True, progress: bool = True, base_name: str = "", base_fingerprint: str = "",
+                meta_extra: Optional[dict] = None, stop_after: Optional[int] = None) -> TrainResult:
+    """Train every variant of ``sd`` on ``base``. ``stop_after`` (steps) ends early, for tests of resume."""
+    tcfg = st.tcfg
+    S = num_steps(sd.n_rows, tcfg)
+    K = tcfg.save_every or min(tcfg.log_every, S)
+    root = jax.random.PRNGKey(tcfg.seed)
+    data = sd.device_data()
+    meta = run_metadata(st, sd, base_name, base_fingerprint, meta_extra)
+    meta["num_steps"] = S
+
+    use_mesh = mesh.size > 1
+    jmesh = make_mesh(mesh) if use_mesh else None
+    state = init_state(root, data, st)
+    shard = None
+    if use_mesh:
+        if sd.num_variants % mesh.variant:
+            raise ValueError(f"{sd.num_variants} variants do not split over a variant axis of {mesh.variant}")
+        shard = study_shardings(jmesh, mesh, state, base, data, POOL_KEYS)
+        state = jax.device_put(state, shard[0])
+        base = jax.device_put(base, shard[1])
+        data = jax.device_put(data, shard[2])
+
+    ckpt = Checkpoints(run_dir, tcfg.keep_last) if run_dir else None
+    start, resumed = 0, None
+    if ckpt and resume and ckpt.steps():
+        old = ckpt.read_meta()
+        diff = _same_run(old, meta)
+        if diff:
+            raise ValueError(f"{run_dir} holds a run with a different {', '.join(diff)}: resume needs the same "
+                             "command. Use another --out folder, or delete this one to start afresh.")
+        start, state, _ = ckpt.restore(abstract_like(state))
+        resumed = start
+    metrics_path = pathlib.Path(run_dir) / "metrics.jsonl" if run_dir else None
+    if metrics_path:
+        kept = []
+        if resumed and metrics_path.exists():
+            kept = [l for l in metrics_path.read_text().splitlines() if l and json.loads(l)["step"] < start]
+        metrics_path.write_text("".join(l + "\n" for l in kept))
+
+    seg = compile_segment(st, K, jmesh, "variant" if use_mesh else None, shard)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=S, initial=min(start, S), desc=f"train {sd.num_variants} variants", unit="step")
+    history: dict = {}
+    pending = None
+    t0 = time.time()
+
+    def drain(pending):
+        s0, m, t_disp = pending
+        m = jax.device_get(m)
+        steps = min(K, S - s0)
+        for k, v in m.items():
+            history.setdefault(k, []).append(np.asarray(v)[:steps])
+        if metrics_path:
+            with metrics_path.open("a") as f:
+                for i in range(steps):
+                    row = {"step": s0 + i, **{k: np.asarray(v[i]).tolist() for k, v in m.items()}}
+                    f.write(json.dumps(row) + "\n")
+        if bar:
+            dt = max(time.time() - t_disp, 1e-9)
+            bar.set_postfix(loss=f"{np.nanmean(m['loss'][:steps]):.3f}",
+                            tok_s=f"{float(np.sum(m['tokens'][:steps])) / dt:.0f}")
+            bar.update(steps)
+
+    ctx = jax.set_mesh(jmesh) if use_mesh else _null()
+    with ctx:
+        s = start
+        while s < S:
+            if stop_after is not None and s >= stop_after:
+                break
+            state, m = seg(state, np.int32(s), base, data, root)
+            if pending:
+                drain(pending)
+            pending = (s, m, time.time())
+            s += K
+            if ckpt and (tcfg.save_every or s >= S):
+                meta["step"] = min(s, S)
+                ckpt.save(min(s, S), state, meta)
+        if pending:
+            drain(pending)
+    if bar:
+        bar.close()
+    if ckpt:
+        ckpt.close()
+    metrics = {k: np.concatenate(v) for k, v in history.items()} if history else {}
+    return TrainResult(state, metrics, S, time.time() - t0, resumed)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def study_static(cfg, tcfg: TrainConfig, lcfg: LoraConfig) -> Static:
+    return Static(cfg, tcfg, lcfg)
