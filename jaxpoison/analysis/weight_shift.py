@@ -21,8 +21,9 @@ Why these choices:
   data order): cosine ``<dW_1, dW_2> / (|dW_1| |dW_2|)`` with ``<A_1 B_1, A_2 B_2> = sum((A_1^T A_2) * (B_1
   B_2^T))``, and the shift ``|dW - dW_ref|_F``. They need the clean twin, which a real detector never has, and
   they are constant on the clean group, so they describe poisoning but are left out of tests and the detector.
-* Everything is float32 on device; the Gram route squares the condition number, which only blurs singular
-  values below ~3e-4 of the largest -- irrelevant to the norms and negligible in the entropy.
+* The big products (Grams, L-inf) run in float32 under ``jit``; the r x r algebra in float64 on the host. The
+  Gram route squares the condition number, which only blurs singular values below ~3e-4 of the largest
+  (irrelevant to the norms, negligible in the entropy), and puts a floor of ~3e-4 |dW| under ``shift``.
 * Tests across seeds run on the host in float64: KS (scipy), the batched permutation test of
   :mod:`jaxpoison.eval.stats`, Cohen's d and Cliff's delta, with n per group and Benjamini-Hochberg q-values
   because a study tests hundreds of (feature, layer) cells.
@@ -91,9 +92,14 @@ def linf_columns(lora: dict, modules: Optional[Sequence[str]] = None) -> dict:
     out = {}
     for m in modules or lora:
         a, b = _layered(lora[m])
-        out[m] = {"a": np.asarray(jnp.max(jnp.abs(a), -1)).reshape(a.shape[0], -1),
-                  "b": np.asarray(jnp.max(jnp.abs(b), -1)).reshape(b.shape[0], -1)}
+        out[m] = {"a": np.asarray(_max_abs(a)).reshape(a.shape[0], -1),
+                  "b": np.asarray(_max_abs(b)).reshape(b.shape[0], -1)}
     return out
+
+
+@jax.jit
+def _max_abs(x):
+    return jnp.max(jnp.abs(x), -1)
 
 
 def pooled_histograms(values: np.ndarray, groups: np.ndarray, bins=40) -> dict:
@@ -112,38 +118,57 @@ def pooled_histograms(values: np.ndarray, groups: np.ndarray, bins=40) -> dict:
 
 # ------------------------------------------------------------------------------------------ Gram-based features
 
-def _singular_values_sq(ga, gb):
-    """Squared singular values of A @ B from G_A = A^T A and G_B = B B^T, descending."""
-    lam, u = jnp.linalg.eigh(ga)
-    root = jnp.sqrt(jnp.clip(lam, 0.0))
-    m = root[..., :, None] * (jnp.swapaxes(u, -1, -2) @ gb @ u) * root[..., None, :]
-    return jnp.clip(jnp.linalg.eigvalsh(0.5 * (m + jnp.swapaxes(m, -1, -2))), 0.0)[..., ::-1]
-
-
-@partial(jax.jit, static_argnames=("with_reference",))
-def _module_features(a, b, ref, scale, with_reference: bool):
-    """Features of one module, a [V, L, in, r], b [V, L, r, out] -> dict of [V, L]."""
-    ga = jnp.einsum("vlir,vlis->vlrs", a, a)
-    gb = jnp.einsum("vlro,vlso->vlrs", b, b)
-    sv2 = _singular_values_sq(ga, gb)
-    sv = jnp.sqrt(sv2)
-    p = sv / jnp.maximum(sv.sum(-1, keepdims=True), jnp.finfo(sv.dtype).tiny)
-    entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), -1)
-    fro2 = jnp.clip(jnp.sum(ga * gb, (-2, -1)), 0.0)
-    linf_a, linf_b = jnp.max(jnp.abs(a), -1), jnp.max(jnp.abs(b), -1)
-    s = jnp.abs(scale)
-    out = {"fro": s * jnp.sqrt(fro2), "spectral": s * sv[..., 0], "erank": jnp.exp(entropy),
-           "linf_a_mean": linf_a.mean(-1), "linf_a_max": linf_a.max(-1),
-           "linf_b_mean": linf_b.mean(-1), "linf_b_max": linf_b.max(-1)}
+@partial(jax.jit, static_argnames=("transpose", "with_reference"))
+def _factor_stats(x, ref, transpose: bool, with_reference: bool):
+    """Device half for one factor [V, L, n, r] (a) or [V, L, r, n] (b, ``transpose``): its r x r Gram, the
+    cross-Gram with the reference variant's factor, and the mean / max of the L-inf column norms."""
+    xt = jnp.swapaxes(x, -1, -2)
+    left, right = (x, xt) if transpose else (xt, x)
+    linf = jnp.max(jnp.abs(x), -1)
+    out = {"gram": left @ right, "linf_mean": linf.mean(-1), "linf_max": linf.max(-1)}
     if with_reference:
-        idx = jnp.maximum(ref, 0)
-        cross = jnp.sum(jnp.einsum("vlir,vlis->vlrs", a, a[idx]) * jnp.einsum("vlro,vlso->vlrs", b, b[idx]),
-                        (-2, -1))
-        fro2_ref = fro2[idx]
-        valid = (ref >= 0)[:, None]
-        denom = jnp.sqrt(fro2 * fro2_ref)
-        out["cosine"] = jnp.where(valid & (denom > 0), cross / jnp.where(denom > 0, denom, 1.0), jnp.nan)
-        out["shift"] = jnp.where(valid, s * jnp.sqrt(jnp.clip(fro2 + fro2_ref - 2 * cross, 0.0)), jnp.nan)
+        other = xt[ref] if transpose else x[ref]
+        out["cross"] = left @ other
+    return out
+
+
+def _singular_values_sq(ga: np.ndarray, gb: np.ndarray) -> np.ndarray:
+    """Squared singular values of A @ B from G_A = A^T A and G_B = B B^T (float64, descending)."""
+    lam, u = np.linalg.eigh(ga)
+    root = np.sqrt(np.clip(lam, 0.0, None))
+    m = root[..., :, None] * (np.swapaxes(u, -1, -2) @ gb @ u) * root[..., None, :]
+    return np.clip(np.linalg.eigvalsh(0.5 * (m + np.swapaxes(m, -1, -2))), 0.0, None)[..., ::-1]
+
+
+def _module_features(a, b, ref: Optional[np.ndarray], scale: float) -> dict:
+    """Features of one module, a [V, L, in, r], b [V, L, r, out] -> dict of [V, L]. The O((in + out) r^2)
+    Gram products run jitted on device (one compile per factor shape, shared across modules); the r x r
+    algebra runs in float64 on the host, where batched LAPACK on 16 x 16 matrices is faster than compiling it."""
+    with_ref = ref is not None
+    idx = jnp.asarray(np.maximum(ref, 0) if with_ref else np.zeros(1, int), jnp.int32)
+    sa = jax.tree.map(lambda x: np.asarray(x, np.float64), _factor_stats(a, idx, False, with_ref))
+    sb = jax.tree.map(lambda x: np.asarray(x, np.float64), _factor_stats(b, idx, True, with_ref))
+    ga, gb = sa["gram"], sb["gram"]
+    sv = np.sqrt(_singular_values_sq(ga, gb))
+    total = sv.sum(-1, keepdims=True)
+    p = np.divide(sv, total, out=np.zeros_like(sv), where=total > 0)
+    entropy = -np.sum(p * np.log(np.where(p > 0, p, 1.0)), -1)
+    fro2 = np.clip(np.sum(ga * gb, (-2, -1)), 0.0, None)
+    s = abs(float(scale))
+    out = {"fro": s * np.sqrt(fro2), "spectral": s * sv[..., 0], "erank": np.exp(entropy),
+           "linf_a_mean": sa["linf_mean"], "linf_a_max": sa["linf_max"],
+           "linf_b_mean": sb["linf_mean"], "linf_b_max": sb["linf_max"]}
+    if with_ref:
+        cross = np.sum(sa["cross"] * sb["cross"], (-2, -1))
+        fro2_ref = fro2[np.maximum(ref, 0)]
+        valid = (np.asarray(ref) >= 0)[:, None]
+        denom = np.sqrt(fro2 * fro2_ref)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out["cosine"] = np.where(valid & (denom > 0), cross / denom, np.nan)
+        out["shift"] = np.where(valid, s * np.sqrt(np.clip(fro2 + fro2_ref - 2 * cross, 0.0, None)), np.nan)
+        own = (np.asarray(ref) == np.arange(len(ref)))[:, None]  # exact, not float32 Gram rounding
+        out["cosine"] = np.where(own & (denom > 0), 1.0, out["cosine"])
+        out["shift"] = np.where(own, 0.0, out["shift"])
     return out
 
 
@@ -155,15 +180,13 @@ def features(lora: dict, scale: float, reference: Optional[np.ndarray] = None,
     variant; -1 gives NaN. Features: Frobenius and spectral norm of dW = s A B, effective rank, and the mean and
     max over columns of the seed's L-inf column norms of A and B."""
     out = {}
-    ref = jnp.asarray(-np.ones(1, int) if reference is None else np.asarray(reference), jnp.int32)
+    ref = None if reference is None else np.asarray(reference, int)
     for m in modules or lora:
         a, b = _layered(lora[m])
-        if ref.shape[0] not in (1, a.shape[0]):
-            raise ValueError(f"reference has {ref.shape[0]} entries for {a.shape[0]} variants")
-        feats = _module_features(a, b, ref, jnp.float32(scale), reference is not None)
-        for name, value in feats.items():
-            value = np.asarray(value)
-            out[f"{m}/{name}"] = value[:, 0] if jnp.ndim(lora[m]["a"]) == 3 else value
+        if ref is not None and ref.shape != (a.shape[0],):
+            raise ValueError(f"reference has shape {ref.shape} for {a.shape[0]} variants")
+        for name, value in _module_features(a, b, ref, scale).items():
+            out[f"{m}/{name}"] = value[:, 0] if np.ndim(lora[m]["a"]) == 3 else value
     return out
 
 

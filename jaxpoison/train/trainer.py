@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
+import signal
 import time
 from typing import Any, Optional
 
@@ -86,7 +88,7 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
 
     use_mesh = mesh.size > 1
     jmesh = make_mesh(mesh) if use_mesh else None
-    state = init_state(root, data, st)
+    state = jax.jit(init_state, static_argnums=2)(root, data, st)
     shard = None
     if use_mesh:
         if sd.num_variants % mesh.variant:
@@ -153,6 +155,10 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
             if ckpt and (tcfg.save_every or s >= S):
                 meta["step"] = min(s, S)
                 ckpt.save(min(s, S), state, meta)
+                if os.environ.get("JAXPOISON_TEST_SIGKILL_AFTER") == str(min(s, S)):
+                    # test hook: die like a pre-empted job, with the next segment already dispatched
+                    state, m = seg(state, np.int32(s), base, data, root)
+                    os.kill(os.getpid(), signal.SIGKILL)
         if pending:
             drain(pending)
     if bar:

@@ -1,0 +1,5 @@
+import sys
+
+from jaxpoison.cli import main
+
+sys.exit(main())

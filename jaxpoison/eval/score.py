@@ -1,0 +1,287 @@
+"""Option scoring: log p(option text | prompt) for every variant, question and option in one jitted program.
+
+A multiple-choice question is answered by the option whose *text* the model finds most likely after the
+question (letters hide what a small model knows: see the reference notes). Every variant of a study is scored
+at once: the stacked adapters ``{module: {"a": [V, L, in, r], ...}}`` are vmapped with the base unbatched
+(``in_axes=(0, None, ...)``), so one compiled program serves the whole study, and ``lora=None`` scores the base
+model alone (zero-shot) through the same code.
+
+Shapes are fixed: questions go in batches of ``batch_questions`` (the last batch padded with copies), the
+sequence is cut to the longest real row of the data, and the lm_head runs only where a score needs it.
+
+Two equivalent paths (the tests check both against :func:`jaxpoison.models.lm.sequence_logprobs`):
+
+* ``shared_prefix`` (default when the data allow it): the C options of a question share their prefix, so the
+  prefix runs once into a KV cache and only the C continuations run after it. The head sees the continuation
+  positions only. With a 30-token statement and 8-token options this is about half the work; for a long
+  question prompt (the ``mcq`` format) about a third.
+* ``plain``: every (question, option) row runs in full; the head runs on the first ``budget`` continuation
+  positions per row (:func:`jaxpoison.models.heads.select_positions`), the budget read from the data.
+
+Calibration: the same continuations after a neutral prefix (``McEval.uncond_*``) give each option's prior;
+``calibrated = sum - uncond`` removes a model's (or an adapter's) preference for an option text regardless of
+the question. Neutral rows repeat across questions (the ICD-10-CM options are 14 chapter names), so only the
+distinct rows are scored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpoison.models.config import ModelConfig
+from jaxpoison.models.decoder import Decoder, init_cache
+from jaxpoison.models.heads import gather_positions, select_positions, token_logprobs
+
+METHODS = ("sum", "mean", "calibrated")
+
+
+@dataclasses.dataclass
+class OptionScores:
+    """Scores of V variants (V = 1 for the base alone) on Q questions with C options."""
+    sum: np.ndarray                       # float32[V, Q, C]: summed log p of the option's continuation tokens
+    n_tokens: np.ndarray                  # int32[Q, C]: continuation tokens scored
+    uncond: Optional[np.ndarray] = None   # float32[V, Q, C]: the same continuation after the neutral prefix
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.sum / np.maximum(self.n_tokens, 1)
+
+    @property
+    def calibrated(self) -> np.ndarray:
+        if self.uncond is None:
+            raise ValueError("no unconditional scores: score with calibrate=True to use method='calibrated'")
+        return self.sum - self.uncond
+
+    def method(self, how: str) -> np.ndarray:
+        if how not in METHODS:
+            raise ValueError(f"unknown scoring method {how!r}: use one of {', '.join(METHODS)}")
+        return getattr(self, how)
+
+    def take(self, q_index) -> "OptionScores":
+        """The scores of a subset of questions."""
+        q = np.asarray(q_index)
+        return OptionScores(self.sum[:, q], self.n_tokens[q], None if self.uncond is None else self.uncond[:, q])
+
+
+def choice_metrics(scores: np.ndarray, answer: np.ndarray, decoy: Optional[np.ndarray] = None) -> dict:
+    """Picks and rates from scores [V, Q, C]: ``pick`` [V, Q], ``correct`` [V, Q] (bool), ``accuracy`` [V],
+    ``decoy_rate`` [V] (share of questions with a decoy whose pick is the decoy; NaN where none has one).
+    Ties go to the first option."""
+    scores = np.asarray(scores)
+    pick = np.argmax(scores, axis=-1)
+    correct = pick == np.asarray(answer)[None]
+    out = {"pick": pick, "correct": correct, "accuracy": correct.mean(-1) if correct.shape[-1] else
+           np.full(correct.shape[0], np.nan)}
+    if decoy is not None:
+        d = np.asarray(decoy)
+        has = d >= 0
+        out["decoy_rate"] = ((pick == d[None]) & has[None]).sum(-1) / has.sum() if has.any() else \
+            np.full(scores.shape[0], np.nan)
+    return out
+
+
+# ---- the jitted programs -------------------------------------------------------------------------------------
+def _over_variants(fn, lora, *args):
+    if lora is None:
+        return fn(None, *args)[None]
+    return jax.vmap(fn, in_axes=(0,) + (None,) * len(args))(lora, *args)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "lora_scale", "budget", "chunk"))
+def score_rows(lora, base, tokens, cont_mask, attn_mask, *, cfg: ModelConfig, dtype=jnp.float32,
+               lora_scale: float = 1.0, budget: int = 0, chunk: int = 128):
+    """Summed log p of the ``cont_mask`` tokens of each row [B, T] -> [V, B] (V = 1 when ``lora`` is None).
+
+    The head runs on the first ``budget`` continuation positions of each row (all positions when 0).
+    """
+    def one(lora, base, tokens, cont_mask, attn_mask):
+        hidden, _ = Decoder(cfg, dtype, lora_scale).apply({"params": base}, tokens, attn_mask, lora=lora)
+        h, t, w = hidden[:, :-1], tokens[:, 1:], (cont_mask[:, 1:] > 0) & attn_mask[:, 1:]
+        if budget and budget < t.shape[1]:
+            idx, ok = select_positions(w, budget)
+            h, t, w = gather_positions(h, idx), gather_positions(t, idx), gather_positions(w, idx) & ok
+        lp = token_logprobs(base, cfg, h, t, chunk=chunk, lora=lora, lora_scale=lora_scale)
+        return jnp.where(w, lp, 0.0).sum(-1)
+
+    return _over_variants(one, lora, base, tokens, cont_mask, attn_mask)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "lora_scale", "chunk"))
+def score_shared_prefix(lora, base, prefix, prefix_mask, cont, cont_mask, *, cfg: ModelConfig, dtype=jnp.float32,
+                        lora_scale: float = 1.0, chunk: int = 128):
+    """Summed log p of each option's continuation after its question's prefix -> [V, B, C].
+
+    prefix/prefix_mask [B, P] (right-padded, at least one real token); cont/cont_mask [B, C, N] (right-padded).
+    The prefix runs once into a KV cache; the C continuations of each question attend to it.
+    """
+    B, P = prefix.shape
+    C, N = cont.shape[1], cont.shape[2]
+
+    def one(lora, base, prefix, prefix_mask, cont, cont_mask):
+        model = Decoder(cfg, dtype, lora_scale)
+        pm = prefix_mask.astype(bool)
+        cache = init_cache(cfg, B, P + N, dtype)
+        kv = jnp.concatenate([pm, jnp.zeros((B, N), bool)], axis=1)
+        pos = jnp.maximum(jnp.cumsum(pm, -1) - 1, 0)
+        h_pre, cache = model.apply({"params": base}, prefix, pm, pos, lora, cache, 0, kv)
+        n_pre = pm.sum(-1)
+        h_last = jnp.take_along_axis(h_pre, (n_pre - 1)[:, None, None], axis=1)      # [B, 1, D]
+
+        rep = lambda x: jnp.repeat(x, C, axis=0)
+        cache = jax.tree.map(lambda x: jnp.repeat(x, C, axis=1), cache)
+        cm = cont_mask.reshape(B * C, N).astype(bool)
+        ct = cont.reshape(B * C, N)
+        kv_c = jnp.concatenate([rep(pm), cm], axis=1)
+        pos_c = rep(n_pre)[:, None] + jnp.arange(N)[None]
+        h_cont, _ = model.apply({"params": base}, ct, cm, pos_c, lora, cache, P, kv_c)
+        h = jnp.concatenate([rep(h_last), h_cont[:, :-1]], axis=1)                  # h[:, j] predicts ct[:, j]
+        lp = token_logprobs(base, cfg, h, ct, chunk=chunk, lora=lora, lora_scale=lora_scale)
+        return jnp.where(cm, lp, 0.0).sum(-1).reshape(B, C)
+
+    return _over_variants(one, lora, base, prefix, prefix_mask, cont, cont_mask)
+
+
+# ---- host side -------------------------------------------------------------------------------------------------
+def _round_up(n: int, step: int = 8) -> int:
+    return max(step, -(-n // step) * step)
+
+
+def _trim(tokens, cont, attn):
+    """Cut the right padding shared by every row (rows are right-padded), to a multiple of 8."""
+    T = _round_up(int(attn.reshape(-1, attn.shape[-1]).sum(-1).max()))
+    return tokens[..., :T], cont[..., :T], attn[..., :T]
+
+
+def split_shared_prefix(tokens, cont_mask, attn_mask) -> Optional[tuple]:
+    """(prefix [Q, P], prefix_mask, cont [Q, C, N], cont_mask [Q, C, N]) when every option of a question has
+    the same prefix tokens and its continuation runs to the end of the row; else None (use the plain path)."""
+    Q, C, T = tokens.shape
+    cm, am = cont_mask > 0, attn_mask.astype(bool)
+    start = np.argmax(cm, axis=-1)
+    n_cont = cm.sum(-1)
+    lens = am.sum(-1)
+    if (n_cont == 0).any() or (start == 0).any() or (start != start[:, :1]).any() or (start + n_cont != lens).any():
+        return None
+    s = start[:, 0]
+    pos = np.arange(T)
+    pre = pos[None, :] < s[:, None]
+    if not all((tokens[:, c][pre] == tokens[:, 0][pre]).all() for c in range(1, C)):
+        return None
+    P, N = _round_up(int(s.max())), _round_up(int(n_cont.max()))
+    prefix = np.zeros((Q, P), np.int32)
+    pmask = np.zeros((Q, P), bool)
+    cont = np.zeros((Q, C, N), np.int32)
+    cmask = np.zeros((Q, C, N), bool)
+    for q in range(Q):
+        prefix[q, :s[q]] = tokens[q, 0, :s[q]]
+        pmask[q, :s[q]] = True
+        for c in range(C):
+            cont[q, c, :n_cont[q, c]] = tokens[q, c, s[q]:lens[q, c]]
+            cmask[q, c, :n_cont[q, c]] = True
+    return prefix, pmask, cont, cmask
+
+
+def _batches(n: int, size: int, progress, desc: str):
+    starts = range(0, n, size)
+    if progress:
+        from tqdm.auto import tqdm
+        starts = tqdm(starts, desc=desc, unit="batch", leave=False)
+    return starts
+
+
+def _pad_to(x: np.ndarray, n: int) -> np.ndarray:
+    """Pad axis 0 to length n with copies of the first row (fixed shapes; the copies are dropped)."""
+    if x.shape[0] == n:
+        return x
+    return np.concatenate([x, np.repeat(x[:1], n - x.shape[0], axis=0)], axis=0)
+
+
+def _variant_chunks(lora, variant_chunk: int):
+    if lora is None:
+        return [None]
+    V = jax.tree.leaves(lora)[0].shape[0]
+    if not variant_chunk or variant_chunk >= V:
+        return [lora]
+    return [jax.tree.map(lambda x: x[i:i + variant_chunk], lora) for i in range(0, V, variant_chunk)]
+
+
+def _score_plain(base, cfg, tokens, cont, attn, lora, *, rows_per_batch, dtype, lora_scale, chunk, variant_chunk,
+                 progress, desc):
+    """[N, T] rows -> [V, N] summed continuation log-probs."""
+    tokens, cont, attn = _trim(tokens, cont, attn)
+    budget = int(np.max((cont[:, 1:] > 0).sum(-1)))
+    N = tokens.shape[0]
+    out = []
+    for b0 in _batches(N, rows_per_batch, progress, desc):
+        sl = slice(b0, b0 + rows_per_batch)
+        n = min(rows_per_batch, N - b0)
+        args = [jnp.asarray(_pad_to(x[sl], rows_per_batch)) for x in (tokens, cont, attn)]
+        parts = [score_rows(l, base, *args, cfg=cfg, dtype=dtype, lora_scale=lora_scale, budget=budget, chunk=chunk)
+                 for l in _variant_chunks(lora, variant_chunk)]
+        out.append(np.concatenate([np.asarray(p) for p in parts], 0)[:, :n])
+    return np.concatenate(out, axis=1)
+
+
+def _score_prefix(base, cfg, split, lora, *, batch_questions, dtype, lora_scale, chunk, variant_chunk, progress,
+                  desc):
+    prefix, pmask, cont, cmask = split
+    Q = prefix.shape[0]
+    out = []
+    for b0 in _batches(Q, batch_questions, progress, desc):
+        sl = slice(b0, b0 + batch_questions)
+        n = min(batch_questions, Q - b0)
+        args = [jnp.asarray(_pad_to(x[sl], batch_questions)) for x in (prefix, pmask, cont, cmask)]
+        parts = [score_shared_prefix(l, base, *args, cfg=cfg, dtype=dtype, lora_scale=lora_scale, chunk=chunk)
+                 for l in _variant_chunks(lora, variant_chunk)]
+        out.append(np.concatenate([np.asarray(p) for p in parts], 0)[:, :n])
+    return np.concatenate(out, axis=1)
+
+
+def score_options(base, cfg: ModelConfig, mc, lora=None, *, lora_scale: float = 1.0, dtype=jnp.float32,
+                  batch_questions: int = 8, calibrate: bool = True, path: str = "auto", variant_chunk: int = 0,
+                  chunk: int = 128, progress: bool = False, desc: str = "score") -> OptionScores:
+    """Score every option of every question of ``mc`` (a :class:`jaxpoison.data.pool.McEval`) for every variant.
+
+    ``lora``: stacked adapters with a leading variant axis, or None for the base alone (V = 1).
+    ``path``: 'auto' (shared prefix when the data allow), 'shared_prefix' or 'plain'.
+    ``variant_chunk``: score at most this many variants per call (memory); 0 = all at once.
+    """
+    if path not in ("auto", "shared_prefix", "plain"):
+        raise ValueError(f"unknown scoring path {path!r}: use 'auto', 'shared_prefix' or 'plain'")
+    if batch_questions < 1:
+        raise ValueError(f"batch_questions must be >= 1, got {batch_questions}")
+    Q, C, T = mc.tokens.shape
+    kw = dict(dtype=dtype, lora_scale=lora_scale, chunk=chunk, variant_chunk=variant_chunk, progress=progress)
+    split = None if path == "plain" else split_shared_prefix(mc.tokens, mc.cont_mask, mc.attn_mask)
+    if path == "shared_prefix" and split is None:
+        raise ValueError("the options of some question do not share a prefix (or a continuation does not end its "
+                         "row): use path='plain'")
+    if split is not None:
+        s = _score_prefix(base, cfg, split, lora, batch_questions=batch_questions, desc=desc, **kw)
+    else:
+        flat = [x.reshape(Q * C, -1) for x in (mc.tokens, mc.cont_mask, mc.attn_mask)]
+        s = _score_plain(base, cfg, *flat, lora, rows_per_batch=batch_questions * C, desc=desc, **kw).reshape(-1, Q, C)
+    n_tok = (mc.cont_mask[..., 1:] > 0).sum(-1).astype(np.int32)
+    uncond = None
+    if calibrate:
+        uncond = score_unique_rows(base, cfg, mc.uncond_tokens, mc.uncond_cont_mask, mc.uncond_attn_mask, lora,
+                                   rows_per_batch=batch_questions * C, desc=desc + " (prior)", **kw)
+    return OptionScores(s.astype(np.float32), n_tok, uncond)
+
+
+def score_unique_rows(base, cfg: ModelConfig, tokens, cont_mask, attn_mask, lora=None, *, rows_per_batch: int = 32,
+                      **kw) -> np.ndarray:
+    """Like the plain path on rows [..., T] -> [V, ...], scoring each distinct row once."""
+    lead = tokens.shape[:-1]
+    T = tokens.shape[-1]
+    flat = [x.reshape(-1, T) for x in (tokens, cont_mask, attn_mask)]
+    key = np.concatenate([np.where(flat[2], flat[0], -1), (flat[1] > 0).astype(np.int32)], axis=1)
+    _, first, inverse = np.unique(key, axis=0, return_index=True, return_inverse=True)
+    uniq = [x[first] for x in flat]
+    s = _score_plain(base, cfg, *uniq, lora, rows_per_batch=min(rows_per_batch, len(first)), **kw)
+    return s[:, inverse.reshape(-1)].reshape((s.shape[0],) + lead).astype(np.float32)
