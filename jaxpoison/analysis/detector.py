@@ -8,9 +8,13 @@ Why these choices:
   are logged: norms are multiplicative, and a log makes a 10 % shift look the same in every layer.
 * **Seeds are the unit of replication.** All variants of one seed share the LoRA init and the clean data order,
   so a seed's clean and poisoned adapters are siblings; splitting them across train and test would let the
-  classifier learn the seed, not the poison. Folds are grouped by seed (default leave-one-seed-out), and the
-  AUC CI resamples seeds (cluster bootstrap, percentile) over the pooled out-of-fold scores. That CI covers
-  the test-set variability, not the retraining variability: with few seeds it is optimistic, and says so.
+  classifier learn the seed, not the poison. Folds are grouped by seed (default leave-one-seed-out).
+* **Which AUC, which CI.** ``auc`` is the mean over folds of the AUC inside each held-out fold (every adapter
+  there is scored by one model that never saw its seed), with a Nadeau-Bengio corrected t interval; in null
+  simulations (5 / 8 / 12 seeds) it covered 84 / 95 / 97 % at nominal 95 %. ``auc_pooled`` ranks all
+  out-of-fold scores together (what the ROC curve shows); its CI resamples seeds over fixed scores and
+  ignores retraining noise, so it is optimistic (65-86 % coverage in the same simulations) -- kept for
+  reference only.
 * **L2 logistic regression written out**: Newton steps on standardised features, intercept as a column of
   ``intercept_scaling`` (liblinear's trick, so its penalty is ``l2 / scaling^2``). With far more features
   (7 modules x 30 layers x 7) than adapters the p x p Hessian is replaced by Woodbury's n x n solve, so a fit
@@ -28,6 +32,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 from scipy.stats import rankdata
+from scipy.stats import t as student_t
 
 from jaxpoison.analysis.weight_shift import REFERENCE_FEATURES
 
@@ -124,9 +129,10 @@ def _standardizer(x: np.ndarray) -> tuple:
 # ------------------------------------------------------------------------------------------ logistic regression
 
 def fit_logistic(x, y, l2: float = 1.0, intercept_scaling: float = 10.0, max_iter: int = 100,
-                 tol: float = 1e-10) -> dict:
+                 tol: float = 1e-9) -> dict:
     """L2-regularised logistic regression on standardised ``x`` [n, p]: minimises
-    ``sum(log(1 + e^eta) - y eta) + l2/2 |theta|^2`` by damped Newton with Woodbury steps.
+    ``sum(log(1 + e^eta) - y eta) + l2/2 |theta|^2`` by damped Newton with Woodbury steps, until the largest
+    gradient entry is below ``tol``.
     Returns ``{"mean", "std", "coef" [p] (per standardised feature), "intercept", "iterations"}``."""
     x, y = np.asarray(x, float), np.asarray(y, float)
     mean, std = _standardizer(x)
@@ -146,11 +152,13 @@ def fit_logistic(x, y, l2: float = 1.0, intercept_scaling: float = 10.0, max_ite
         inner = np.linalg.solve(l2 * np.eye(len(x)) + r[:, None] * gram * r[None, :], r * (z @ g))
         step = (g - z.T @ (r * inner)) / l2
         decrement = g @ step
-        if decrement / 2 <= tol:
+        if np.abs(g).max() <= tol or decrement <= 1e-24:
             break
         t = 1.0
         while objective(theta - t * step) > f - 0.25 * t * decrement and t > 1e-10:
             t *= 0.5
+        if t <= 1e-10:  # no descent left at float64 precision
+            break
         theta = theta - t * step
         f = objective(theta)
     return {"mean": mean, "std": std, "coef": theta[1:], "intercept": theta[0] * intercept_scaling,
@@ -206,17 +214,46 @@ def clean_distance_scores(x, clean, groups, method: str = "diag", shrinkage: flo
 
 # ---------------------------------------------------------------------------------------------------- report
 
-def _auc_summary(scores, y, groups, n_resamples, seed) -> dict:
-    low, high = cluster_bootstrap_auc_ci(scores, y, groups, n_resamples, seed=seed)
-    return {"auc": float(roc_auc(scores, y)), "auc_ci": [low, high], "n_clean": int((~y).sum()),
-            "n_poisoned": int(y.sum()), "n_seeds": int(len(np.unique(groups)))}
+def fold_auc_ci(scores, labels, folds, confidence: float = 0.95) -> dict:
+    """Mean of the per-fold AUCs (each fold's adapters ranked by the model that did not see them) with a
+    Nadeau-Bengio corrected t interval: variance ``s^2 (1/K + n_test/n_train)``, because folds share training
+    data and the naive ``s^2 / K`` is too small. Folds without both classes are skipped."""
+    scores, labels = np.asarray(scores, float), np.asarray(labels, bool)
+    aucs, ratios = [], []
+    for train, test in folds:
+        if labels[test].any() and not labels[test].all():
+            aucs.append(float(roc_auc(scores[test], labels[test])))
+            ratios.append(len(test) / len(train))
+    k = len(aucs)
+    mean = float(np.mean(aucs)) if k else np.nan
+    if k < 2:
+        return {"auc": mean, "auc_ci": [np.nan, np.nan], "auc_folds": aucs}
+    half = student_t.ppf(0.5 + confidence / 2, k - 1) * np.std(aucs, ddof=1) * np.sqrt(1 / k + np.mean(ratios))
+    return {"auc": mean, "auc_ci": [float(max(0.0, mean - half)), float(min(1.0, mean + half))], "auc_folds": aucs}
+
+
+def _auc_summary(scores, y, seeds, folds, n_resamples, seed) -> dict:
+    low, high = cluster_bootstrap_auc_ci(scores, y, seeds, n_resamples, seed=seed)
+    return {**fold_auc_ci(scores, y, folds), "auc_pooled": float(roc_auc(scores, y)),
+            "auc_pooled_ci": [low, high], "n_clean": int((~y).sum()), "n_poisoned": int(y.sum()),
+            "n_seeds": int(len(np.unique(seeds)))}
+
+
+def _restrict(folds, keep) -> list:
+    """The folds re-indexed into the subset ``keep`` (bool [n])."""
+    kept = np.flatnonzero(keep)
+    return [(np.flatnonzero(np.isin(kept, tr)), np.flatnonzero(np.isin(kept, te))) for tr, te in folds]
 
 
 def detect(x, names: Sequence[str], poisoned, seeds, levels=None, l2: float = 1.0, n_folds: Optional[int] = None,
            distance: str = "diag", n_resamples: int = 2000, top: int = 20, seed=0) -> dict:
-    """The detector report (JSON-ready): cross-validated logistic AUC with a seed-bootstrap CI, the ROC curve,
-    the coefficients that carry the signal (full-data fit, with their spread across folds), the best single
-    features, the clean-distance score's AUC, and both AUCs per poison level (each level vs all clean)."""
+    """The detector report (JSON-ready; an undefined CI is NaN): ``auc`` / ``auc_ci`` (per-fold mean, corrected
+    t interval) and ``auc_pooled`` / ``auc_pooled_ci`` (all out-of-fold scores, seed bootstrap) of the
+    logistic detector, n per class and seeds, the pooled ROC curve, the coefficients that carry the signal
+    (full-data fit, with their spread across folds), the best single features, the same AUCs for the
+    clean-distance score, and per poison level (each level vs all non-poisoned adapters) both AUCs.
+
+    ``x`` [V, P] with ``names`` from :func:`feature_matrix`; ``poisoned``, ``seeds``, ``levels`` [V]."""
     x, y, seeds = np.asarray(x, float), np.asarray(poisoned, bool), np.asarray(seeds)
     scores, fold_coefs = cross_validated_scores(x, y, seeds, l2, n_folds, seed)
     dist = clean_distance_scores(x, ~y, seeds, distance, n_folds=n_folds, seed=seed)
@@ -225,22 +262,23 @@ def detect(x, names: Sequence[str], poisoned, seeds, levels=None, l2: float = 1.
     order = np.argsort(-np.abs(full["coef"]))[:top]
     uni = roc_auc(x.T, y)
     uni_order = np.argsort(-np.abs(uni - 0.5))[:top]
-    report = {**_auc_summary(scores, y, seeds, n_resamples, seed), "features": list(names),
+    folds = grouped_folds(seeds, n_folds, seed)
+    report = {**_auc_summary(scores, y, seeds, folds, n_resamples, seed), "features": list(names),
               "cv": "leave-one-seed-out" if n_folds is None else f"{n_folds}-fold grouped by seed", "l2": l2,
               "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},
               "coefficients": [{"feature": names[j], "coef": float(full["coef"][j]),
                                 "fold_mean": float(fold_coefs[:, j].mean()),
                                 "fold_sd": float(fold_coefs[:, j].std())} for j in order],
               "univariate_auc": [{"feature": names[j], "auc": float(uni[j])} for j in uni_order],
-              "distance": {"method": distance, **_auc_summary(dist, y, seeds, n_resamples, seed)},
+              "distance": {"method": distance, **_auc_summary(dist, y, seeds, folds, n_resamples, seed)},
               "scores": scores.tolist(), "distance_scores": dist.tolist()}
     if levels is not None:
         levels = np.asarray(levels, float)
         report["by_level"] = []
-        for level in np.unique(levels[y]):
+        for level in np.unique(levels[y & np.isfinite(levels)]):
             keep = ~y | (levels == level)
+            sub = _restrict(folds, keep)
             report["by_level"].append({
-                "level": float(level),
-                **_auc_summary(scores[keep], y[keep], seeds[keep], n_resamples, seed),
-                "distance_auc": float(roc_auc(dist[keep], y[keep]))})
+                "level": float(level), **_auc_summary(scores[keep], y[keep], seeds[keep], sub, n_resamples, seed),
+                "distance_auc": fold_auc_ci(dist[keep], y[keep], sub)["auc"]})
     return report

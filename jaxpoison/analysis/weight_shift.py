@@ -62,16 +62,17 @@ def is_poisoned(variant: dict) -> bool:
 
 
 def variant_labels(variants: Sequence[dict], level_key: Optional[str] = None) -> dict:
-    """Arrays [V] from the variant table: ``poisoned``, ``clean`` (kind 'clean'), ``seed``, ``level`` (poison
-    count or fraction, 0 for non-poisoned variants) and ``reference`` (index of the clean variant with the
-    same seed, -1 if none)."""
+    """Arrays [V] from the variant table: ``poisoned``, ``clean`` (no poison and not the forgetting control),
+    ``seed``, ``level`` (poison count or fraction, 0 for non-poisoned variants) and ``reference`` (index of
+    the clean variant with the same seed, kind 'clean' preferred over a poison kind at level 0; -1 if none)."""
     key = level_key or next((k for k in LEVEL_KEYS if any(k in v for v in variants)), None)
     poisoned = np.array([is_poisoned(v) for v in variants], bool)
-    clean = np.array([v.get("kind", "clean") == "clean" and not p for v, p in zip(variants, poisoned)], bool)
+    kinds = [v.get("kind", "clean") for v in variants]
+    clean = np.array([k != "forgetting" and not p for k, p in zip(kinds, poisoned)], bool)
     seed = np.array([v.get("seed", 0) for v in variants])
     level = np.array([_num(v.get(key)) if key and p else 0.0 for v, p in zip(variants, poisoned)])
     first_clean = {}
-    for i in np.flatnonzero(clean):
+    for i in sorted(np.flatnonzero(clean), key=lambda i: kinds[i] != "clean"):
         first_clean.setdefault(seed[i].item(), i)
     reference = np.array([first_clean.get(s.item(), -1) for s in seed], int)
     return {"poisoned": poisoned, "clean": clean, "seed": seed, "level": level, "reference": reference,

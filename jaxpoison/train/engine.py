@@ -39,6 +39,7 @@ class Static:
     cfg: ModelConfig
     tcfg: TrainConfig
     lcfg: LoraConfig
+    data_axis: Optional[str] = None     # mesh axis that splits each variant's batch (set by the trainer)
 
 
 def make_data(tokens, loss_mask, attn_mask, rows, n_rows, variant_ids, seeds, lr_scale=None) -> dict:
@@ -156,6 +157,9 @@ def variant_step(state, s, base, pool, var, root, st: Static):
         toks = pool["tokens"][i]
         lm = pool["loss_mask"][i] * ok[:, None]
         am = pool["attn_mask"][i]
+        if st.data_axis:
+            toks, lm, am = (jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(st.data_axis))
+                            for x in (toks, lm, am))
         dkey = jax.random.fold_in(jax.random.fold_in(key, s), u)
         (l, n), g = jax.value_and_grad(loss_terms, has_aux=True)(state["lora"], base, toks, lm, am, dkey, st)
         return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, n_acc + n), None

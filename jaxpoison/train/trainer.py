@@ -87,6 +87,10 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
     meta["num_steps"] = S
 
     use_mesh = mesh.size > 1
+    if use_mesh and mesh.data > 1:
+        if tcfg.batch_size % mesh.data:
+            raise ValueError(f"batch_size {tcfg.batch_size} does not split over a data axis of {mesh.data}")
+        st = dataclasses.replace(st, data_axis="data")
     jmesh = make_mesh(mesh) if use_mesh else None
     state = jax.jit(init_state, static_argnums=2)(root, data, st)
     shard = None
