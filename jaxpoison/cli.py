@@ -108,11 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
     p.set_defaults(func=cmd_generate)
 
-    for mod in ("jaxpoison.train.export", "jaxpoison.data.show", "jaxpoison.bench"):
-        try:
-            __import__(mod, fromlist=["register"]).register(sub)
-        except (ImportError, AttributeError):  # TODO: remove once every module has landed
-            pass
+    from jaxpoison.bench import forward as bench_forward, train as bench_train
+    from jaxpoison.data import show
+    from jaxpoison.train import export
+
+    export.register(sub)
+    show.register(sub)
+    bench_train.register(bench_forward.register(sub))
     return ap
 
 
