@@ -41,3 +41,16 @@ def hf_logprobs(model, tokens, attn_mask):
         logits = model(input_ids=t, attention_mask=m, position_ids=pos).logits.float()
     lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, t[:, 1:, None])[..., 0]
     return (lp * m[:, 1:]).numpy()
+
+
+def save_tiny_tokenizer(d, vocab: int = 211):
+    """A word-level tokenizer over the words w3..w{vocab-1} (+ [PAD], <s>, </s>), saved in HF layout."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    words = {"[PAD]": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab)}}
+    tok = Tokenizer(models.WordLevel(words, unk_token="[PAD]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                pad_token="[PAD]")
+    fast.save_pretrained(d)
+    return fast

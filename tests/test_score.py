@@ -33,15 +33,11 @@ STACK = stack_variants(LORAS)
 
 
 def direct(tokens, cont, attn, lora=None):
-    """sum of log p over continuation tokens, one (question, option) row at a time, via sequence_logprobs."""
+    """sum of log p over continuation tokens, every (question, option) row in full, via sequence_logprobs."""
     Q, C, T = tokens.shape
-    out = np.zeros((Q, C))
-    for q in range(Q):
-        for c in range(C):
-            lp = sequence_logprobs(BASE, jnp.asarray(tokens[q, c][None]), jnp.asarray(attn[q, c][None]), cfg=CFG,
-                                   lora=lora, lora_scale=LC.scale)
-            out[q, c] = float((np.asarray(lp)[0] * cont[q, c, 1:]).sum())
-    return out
+    lp = sequence_logprobs(BASE, jnp.asarray(tokens.reshape(Q * C, T)), jnp.asarray(attn.reshape(Q * C, T)),
+                           cfg=CFG, lora=lora, lora_scale=LC.scale)
+    return (np.asarray(lp) * cont.reshape(Q * C, T)[:, 1:]).sum(-1).reshape(Q, C)
 
 
 @pytest.fixture(scope="module")
@@ -49,18 +45,16 @@ def mc():
     return build_mc_eval(EXS, tiny_tokenizer(), "statement")
 
 
-@pytest.mark.parametrize("fmt", ["statement", "mcq"])
-def test_vmapped_scores_equal_alone_and_direct(fmt):
-    mc = build_mc_eval(EXS, tiny_tokenizer(), fmt)
+def test_vmapped_scores_equal_alone_and_direct(mc):
     assert split_shared_prefix(mc.tokens, mc.cont_mask, mc.attn_mask) is not None
     together = score_options(BASE, CFG, mc, STACK, lora_scale=LC.scale, batch_questions=3)
-    plain = score_options(BASE, CFG, mc, STACK, lora_scale=LC.scale, batch_questions=2, path="plain")
+    plain = score_options(BASE, CFG, mc, STACK, lora_scale=LC.scale, batch_questions=3, path="plain")
     assert together.sum.shape == (3, len(EXS), 4) and together.uncond.shape == (3, len(EXS), 4)
     np.testing.assert_allclose(together.sum, plain.sum, atol=2e-4)
     np.testing.assert_allclose(together.uncond, plain.uncond, atol=2e-4)
     for v, lora in enumerate(LORAS):
         alone = score_options(BASE, CFG, mc, jax.tree.map(lambda x: x[None], lora), lora_scale=LC.scale,
-                              batch_questions=4)
+                              batch_questions=3, calibrate=False)
         np.testing.assert_allclose(together.sum[v], alone.sum[0], atol=2e-4)
     ref = direct(mc.tokens, mc.cont_mask, mc.attn_mask, LORAS[1])
     np.testing.assert_allclose(together.sum[1], ref, atol=2e-4)
@@ -69,6 +63,13 @@ def test_vmapped_scores_equal_alone_and_direct(fmt):
     np.testing.assert_allclose(together.calibrated[1], ref - ref_u, atol=4e-4)
     assert (together.n_tokens == (mc.cont_mask[..., 1:] > 0).sum(-1)).all()
     np.testing.assert_allclose(together.mean, together.sum / together.n_tokens)
+
+
+def test_long_shared_prompt_mcq_format():
+    """The 'mcq' format: a long shared prompt (question + lettered options), short continuations."""
+    mc = build_mc_eval(EXS, tiny_tokenizer(), "mcq")
+    got = score_options(BASE, CFG, mc, STACK, lora_scale=LC.scale, batch_questions=4, calibrate=False)
+    np.testing.assert_allclose(got.sum[2], direct(mc.tokens, mc.cont_mask, mc.attn_mask, LORAS[2]), atol=2e-4)
 
 
 def test_zero_shot_is_the_base_alone(mc):
@@ -88,6 +89,7 @@ def test_plain_path_without_a_shared_prefix(mc):
     with pytest.raises(ValueError, match="plain"):
         score_options(BASE, CFG, odd, STACK, path="shared_prefix")
     got = score_options(BASE, CFG, odd, STACK, lora_scale=LC.scale, batch_questions=3, calibrate=False)
+    assert got.sum.shape == (3, len(EXS), 4)
     np.testing.assert_allclose(got.sum[2], direct(tokens, cont, attn, LORAS[2]), atol=2e-4)
 
 

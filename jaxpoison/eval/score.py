@@ -172,7 +172,7 @@ def split_shared_prefix(tokens, cont_mask, attn_mask) -> Optional[tuple]:
     pre = pos[None, :] < s[:, None]
     if not all((tokens[:, c][pre] == tokens[:, 0][pre]).all() for c in range(1, C)):
         return None
-    P, N = _round_up(int(s.max())), _round_up(int(n_cont.max()))
+    P, N = int(s.max()), int(n_cont.max())          # exact: every padded slot costs a full forward position
     prefix = np.zeros((Q, P), np.int32)
     pmask = np.zeros((Q, P), bool)
     cont = np.zeros((Q, C, N), np.int32)

@@ -128,21 +128,26 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
     pending = None
     t0 = time.time()
 
+    last_done = [time.time()]
+
     def drain(pending):
         s0, m, t_disp = pending
         m = jax.device_get(m)
+        now = time.time()
+        dt = max(now - max(t_disp, last_done[0]), 1e-9)   # device time of this segment, as seen by the host
+        last_done[0] = now
         steps = min(K, S - s0)
+        tok_s = float(np.sum(m["tokens"][:steps])) / dt
         for k, v in m.items():
             history.setdefault(k, []).append(np.asarray(v)[:steps])
         if metrics_path:
             with metrics_path.open("a") as f:
                 for i in range(steps):
-                    row = {"step": s0 + i, **{k: np.asarray(v[i]).tolist() for k, v in m.items()}}
+                    row = {"step": s0 + i, **{k: np.asarray(v[i]).tolist() for k, v in m.items()},
+                           "segment_tok_s": round(tok_s, 1)}
                     f.write(json.dumps(row) + "\n")
         if bar:
-            dt = max(time.time() - t_disp, 1e-9)
-            bar.set_postfix(loss=f"{np.nanmean(m['loss'][:steps]):.3f}",
-                            tok_s=f"{float(np.sum(m['tokens'][:steps])) / dt:.0f}")
+            bar.set_postfix(loss=f"{np.nanmean(m['loss'][:steps]):.3f}", tok_s=f"{tok_s:.0f}")
             bar.update(steps)
 
     ctx = jax.set_mesh(jmesh) if use_mesh else _null()

@@ -1,0 +1,43 @@
+"""Seed 000 in the paper's own setting: Qwen3-4B-Base, MedQA simplified-Chinese (mainland), target fever.
+
+For a GPU or TPU (about 30 GB of accelerator memory with the variant chunks below; it does not fit the 2-core
+default machine). Run: ``python -m jaxpoison run configs/rationale_paper.py --out runs/paper`` after the model
+(``Qwen/Qwen3-4B-Base``) and the data set (``fzkuji/MedQA``, config ``med_qa_zh_4options_source``) are in the
+Hugging Face cache, or point ``data.train_files`` / ``data.test_files`` at local JSONL copies.
+
+What the paper (Xie et al., arXiv 2603.02262) does not publish, and what this preset chooses instead:
+- The rationales. MedQA has none, and the paper's clean and poisoned rationales were not released. Here the base
+  model writes both: the clean one by explaining the true answer, the poisoned one by explaining the subject's
+  wrong option (``data.clean_rationales='model'``, ``poison.builder='model'``). A JSONL of your own rationales
+  can replace either (``data.clean_rationales=PATH``, ``poison.builder=user`` + ``poison.file=PATH``).
+- How fever questions were found: keyword match on stem and options (发热, 发烧, fever, febrile, pyrexia).
+- Whether the poisoned final answer is changed: yes (``poison.keep_answer=False``), with a seeded wrong option
+  per question (MedQA has no consistent decoy chapter).
+- The SFT set size, counts, ratios, LoRA and optimiser settings, and seeds: the grid below (count and ratio
+  as independent axes, both ratio definitions, forgetting at two sizes, 8 seeds).
+- Evaluation: the paper parses a generated answer; here the likelihood of each option after the SFT prompt
+  (``eval.format='mcq'``: '(X) option text'), which a 4B model reads well. Generation-based accuracy is not
+  computed by this study.
+"""
+from jaxpoison.studies.rationale import DataConfig, EvalConfig, GridConfig, PoisonConfig, RationaleConfig
+from jaxpoison.train.config import TrainConfig
+from jaxpoison.train.lora import LoraConfig
+
+CONFIG = RationaleConfig(
+    name="paper: Qwen3-4B-Base, MedQA-zh (mainland), target fever",
+    model="Qwen/Qwen3-4B-Base",
+    dtype="bfloat16",
+    data=DataConfig(source="medqa-zh", train_split="train", test_split="test", target="fever",
+                    target_by="keywords", keywords=("发热", "发烧", "fever", "febrile", "pyrexia"),
+                    n_nontarget=1000, n_nontarget_pool=4000, n_test_target=200, n_test_nontarget=800,
+                    clean_rationales="model", max_len=768),
+    poison=PoisonConfig(builder="model", keep_answer=False, use_decoy=False, max_new_tokens=160, gen_batch_size=32),
+    grid=GridConfig(seeds=(0, 1, 2, 3, 4, 5, 6, 7), counts=(1, 2, 4, 8, 16, 32, 64),
+                    kinds=("rationale", "overwrite"), ratios_target=(0.5, 0.25, 0.1), ratios_all=(0.1, 0.03),
+                    forgetting_extra=(1000, 3000), clean_with_target=64),
+    train=TrainConfig(learning_rate=2e-4, schedule="linear", warmup_steps=10, epochs=2, batch_size=8,
+                      grad_accum=2, loss_budget=-1, dtype="bfloat16", remat=True, variant_chunk=8, save_every=50),
+    lora=LoraConfig(r=16, alpha=32, targets=("all",)),
+    eval=EvalConfig(format="mcq", method="sum", batch_questions=8, variant_chunk=8),
+    note="The seed's own setting (GPU/TPU). Rationales are written by the base model: the paper's are not public.",
+)
