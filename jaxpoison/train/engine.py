@@ -184,7 +184,7 @@ def variant_step(state, s, base, pool, var, root, st: Static):
         "frozen": state["frozen"] | (active & ~finite),
         "updates": state["updates"] + apply.astype(jnp.int32),
     }
-    ntok = jnp.where(active, pool["attn_mask"][idx.reshape(-1)].sum() * 1.0, 0.0)
+    ntok = jnp.where(active, (pool["attn_mask"][idx] & valid[..., None]).sum() * 1.0, 0.0)
     metrics = {"loss": jnp.where(active, loss, jnp.nan), "grad_norm": jnp.where(active, gnorm, jnp.nan),
                "lr": jnp.where(apply, lr, 0.0), "tokens": ntok, "applied": apply, "frozen": new_state["frozen"]}
     return new_state, metrics
