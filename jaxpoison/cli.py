@@ -16,6 +16,7 @@ EPILOG = """examples:
   python -m jaxpoison generate --model smollm2-135m --chat "What organ pumps blood around the body?"
   python -m jaxpoison data show icd10 --limit 3
   python -m jaxpoison export runs/demo --variant 3 --out adapters/v3
+  python -m jaxpoison analyze runs/demo                                  # weight shift, detector, mitigation
   python -m jaxpoison bench forward --model smollm2-135m
 
 --model takes 'smollm2-135m' (embedded, offline), a local HF directory, or a hub id (needs the hub)."""
@@ -111,8 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     from jaxpoison.bench import forward as bench_forward, train as bench_train
     from jaxpoison.data import show
     from jaxpoison.train import export
+    from jaxpoison.analysis import run as analysis_run
 
     export.register(sub)
+    analysis_run.register(sub)
     show.register(sub)
     bench_train.register(bench_forward.register(sub))
     return ap
