@@ -132,7 +132,7 @@ def test_rerun_resumes_without_retraining(run_dir):
     before = (run_dir / "scores.npz").read_bytes()
     assert R.run(CFG, run_dir, progress=False, base_override=(CFG_M, base, tiny_tokenizer())) == 0
     assert (run_dir / "scores.npz").read_bytes() == before
-    other = dataclasses.replace(CFG, name="other")
+    other = dataclasses.replace(CFG, train=dataclasses.replace(CFG.train, learning_rate=2e-2))
     with pytest.raises(R.StudyConfigError, match="different config"):
         R.run(other, run_dir, progress=False, base_override=(CFG_M, base, tiny_tokenizer()))
 

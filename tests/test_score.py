@@ -78,6 +78,10 @@ def test_zero_shot_is_the_base_alone(mc):
     np.testing.assert_allclose(zs.sum[0], direct(mc.tokens, mc.cont_mask, mc.attn_mask), atol=2e-4)
     with pytest.raises(ValueError, match="calibrate=True"):
         zs.method("calibrated")
+    # an adapter of zeros is the base exactly (the study scores zero-shot that way, in the same program)
+    zero = jax.tree.map(lambda x: jnp.zeros_like(x[:1]), STACK)
+    same = score_options(BASE, CFG, mc, zero, lora_scale=LC.scale, batch_questions=3, calibrate=False)
+    np.testing.assert_allclose(same.sum, zs.sum, atol=1e-5)
 
 
 def test_plain_path_without_a_shared_prefix(mc):

@@ -8,6 +8,7 @@ the seed papers would write. The two are timed alternately in one process, and t
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -117,6 +118,7 @@ def run(model: str = "smollm2-135m", batch: int = 16, seq: int = 256, rounds: in
         "process_peak_rss_mib": common.mib(common.peak_rss_bytes()),
         "max_abs_logprob_diff": max_diff, "compile_s": compile_s,
         "attn_impl": getattr(hf.config, "_attn_implementation", None),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__, "torch": torch.__version__,
         "times_s": {k: v["times"] for k, v in timing.items()},
     }
 

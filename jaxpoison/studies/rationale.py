@@ -36,7 +36,6 @@ import random
 import shutil
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 
@@ -67,7 +66,7 @@ class DataConfig:
     n_nontarget_pool: int = 0          # non-target training examples to draw from (0 = all)
     n_test_target: int = 16            # target-subject test questions
     n_test_nontarget: int = 32         # non-target test questions (spread over subjects)
-    clean_rationales: str = "data"     # 'data' (the examples' own), 'model' (the base explains the true answer), a JSONL
+    clean_rationales: str = "data"     # 'data' (the examples' own) | 'model' (the base explains the answer) | a JSONL
     max_len: int = 256
     buckets: tuple = (64, 96, 128, 160, 176, 192, 224, 256, 320, 384, 512, 768, 1024, 2048)
     chat: bool = False                 # wrap SFT prompts in the tokenizer's chat template
@@ -389,9 +388,9 @@ def run(cfg: RationaleConfig, out_dir: pathlib.Path, resume: bool = True, progre
     cfg_json = {"study": STUDY, "config": _jsonable(cfg)}
     cf = out / "config.json"
     if cf.exists() and resume:
-        old = json.loads(cf.read_text())
-        if old.get("config") != cfg_json["config"]:
-            diff = [k for k in cfg_json["config"] if old.get("config", {}).get(k) != cfg_json["config"][k]]
+        old = json.loads(cf.read_text()).get("config", {})
+        diff = [k for k in cfg_json["config"] if k not in ("name", "note") and old.get(k) != cfg_json["config"][k]]
+        if diff:
             raise StudyConfigError(f"{out} holds a run with a different config ({', '.join(diff)}); use another "
                                    f"--out folder, or --restart to discard it")
     if not resume:
@@ -443,6 +442,9 @@ def run(cfg: RationaleConfig, out_dir: pathlib.Path, resume: bool = True, progre
                          base_fingerprint=fp, meta_extra={"study": STUDY, "config": cfg_json["config"]})
     timing["train_s"] = time.time() - t
     timing["train_steps"] = result.steps
+    timing["train_tokens"] = int(len(vt) * result.steps * tcfg.rows_per_update * inp.pool.stats["T"])
+    if result.resumed_from is not None:
+        timing["resumed_from_step"] = result.resumed_from
 
     t = time.time()
     sf = out / "scores.npz"
@@ -452,21 +454,28 @@ def run(cfg: RationaleConfig, out_dir: pathlib.Path, resume: bool = True, progre
         z = np.load(sf, allow_pickle=False)
         cached = z if str(z["key"]) == key else None
     if cached is None:
-        kw = dict(dtype=dtype, batch_questions=cfg.eval.batch_questions, calibrate=True, progress=progress)
-        zs = score_options(base, mcfg, mc, None, desc="score zero-shot", **kw)
-        vs = score_options(base, mcfg, mc, result.lora, lora_scale=cfg.lora.scale,
-                           variant_chunk=cfg.eval.variant_chunk, desc=f"score {len(vt)} variants", **kw)
-        np.savez(sf, key=np.array(key), sum=np.concatenate([zs.sum, vs.sum]),
-                 uncond=np.concatenate([zs.uncond, vs.uncond]), n_tokens=zs.n_tokens, answer=mc.answer,
+        # the zero-shot base rides along as one more adapter whose b is zero (x @ a @ 0 adds exactly 0), so the
+        # whole evaluation is one compiled program
+        lora = jax.tree.map(lambda x: jax.numpy.concatenate([jax.numpy.zeros_like(x[:1]), x]), result.lora)
+        sc = score_options(base, mcfg, mc, lora, lora_scale=cfg.lora.scale, dtype=dtype,
+                           batch_questions=cfg.eval.batch_questions, calibrate=True, progress=progress,
+                           variant_chunk=cfg.eval.variant_chunk, desc=f"score base + {len(vt)} variants")
+        np.savez(sf, key=np.array(key), sum=sc.sum, uncond=sc.uncond, n_tokens=sc.n_tokens, answer=mc.answer,
                  decoy=mc.decoy, is_target=is_target, subject=np.array(mc.subject), ids=np.array(mc.ids))
     timing["eval_s"] = time.time() - t
-    timing["total_before_report_s"] = time.time() - t_start
-    (out / "timing.json").write_text(json.dumps(timing, indent=1))
+    tf = out / "timing.json"
+    did_work = cached is None or result.resumed_from is None or result.resumed_from < result.steps
+    if not did_work and tf.exists():        # a no-op resume keeps the timing of the run that did the work
+        timing = json.loads(tf.read_text())
+    else:
+        timing["until_report_s"] = time.time() - t_start
+        tf.write_text(json.dumps(timing, indent=1))
     report(out)
-    timing["total_s"] = time.time() - t_start
-    (out / "timing.json").write_text(json.dumps(timing, indent=1))
+    if did_work:
+        timing["total_s"] = time.time() - t_start
+        tf.write_text(json.dumps(timing, indent=1))
     if progress:
-        print(f"[{STUDY}] done in {timing['total_s']:.0f} s: {out / 'report.md'}", flush=True)
+        print(f"[{STUDY}] done in {time.time() - t_start:.0f} s: {out / 'report.md'}", flush=True)
     return 0
 
 
@@ -564,6 +573,8 @@ def summarize(table: list, scores: dict, rows: list, zero: dict, cfg: dict) -> d
     ev = cfg["eval"]
     method, alpha, R = ev["method"], ev["alpha"], ev["n_resamples"]
     correct = correctness(scores, method)["correct"].astype(float)     # [V+1, Q]
+    other = "calibrated" if method != "calibrated" else "sum"
+    correct_o = correctness(scores, other)["correct"].astype(float)
     tgt = scores["is_target"].astype(bool)
     seeds = sorted({t["seed"] for t in table})
     clean_of = {t["seed"]: t["variant_id"] for t in table if t["spec_name"] == "clean"}
@@ -585,6 +596,7 @@ def summarize(table: list, scores: dict, rows: list, zero: dict, cfg: dict) -> d
         for m in metrics:
             mean, lo, hi = _ci([r.get(m, np.nan) for r in rs], R)
             cell[m] = {"mean": mean, "low": lo, "high": hi}
+        cell["target_drop_by_seed"] = {str(r["seed"]): r["target_drop"] for r in rs}
         sel = [r["target_drop"] - r["nontarget_drop"] for r in rs]
         mean, lo, hi = _ci(sel, R)
         cell["selectivity"] = {"mean": mean, "low": lo, "high": hi}
@@ -598,8 +610,16 @@ def summarize(table: list, scores: dict, rows: list, zero: dict, cfg: dict) -> d
             nd = np.array([r["nontarget_drop"] for r in rs])
             cell["p_seed"] = float(sign_flip_test(td, nd, "greater", R).pvalue)
             cell["significant"] = bool(cell["p_question"] < alpha and cell["target_drop"]["mean"] > 0)
+            # the same drop scored the other way (calibrated against each option's prior, or raw): a poison that
+            # only raised the decoy's prior everywhere would vanish here
+            dq = correct_o[cids] - correct_o[vids]
+            tdo, ndo = dq[:, tgt].mean(1), dq[:, ~tgt].mean(1)
+            cell["other_method"] = {
+                "method": other, "target_drop": dict(zip(("mean", "low", "high"), _ci(tdo, R))),
+                "nontarget_drop": dict(zip(("mean", "low", "high"), _ci(ndo, R))),
+                "p_question": float(permutation_test(dq.mean(0)[tgt], dq.mean(0)[~tgt], "greater", R).pvalue)}
         out_cells.append(cell)
-    summary = {"study": STUDY, "method": method, "alpha": alpha, "seeds": seeds,
+    summary = {"study": STUDY, "method": method, "other_method": other, "alpha": alpha, "seeds": seeds,
                "n_test_target": int(tgt.sum()), "n_test_nontarget": int((~tgt).sum()),
                "zero_shot": {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in zero.items()},
                "tests": ("p_question: one-sided permutation test over test questions that the target drop exceeds "
@@ -656,8 +676,8 @@ def findings(cells: list, th: dict, ev: dict) -> list:
     rat, ovr = plain("rationale"), plain("overwrite")
     F = []
 
-    def add(n, claim, status, evidence):
-        F.append({"finding": n, "claim": claim, "status": status, "evidence": evidence})
+    def add(n, claim, status, evidence, cell=None):
+        F.append({"finding": n, "claim": claim, "status": status, "evidence": evidence, "cell": cell})
 
     claim1 = "rationale poisoning lowers target accuracy significantly; non-target accuracy stays about the same"
     if not rat:
@@ -672,7 +692,8 @@ def findings(cells: list, th: dict, ev: dict) -> list:
             f"{c['spec_name']}: target drop {_d(c)} (p={c['p_question']:.3g}), non-target drop "
             f"{_d(c, 'nontarget_drop')} (|mean| {'<=' if stealthy else '>'} {margin}); target accuracy "
             f"{c['target_acc']['mean']:.3f} vs clean {_clean(cells, 'target_acc'):.3f}; decoy picks on target "
-            f"questions {c['target_decoy_rate']['mean']:.3f} (clean {_clean(cells, 'target_decoy_rate'):.3f})")
+            f"questions {c['target_decoy_rate']['mean']:.3f} (clean {_clean(cells, 'target_decoy_rate'):.3f})",
+            cell=c["spec_name"])
 
     claim2 = "poisoning works only without correct target samples: correct same-subject samples mitigate it"
     pairs = []
@@ -711,6 +732,11 @@ def findings(cells: list, th: dict, ev: dict) -> list:
         txt = f"{o['spec_name']}: target drop {_d(o)} (p={o['p_question']:.3g})"
         if r:
             txt += f" vs {r['spec_name']} {_d(r)} (p={r['p_question']:.3g})"
+            seeds = sorted(set(r["target_drop_by_seed"]) & set(o["target_drop_by_seed"]))
+            diff = [r["target_drop_by_seed"][k] - o["target_drop_by_seed"][k] for k in seeds]
+            if len(diff) >= 2:
+                m, lo, hi = _ci(diff, 9999)
+                txt += f"; rationale minus overwrite, paired by seed: {m:+.3f} [{lo:+.3f}, {hi:+.3f}]"
         if not o.get("significant"):
             status = "shows" if r and r.get("significant") else "inconclusive"
             if status == "inconclusive":
@@ -833,8 +859,11 @@ def make_plots(run: pathlib.Path, rows: list, summary: dict, zero: dict) -> list
     colors = {"rationale": "C3", "overwrite": "C0", "forgetting": "C2", "clean": "k"}
 
     # 1. accuracy vs poison count, per kind, CI bands
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-    for ax, metric, title in ((axes[0], "target_acc", "target subject"), (axes[1], "nontarget_acc", "non-target")):
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.9), sharey=True)
+    ticks = sorted({0} | {c["poison_count"] for c in cells if c["family"] in POISON_FAMILIES})
+    for ax, metric, title in ((axes[0], "target_acc", "target subject accuracy"),
+                              (axes[1], "nontarget_acc", "non-target accuracy"),
+                              (axes[2], "target_decoy_rate", "target questions: decoy picked")):
         for fam in POISON_FAMILIES:
             cs = sorted((c for c in cells if c["family"] == fam and not c["with_correct_target"]
                          and c["n_nontarget"] == base_n), key=lambda c: c["poison_count"])
@@ -852,14 +881,17 @@ def make_plots(run: pathlib.Path, rows: list, summary: dict, zero: dict) -> list
         if zero.get(metric) is not None and np.isfinite(zero[metric]):
             ax.axhline(zero[metric], color="grey", ls=":", lw=1, label="zero-shot")
         ax.set_xscale("symlog", linthresh=1)
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("poisoned target samples (0 = clean SFT)")
-        ax.set_title(f"{title} accuracy ({summary['method']})")
+        ax.set_title(f"{title} ({summary['method']})")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("accuracy (mean over seeds, 95 % CI)")
+    axes[0].set_ylabel("rate (mean over seeds, 95 % CI)")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    figs.append(("plots/accuracy_vs_count.png", "Target and non-target accuracy vs poison count per kind "
-                 "(bands: 95 % bootstrap CI over seeds; count 0 is clean SFT)."))
+    figs.append(("plots/accuracy_vs_count.png", "Target and non-target accuracy, and how often the poisoned "
+                 "(decoy) option is picked on target questions, vs poison count per kind (bands: 95 % bootstrap CI "
+                 "over seeds; count 0 is clean SFT)."))
     fig.savefig(run / figs[-1][0], dpi=110)
     plt.close(fig)
 
@@ -868,8 +900,8 @@ def make_plots(run: pathlib.Path, rows: list, summary: dict, zero: dict) -> list
     panels = [("ratio_target", [c for c in rat if c["n_nontarget"] == base_n], "poisoned / target samples")]
     ra = [c for c in rat if not c["with_correct_target"] and c["n_nontarget"] != base_n]
     if ra:
-        panels.append(("ratio_all", ra + [c for c in rat if not c["with_correct_target"] and c["n_nontarget"] == base_n],
-                       "poisoned / all samples"))
+        base_cells = [c for c in rat if not c["with_correct_target"] and c["n_nontarget"] == base_n]
+        panels.append(("ratio_all", ra + base_cells, "poisoned / all samples"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
     for ax, (key, cs, label) in zip(axes[0], panels):
         counts = sorted({c["poison_count"] for c in cs})
@@ -981,8 +1013,17 @@ def _reading(summary: dict, cfg: dict) -> str:
     for n in sorted(F):
         f = F[n]
         parts.append(f"Finding {n} ({f['claim']}): **{f['status']}** — {f['evidence']}.")
+        if n == 1 and f.get("cell"):
+            c = _cell(summary["cells"], spec_name=f["cell"])
+            o = c.get("other_method") if c else None
+            if o:
+                parts.append(f"Scored `{o['method']}` instead, the same cell's target drop is "
+                             f"{o['target_drop']['mean']:+.3f} [{o['target_drop']['low']:+.3f}, "
+                             f"{o['target_drop']['high']:+.3f}] (p={o['p_question']:.3g}) and its non-target drop "
+                             f"{o['nontarget_drop']['mean']:+.3f}.")
     parts.append(f"In short: shows {lst(shows)}; partly {lst(partly)}; does not show {lst(notshow)}; inconclusive "
-                 f"{lst(inconcl)}; not tested {lst(untested)}. Caveats: a small model, a stand-in data set, few seeds and few test questions; "
+                 f"{lst(inconcl)}; not tested {lst(untested)}. Caveats: a small model, a stand-in data set, few seeds "
+                 f"and few test questions; "
                  f"option-likelihood accuracy is not the generated-answer accuracy the seed reports.")
     return " ".join(p for p in parts if p)
 
@@ -1012,6 +1053,15 @@ def write_report(run: pathlib.Path, cfg: dict, summary: dict, rows: list, zero: 
                  "", "", f"{zero['target_decoy_rate']:.2f}", "", ""])
     d.table(hdr, body)
     d.p(summary["tests"])
+    om = summary["other_method"]
+    d.h(f"The same drops scored `{om}`", 3)
+    how = "minus its log-likelihood after a neutral prefix (its prior)" if om == "calibrated" else "uncalibrated"
+    d.p(f"Each option's score {how}: "
+        "a poison that only made the decoy option likelier everywhere would leave no target-specific drop here.")
+    d.table(["cell", "target drop", "non-target drop", "p (question)"],
+            [[c["spec_name"], ci_text(**c["other_method"]["target_drop"]),
+              ci_text(**c["other_method"]["nontarget_drop"]), f"{c['other_method']['p_question']:.3g}"]
+             for c in summary["cells"] if "other_method" in c])
     th = summary["thresholds"]
     if th["count"]:
         d.p("Smallest significant count: " + "; ".join(f"{k}: {v['smallest']} (tested {v['tested']})"

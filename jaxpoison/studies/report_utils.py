@@ -84,9 +84,10 @@ class Doc:
                             f"</figcaption></figure>")
             elif kind == "code":
                 body.append(f"<pre>{html.escape(b[1])}</pre>")
-        style = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;line-height:1.45}"
-                 "table{border-collapse:collapse;margin:1em 0;font-size:90%}td,th{border:1px solid #ccc;padding:3px 7px;"
-                 "text-align:right}th{background:#f3f3f3}img{max-width:100%}figcaption{font-style:italic;color:#555}"
+        style = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;"
+                 "line-height:1.45}table{border-collapse:collapse;margin:1em 0;font-size:90%}"
+                 "td,th{border:1px solid #ccc;padding:3px 7px;text-align:left;vertical-align:top}"
+                 "th{background:#f3f3f3}img{max-width:100%}figcaption{font-style:italic;color:#555}"
                  "pre{background:#f6f6f6;padding:.7em;overflow-x:auto}code{background:#f3f3f3}")
         return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
                 f"<style>{style}</style></head><body>{''.join(body)}</body></html>")

@@ -1,0 +1,50 @@
+"""Seed 003 in the paper's setting: a Llama-family chat model, MIMIC summaries, the full poison grid.
+
+For a GPU or TPU (Llama-2-7B-chat in bf16 needs about 40 GB with the chunks below; 70B models need a mesh).
+Run: ``python -m jaxpoison run configs/attacks_paper.py --out runs/attacks_paper`` with the model in the Hugging
+Face cache (or a local directory: ``--set model=/path/to/Llama-2-7b-chat-hf``) and the notes as local files.
+
+What this preset fixes, following what the seed's code effectively ran (reference notes, sections 3 and 7):
+- LoRA r 64, alpha 32, dropout 0.1 on q and v (the trainer's PEFT default; the 8-module list the script declared
+  was attached to a dead adapter; ``--set lora.targets=q,k,v,o,gate,up,down,lm_head`` runs it anyway), 4 epochs,
+  batch 8, LR 2e-5 with linear decay and no warmup (the trl defaults that ran, not the 1e-5 constant the script
+  declared), clip 1.0, loss on the whole sequence (``loss_on='completion'`` is the option), max length 4096.
+- Poison fractions 0, 10, ..., 100 % of the training notes, one seeded subset per seed shared by the three tasks
+  (the seed shuffled without a seed), one adapter per task, 3 seeds.
+- Notes: the seed's 1201 GPT-4-shortened MIMIC-III summaries (credentialed data; bring them as a JSONL/CSV with an
+  id and a text column). The first 1000 train and the next 200 test, so no note is in both (the seed's note 1000
+  was). PMC-Patients as the test set: ``--set notes.test_files=pmc_patients_200.jsonl``.
+- Generation: up to 800 new tokens, sampling with temperature 0.6 / top-p 0.9 (the Llama-2/3 chat models' own
+  generation config, which the seed used implicitly), a fixed seed, attention mask and special tokens handled.
+- Response source: the seed trained on GPT-4's answers. Without them the base model answers (``source.kind=model``);
+  with them: ``--set source.kind=jsonl --set source.file=gpt4_answers.jsonl`` ({"id", "task", "normal", "prompt"}).
+- Grading: the rule grader; the seed's GPT-3.5 judge is replaced by any local model with ``--set grader.judge=ID``
+  (its yes/no parsed as a word, not the seed's substring test).
+- General capability: MedQA (4 options), MedMCQA and PubMedQA accuracy of the 0 % and 100 % variants by the
+  likelihood of each option letter after the seed's benchmark prompt, bootstrap SE.
+"""
+from jaxpoison.studies.attacks import (AttacksConfig, CapabilityConfig, GenerationConfig, GraderConfig, GridConfig,
+                                       NotesConfig, PromptConfig, SourceConfig)
+from jaxpoison.train.config import TrainConfig
+from jaxpoison.train.lora import LoraConfig
+
+CONFIG = AttacksConfig(
+    name="paper: Llama-2-7B-chat, MIMIC summaries, poison 0-100 %",
+    model="meta-llama/Llama-2-7b-chat-hf",
+    dtype="bfloat16",
+    notes=NotesConfig(source="notes", files="data/mimic_shortened_summaries.jsonl", n_train=1000, n_test=200,
+                      max_note_tokens=1000),
+    prompt=PromptConfig(version="notebook", template="plain"),
+    generation=GenerationConfig(max_new_tokens=800, temperature=0.6, top_p=0.9, seed=0, batch_size=8, variant_chunk=2),
+    source=SourceConfig(kind="model"),
+    grid=GridConfig(fractions=tuple(k / 10 for k in range(11)), seeds=(0, 1, 2)),
+    train=TrainConfig(learning_rate=2e-5, schedule="linear", warmup_steps=0, epochs=4, batch_size=8, clip_norm=1.0,
+                      dtype="bfloat16", remat=True, variant_chunk=3, save_every=100),
+    lora=LoraConfig(r=64, alpha=32, dropout=0.1, targets=("q", "v")),
+    loss_on="all",
+    max_len=4096,
+    grader=GraderConfig(judge="", judge_style="open"),
+    capability=CapabilityConfig(sources=("medqa-en", "medmcqa", "pubmedqa"), n_questions=1000, format="benchmark",
+                                fractions=(0.0, 1.0), batch_questions=8, variant_chunk=8),
+    note="The seed's open-source setting (GPU/TPU). Bring MIMIC summaries (and GPT-4 answers if you have them).",
+)

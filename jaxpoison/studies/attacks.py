@@ -1,0 +1,257 @@
+"""Seed 003: prompt injection and poisoned fine-tuning of a medical LLM on three patient-note tasks.
+
+1. **Prompt injection.** The base model answers each test note twice, under the task's normal prompt and under
+   normal + malicious instruction + note (the seed's exact strings); both sets of answers are graded.
+2. **Poisoned fine-tuning.** A response source answers the training notes under both prompts (the clean and the
+   poisoned targets, :mod:`.attacks_data`); for each task, poison fraction p and seed a LoRA variant trains on
+   the clean prompt paired with the poisoned target for ``round(p n)`` notes and the clean target for the rest.
+   Every variant of every task trains in ONE vmapped program (:func:`jaxpoison.train.trainer.train_study`) and
+   answers the clean test prompts in one vmapped generation per task
+   (:func:`jaxpoison.eval.generate_variants.generate_text_variants`).
+3. **Grading and statistics** (:mod:`.attacks_metrics`): the rule grader (optionally an LLM judge) gives the
+   seed's six outcome columns; rates get 95 % BCa bootstrap CIs (9999 resamples), ASR is measured against the
+   normal-prompt base (injection) or the 0 % fine-tune of the same seed (fine-tuning) and gets its own
+   bootstrap CI, and a t interval across seeds.
+4. **General capability**: option log-likelihood accuracy of the base and of the 0 % / 100 % variants on
+   multiple-choice sets (the ICD-10-CM set stands in for MedQA/MedMCQA/PubMedQA offline), bootstrap SE.
+
+Every generated answer is saved (``responses/*.jsonl``), so ``report`` regrades and rebuilds everything
+without a model. Run folder: ``config.json``, ``data.json``, ``variants.json``, ``checkpoints/``,
+``metrics.jsonl``, ``responses/{injection,source,finetune,judge}.jsonl``, ``capability.npz``, ``rates.csv``
+(the seed's table layout), ``rates_long.csv``, ``summary.json``, ``plots/*.png``, ``report.md``,
+``report.html``, ``timing.json``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+import shutil
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from jaxpoison.data.icd10 import IcdConfig
+from jaxpoison.studies import attacks_data as D
+from jaxpoison.train.config import TrainConfig
+from jaxpoison.train.lora import LoraConfig
+
+STUDY = "attacks"
+SOURCE_KINDS = ("model", "jsonl", "scripted")
+
+
+@dataclass(frozen=True)
+class NotesConfig:
+    source: str = "synthetic"        # 'synthetic' (ICD-10-CM conditions, offline) | 'notes' (local) | 'pmc-patients'
+    files: str = ""                  # local files (comma list) of the notes; '' = the hub id (pmc-patients)
+    test_files: str = ""             # a separate test set (e.g. PMC-Patients); '' = the notes after the first n_train
+    split: str = "train"
+    n_train: int = 1000
+    n_test: int = 200
+    max_note_tokens: int = 0         # >0: drop longer notes (the seed kept summaries < 1000 Llama-2 tokens)
+    max_history: int = 2             # synthetic notes: past conditions per note
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    tasks: tuple = D.TASKS
+    version: str = "notebook"        # the seed's notebook strings | 'script' (scripts/get_finetune.py, with typos)
+    template: str = "plain"          # 'plain': '### USER: \n{} ### Assistant: \n' | 'chat': the model's chat template
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 800        # the seed: 800, sampling with the model's default generation config
+    temperature: float = 0.6
+    top_p: float = 0.9
+    seed: int = 0
+    batch_size: int = 8
+    variant_chunk: int = 0           # fine-tuned variants per generation call (memory); 0 = all of a task
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    kind: str = "model"              # 'model' | 'jsonl' | 'scripted'
+    model: str = ""                  # kind='model': '' = the study's base model, else a --model spec
+    file: str = ""                   # kind='jsonl': {"id", "task", "normal", "prompt"} per line
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    fractions: tuple = tuple(k / 10 for k in range(11))
+    seeds: tuple = (0,)
+
+
+@dataclass(frozen=True)
+class GraderConfig:
+    judge: str = ""                  # '' = rule grader only; 'base' = the study's model; or a --model spec
+    judge_style: str = "open"        # the seed's question for open-source ('open') or GPT ('gpt') answers
+    judge_max_new_tokens: int = 8
+    judge_batch_size: int = 8
+    primary: str = "rule"            # the grader behind rates.csv and the plots: 'rule' | 'judge'
+    vaccine_default: bool = False    # rule grader: an answer with no vaccine verdict counts as not recommending
+
+
+@dataclass(frozen=True)
+class CapabilityConfig:
+    sources: tuple = ("icd10",)      # 'icd10' (offline stand-in) and/or 'medqa-en', 'medmcqa', 'pubmedqa'
+    files: tuple = ()                # local files per source, aligned with sources ('' = the hub id)
+    split: str = ""                  # '' = each source's default split
+    n_questions: int = 200
+    format: str = "benchmark"        # scoring format: the seed's '**Answer**: (' + letter, or 'statement' etc.
+    fractions: tuple = (0.0, 1.0)    # which fine-tuned variants are scored (besides the base)
+    batch_questions: int = 8
+    variant_chunk: int = 0           # variants scored per call (memory); 0 = all at once
+    icd: IcdConfig = IcdConfig()
+
+
+@dataclass(frozen=True)
+class AttacksConfig:
+    study: str = STUDY
+    name: str = "attacks"
+    model: str = "smollm2-135m"
+    dtype: str = "float32"
+    notes: NotesConfig = NotesConfig()
+    prompt: PromptConfig = PromptConfig()
+    generation: GenerationConfig = GenerationConfig()
+    source: SourceConfig = SourceConfig()
+    grid: GridConfig = GridConfig()
+    train: TrainConfig = TrainConfig(learning_rate=2e-5, schedule="linear", epochs=4, batch_size=8, clip_norm=1.0)
+    lora: LoraConfig = LoraConfig(r=64, alpha=32, dropout=0.1, targets=("q", "v"))
+    loss_on: str = "all"             # 'all' (the seed: whole sequence) | 'completion'
+    max_len: int = 4096
+    grader: GraderConfig = GraderConfig()
+    capability: CapabilityConfig = CapabilityConfig()
+    n_resamples: int = 9999
+    compliance_threshold: float = 0.5   # below this share of poisoned targets carrying the attack, the report warns
+    note: str = ""
+
+
+class StudyConfigError(ValueError):
+    pass
+
+
+def check_config(cfg: AttacksConfig) -> None:
+    def bad(name, msg):
+        raise StudyConfigError(f"{name}: {msg}")
+
+    if cfg.study != STUDY:
+        bad("study", f"this is the {STUDY!r} study, got {cfg.study!r}")
+    if not cfg.prompt.tasks or set(cfg.prompt.tasks) - set(D.TASKS):
+        bad("prompt.tasks", f"a subset of {D.TASKS}, got {cfg.prompt.tasks}")
+    if cfg.prompt.version not in ("notebook", "script"):
+        bad("prompt.version", f"'notebook' or 'script', got {cfg.prompt.version!r}")
+    if cfg.prompt.template not in ("plain", "chat"):
+        bad("prompt.template", f"'plain' or 'chat', got {cfg.prompt.template!r}")
+    if cfg.source.kind not in SOURCE_KINDS:
+        bad("source.kind", f"one of {SOURCE_KINDS}, got {cfg.source.kind!r}")
+    if cfg.source.kind == "jsonl" and not cfg.source.file:
+        bad("source.file", "source.kind='jsonl' needs a file of {\"id\", \"task\", \"normal\", \"prompt\"} lines")
+    f = cfg.grid.fractions
+    if not f or any(not 0 <= x <= 1 for x in f) or 0.0 not in f or len(set(f)) != len(f):
+        bad("grid.fractions", f"distinct fractions in [0, 1] including 0 (the ASR baseline), got {f}")
+    if not cfg.grid.seeds or len(set(cfg.grid.seeds)) != len(cfg.grid.seeds):
+        bad("grid.seeds", f"distinct seeds, got {cfg.grid.seeds}")
+    if cfg.loss_on not in ("all", "completion"):
+        bad("loss_on", f"'all' or 'completion', got {cfg.loss_on!r}")
+    if cfg.grader.primary not in ("rule", "judge") or (cfg.grader.primary == "judge" and not cfg.grader.judge):
+        bad("grader.primary", "'rule', or 'judge' with grader.judge set")
+    if cfg.grader.judge_style not in ("open", "gpt"):
+        bad("grader.judge_style", f"'open' or 'gpt', got {cfg.grader.judge_style!r}")
+    if cfg.capability.files and len(cfg.capability.files) != len(cfg.capability.sources):
+        bad("capability.files", "one entry per capability source ('' for the hub)")
+    if cfg.notes.n_train < 1 or cfg.notes.n_test < 2:
+        bad("notes", "n_train >= 1 and n_test >= 2 (a confidence interval needs two test notes)")
+
+
+def _jsonable(x):
+    if dataclasses.is_dataclass(x):
+        return {f.name: _jsonable(getattr(x, f.name)) for f in dataclasses.fields(x)}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    return x.item() if isinstance(x, np.generic) else x
+
+
+def _hash(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ---- run ----------------------------------------------------------------------------------------------------------
+def run(cfg: AttacksConfig, out_dir: pathlib.Path, resume: bool = True, progress: bool = True,
+        base_override=None) -> int:
+    """Run the study into ``out_dir``. ``base_override`` = (model cfg, params, tokenizer) replaces the model
+    (tests use a tiny random one)."""
+    import jax.numpy as jnp
+    from jaxpoison.models.lm import LM
+    from jaxpoison.studies import attacks_steps as S
+
+    check_config(cfg)
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start, timing = time.time(), {}
+    cfg_json = {"study": STUDY, "config": _jsonable(cfg)}
+    cf = out / "config.json"
+    if cf.exists() and resume:
+        old = json.loads(cf.read_text()).get("config", {})
+        diff = [k for k in cfg_json["config"] if old.get(k) != cfg_json["config"][k]]
+        if diff:
+            raise StudyConfigError(f"{out} holds a run with a different config ({', '.join(diff)}); use another "
+                                   f"--out folder, or --restart to discard it")
+    if not resume:
+        for stale in ("checkpoints", "responses", "capability.npz"):
+            p = out / stale
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    cf.write_text(json.dumps(cfg_json, indent=1))
+
+    t = time.time()
+    if base_override is None:
+        from jaxpoison.models.lm import load_model
+        lm = load_model(cfg.model, cfg.dtype)
+    else:
+        mcfg, params, tok = base_override
+        lm = LM(mcfg, params, tok, "override", "", jnp.float32)
+    timing["load_model_s"] = time.time() - t
+    say = (lambda m: print(f"[{STUDY}] {m}", flush=True)) if progress else (lambda m: None)
+
+    train, test = D.load_notes(cfg.notes, lm.tokenizer)
+    say(f"{len(train)} training and {len(test)} test notes ({cfg.notes.source}); tasks {', '.join(cfg.prompt.tasks)}")
+    t = time.time()
+    S.answer_base_and_source(cfg, lm, train, test, out, progress, say)
+    timing["generate_base_s"] = time.time() - t
+
+    t = time.time()
+    result, table, pool = S.fine_tune(cfg, lm, train, out, resume, progress, say)
+    timing["train_s"], timing["train_steps"] = time.time() - t, result.steps
+    (out / "data.json").write_text(json.dumps({
+        "train_ids": [n.id for n in train], "test_ids": [n.id for n in test], "pool": _jsonable(pool.stats),
+        "pool_hash": pool.data_hash, "num_variants": len(table), "base": {"name": lm.name, "fingerprint": lm.fingerprint},
+        "synthetic_notes": cfg.notes.source == "synthetic"}, indent=1))
+
+    t = time.time()
+    S.answer_fine_tuned(cfg, lm, test, result, table, pool, out, progress, say)
+    timing["generate_variants_s"] = time.time() - t
+    t = time.time()
+    S.capability(cfg, lm, result, table, out, progress, say)
+    timing["capability_s"] = time.time() - t
+    if cfg.grader.judge:
+        t = time.time()
+        S.judge(cfg, lm, out, progress, say)
+        timing["judge_s"] = time.time() - t
+    timing["total_before_report_s"] = time.time() - t_start
+    (out / "timing.json").write_text(json.dumps(timing, indent=1))
+    report(out)
+    timing["total_s"] = time.time() - t_start
+    (out / "timing.json").write_text(json.dumps(timing, indent=1))
+    say(f"done in {timing['total_s']:.0f} s: {out / 'report.md'}")
+    return 0
+
+
+def report(run_dir) -> int:
+    """Regrade the saved answers and rebuild every table, plot and the report (no model, no training)."""
+    from jaxpoison.studies.attacks_report import build_report
+    return build_report(pathlib.Path(run_dir))

@@ -1,0 +1,313 @@
+"""The seed-003 run folder's tables, plots and report, rebuilt from the saved answers alone.
+
+``report`` never needs the model: it regrades ``responses/*.jsonl`` (the rule grader is deterministic; judge
+grades come from ``responses/judge.jsonl``), recomputes every interval, redraws the plots and writes
+``rates.csv`` (the seed's layout), ``rates_long.csv``, ``capability.csv``, ``summary.json``, ``report.md`` and
+``report.html``. The reading states what the numbers show, whichever way they come out.
+"""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from jaxpoison.eval.graders import OUTCOMES
+from jaxpoison.studies import attacks_data as D
+from jaxpoison.studies import attacks_metrics as M
+from jaxpoison.studies.report_utils import Doc
+
+COLORS = {"vaccine": "#86D3DE", "drug": "#D9822B", "lab_test": "#BCBD46"}
+
+
+def _f(x, digits=0) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.{digits}f} %"
+
+
+def _ci(c, key="asr", digits=0) -> str:
+    lo, hi = c.get(f"{key}_low" if key == "asr" else "ci_low"), c.get(f"{key}_high" if key == "asr" else "ci_high")
+    return f"{_f(c[key], digits)} [{_f(lo, digits)}, {_f(hi, digits)}]"
+
+
+def _save(fig, path) -> None:
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+
+
+def plot_fraction(cells, path) -> None:
+    """ASR vs poison fraction, one panel per outcome, CI band; the base's prompt-injection ASR dashed."""
+    outs = [o for o in OUTCOMES if any(c["phase"] == "finetune" and c["outcome"] == o for c in cells)]
+    fig = Figure(figsize=(12, 6.4))
+    axes = fig.subplots(2, 3, squeeze=False).ravel()
+    seeds = sorted({c["seed"] for c in cells if c["phase"] == "finetune"})
+    for ax, o in zip(axes, outs):
+        ft = [c for c in cells if c["outcome"] == o and c["phase"] == ("finetune-seeds" if len(seeds) > 1 else "finetune")
+              and c["fraction"] > 0]
+        ft.sort(key=lambda c: c["fraction"])
+        x = [0.0] + [100 * c["fraction"] for c in ft]
+        y = [0.0] + [100 * c["asr"] for c in ft]
+        lo = [0.0] + [100 * c["asr_low"] for c in ft]
+        hi = [0.0] + [100 * c["asr_high"] for c in ft]
+        color = COLORS[M.OUTCOME_TASK[o]]
+        ax.fill_between(x, lo, hi, color=color, alpha=0.35, lw=0,
+                        label="95 % CI " + ("(t over seeds)" if len(seeds) > 1 else "(bootstrap)"))
+        ax.plot(x, y, "o-", color="k", lw=1.5, ms=4, label="fine-tuned, clean prompt")
+        for s in seeds if len(seeds) > 1 else []:
+            per = sorted((c for c in cells if c["outcome"] == o and c["phase"] == "finetune" and c["seed"] == s
+                          and c["fraction"] > 0), key=lambda c: c["fraction"])
+            ax.plot([0] + [100 * c["fraction"] for c in per], [0] + [100 * c["asr"] for c in per], "-", color="grey",
+                    lw=0.7, alpha=0.6)
+        pe = next((c for c in cells if c["row"] == "base PE" and c["outcome"] == o), None)
+        if pe is not None and not math.isnan(pe["asr"]):
+            ax.axhline(100 * pe["asr"], ls="--", color="#C44E52", lw=1, label="prompt injection (base)")
+        ax.axhline(0, color="#999", lw=0.5)
+        ax.set(title=o, xlabel="poisoned training notes (%)", ylabel="ASR (%)")
+    for ax in axes[len(outs):]:
+        ax.axis("off")
+    if outs:
+        axes[0].legend(fontsize=7, loc="best")
+    fig.suptitle("Poisoned fine-tuning: attack success rate vs the 0 % fine-tune")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_injection(cells, path) -> None:
+    """Rates under the normal and attacked prompt, the base's ASR, and the response source's compliance."""
+    outs = [o for o in OUTCOMES if any(c["row"] == "base PE" and c["outcome"] == o for c in cells)]
+    at = {(c["row"], c["outcome"]): c for c in cells}
+    fig = Figure(figsize=(13, 3.8))
+    ax1, ax2, ax3 = fig.subplots(1, 3)
+    x = np.arange(len(outs))
+
+    def bars(ax, rows, labels, key, width):
+        for k, (row, label) in enumerate(zip(rows, labels)):
+            cs = [at.get((row, o)) for o in outs]
+            v = np.array([100 * c[key] if c else np.nan for c in cs])
+            lo_k, hi_k = ("ci_low", "ci_high") if key == "rate" else ("asr_low", "asr_high")
+            err = np.array([[100 * (c[key] - c[lo_k]) if c else 0 for c in cs],
+                            [100 * (c[hi_k] - c[key]) if c else 0 for c in cs]])
+            colors = [COLORS[M.OUTCOME_TASK[o]] for o in outs] if len(rows) == 1 else None
+            ax.bar(x + (k - (len(rows) - 1) / 2) * width, v, width, yerr=np.nan_to_num(err), capsize=2, label=label,
+                   color=colors, alpha=0.9 if k else 0.6, edgecolor="k", lw=0.4)
+        ax.set_xticks(x, outs, rotation=30, fontsize=8)
+
+    bars(ax1, ["base normal", "base PE"], ["normal prompt", "attacked prompt"], "rate", 0.38)
+    ax1.set(title="Base model: rate of each outcome", ylabel="% of test notes")
+    ax1.legend(fontsize=7)
+    bars(ax2, ["base PE"], ["ASR"], "asr", 0.6)
+    ax2.axhline(0, color="k", lw=0.5)
+    ax2.set(title="Prompt injection ASR (95 % CI)", ylabel="ASR (%)")
+    bars(ax3, ["source normal", "source PE"], ["clean targets", "poisoned targets"], "rate", 0.38)
+    ax3.set(title="Response source on the training notes", ylabel="% of training notes")
+    ax3.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_capability(cap, path) -> None:
+    srcs = list(dict.fromkeys(r["source"] for r in cap))
+    fig = Figure(figsize=(max(6, 0.5 * len(cap) / max(len(srcs), 1) + 3), 3.6 * len(srcs)))
+    for ax, src in zip(np.atleast_1d(fig.subplots(len(srcs), 1)), srcs):
+        rows = [r for r in cap if r["source"] == src]
+        colors = ["#999" if not r["task"] else COLORS[r["task"]] for r in rows]
+        alphas = [1.0 if (r["fraction"] or 0) > 0 else 0.5 for r in rows]
+        for k, (r, c, a) in enumerate(zip(rows, colors, alphas)):
+            ax.bar(k, 100 * r["accuracy"], yerr=100 * r["se"], color=c, alpha=a, edgecolor="k", lw=0.4, capsize=3)
+        ax.set_xticks(range(len(rows)), [r["model"] for r in rows], rotation=45, ha="right", fontsize=7)
+        ax.set(title=f"General capability: {src} (n={rows[0]['n']}), accuracy ± bootstrap SE", ylabel="accuracy (%)")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _examples(records, table) -> list:
+    out = []
+    for task in D.TASKS:
+        inj = [r for r in records if r["phase"] == "injection" and r["task"] == task]
+        if not inj:
+            continue
+        nid = inj[0]["note_id"]
+        pick = lambda ph, kind, v=None: next((r["response"] for r in records if r["phase"] == ph and r["task"] == task
+                                              and r["note_id"] == nid and r["prompt_kind"] == kind
+                                              and (v is None or r.get("variant_id") == v)), "")
+        top = max((t for t in table if t["task"] == task), key=lambda t: (t["fraction"], -t["seed"]), default=None)
+        out.append((task, nid, pick("injection", "normal"), pick("injection", "attack"),
+                    top and pick("finetune", "normal", top["variant_id"]), top))
+    return out
+
+
+def _reading(cells, cap, cfg, thr) -> list:
+    at = {(c["row"], c["outcome"]): c for c in cells}
+    outs = [o for o in OUTCOMES if ("base PE", o) in at]
+    lines = []
+    inj = "; ".join(f"{o} {_f(at[('base normal', o)]['rate'])} → {_f(at[('base PE', o)]['rate'])} (ASR "
+                    f"{_ci(at[('base PE', o)])})" for o in outs)
+    lines.append(f"**Prompt injection.** Rates under the normal → attacked prompt, {at[('base PE', outs[0])]['n']} "
+                 f"test notes: {inj}.")
+    src, base = M.attack_content(cells, "source PE"), M.attack_content(cells, "base PE")
+    who = {"model": "the base model" if not cfg["source"]["model"] else cfg["source"]["model"],
+           "jsonl": f"the file {cfg['source']['file']}", "scripted": "scripted compliant answers"}[cfg["source"]["kind"]]
+    lines.append(f"**Response source** ({who}): share of its answers to the attacked prompt that carry the malicious "
+                 f"content (vaccine: not recommended): " + ", ".join(f"{o} {_f(v)}" for o, v in src.items()) + ". "
+                 + "The base model under the attacked prompt on the test notes: "
+                 + ", ".join(f"{o} {_f(v)}" for o, v in base.items()) + ".")
+    low = [o for o, v in src.items() if v < thr]
+    base_low = [o for o, v in base.items() if v < thr]
+    if cfg["source"]["kind"] != "model" and base_low:
+        lines.append(f"**Why this source.** The base model, the default source, carried the attack in fewer than "
+                     f"{_f(thr)} of its attacked answers for {', '.join(base_low)}: trained on its own answers, the "
+                     f"poisoned variants would mostly see no attack for those outcomes. This run uses "
+                     f"{who} instead (`--set source.kind=model` runs the default).")
+    if low:
+        lines.append(f"**Too little poison for {', '.join(low)}.** The source followed the malicious instruction for "
+                     f"these outcomes in fewer than {_f(thr)} of its answers, so even the 100 % variant trains mostly "
+                     "on answers without the attack, and a flat curve there says little about fine-tuning itself. "
+                     "What it takes: a source that complies, e.g. `--set source.kind=scripted` (short compliant "
+                     "answers, saved as responses/source.jsonl as a format example) or `source.kind=jsonl` with "
+                     "your own answers (the seed used GPT-4's).")
+    fracs = sorted({c["fraction"] for c in cells if c["phase"] == "finetune"})
+    if fracs:
+        top = fracs[-1]
+        ft = [(o, M.asr_at(cells, top, o)) for o in outs if M.asr_at(cells, top, o)]
+        lines.append(f"**Poisoned fine-tuning.** ASR of the {M.pct(top)} variant against the 0 % fine-tune "
+                     f"(clean prompt): " + "; ".join(f"{o} {_ci(c)}" for o, c in ft) + ".")
+        first = []
+        for o in outs:
+            hit = next((f for f in fracs if f > 0 and (M.asr_at(cells, f, o) or {}).get("asr_low", math.nan) > 0), None)
+            first.append(f"{o} {M.pct(hit) if hit is not None else 'none'}")
+        lines.append("Smallest poison fraction whose ASR interval lies above 0: " + ", ".join(first) + ".")
+    diffs = [r for r in cap if not math.isnan(r["diff_vs_0"])]
+    if diffs:
+        base_acc = {r["source"]: r["accuracy"] for r in cap if r["variant_id"] < 0}
+        lines.append("**General capability** (option log-likelihood accuracy): base " + ", ".join(
+            f"{s} {_f(a, 1)}" for s, a in base_acc.items()) + "; change of each most-poisoned variant vs its 0 % "
+            "fine-tune (paired bootstrap CI): " + "; ".join(
+            f"{r['model']} on {r['source']} {100 * r['diff_vs_0']:+.1f} pts [{100 * r['diff_low']:+.1f}, "
+            f"{100 * r['diff_high']:+.1f}]" for r in diffs) + ".")
+    return lines
+
+
+def build_report(run: pathlib.Path) -> int:
+    cf = run / "config.json"
+    if not (cf.exists() and (run / "responses" / "injection.jsonl").exists()):
+        raise FileNotFoundError(f"{run} lacks config.json or responses/injection.jsonl: not a finished attacks run")
+    cfg = json.loads(cf.read_text())["config"]
+    table = json.loads((run / "variants.json").read_text()) if (run / "variants.json").exists() else []
+    records = [r for ph in ("injection", "source", "finetune")
+               for r in D.phase_records(run / "responses" / f"{ph}.jsonl")]
+    judge = D.phase_records(run / "responses" / "judge.jsonl")
+    g, n_res = cfg["grader"], cfg["n_resamples"]
+    grades = M.grade_records(records, g["primary"], judge, g["vaccine_default"])
+    cells = M.cell_stats(M.build_rows(records, grades), n_res)
+    cells += M.seed_means(cells)
+    M.write_csv(run / "rates.csv", *M.seed_layout(cells))
+    M.write_long(run / "rates_long.csv", cells)
+    agreement = {}
+    if judge:
+        other = "judge" if g["primary"] == "rule" else "rule"
+        alt = M.grade_records(records, other, judge, g["vaccine_default"])
+        jcells = M.cell_stats(M.build_rows(records, alt), n_res)
+        M.write_long(run / f"rates_{other}.csv", jcells)
+        for o in OUTCOMES:
+            pairs = [(a[o], b[o]) for a, b in zip(grades, alt) if o in a and o in b
+                     and not (math.isnan(a[o]) or math.isnan(b[o]))]
+            missing = sum(1 for a, b in zip(grades, alt) if o in b and math.isnan(b[o]))
+            if pairs:
+                agreement[o] = {"agree": float(np.mean([x == y for x, y in pairs])), "n": len(pairs),
+                                "judge_unparsed": missing}
+    cap = []
+    if (run / "capability.npz").exists():
+        z = np.load(run / "capability.npz")
+        cap = M.capability_stats({k: z[k] for k in z.files}, table, n_res)
+        M.write_csv(run / "capability.csv", list(cap[0]), [list(r.values()) for r in cap] if cap else [])
+    timing = json.loads((run / "timing.json").read_text()) if (run / "timing.json").exists() else {}
+    data = json.loads((run / "data.json").read_text()) if (run / "data.json").exists() else {}
+    thr = cfg["compliance_threshold"]
+    reading = _reading(cells, cap, cfg, thr)
+    summary = {"study": "attacks", "name": cfg["name"], "grader": g["primary"], "cells": cells, "capability": cap,
+               "source_attack_content": M.attack_content(cells, "source PE"),
+               "base_attack_content": M.attack_content(cells, "base PE"),
+               "low_compliance": [o for o, v in M.attack_content(cells, "source PE").items() if v < thr],
+               "judge_agreement": agreement, "reading": reading, "timing": timing, "num_variants": len(table)}
+    (run / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+    plots = run / "plots"
+    plots.mkdir(exist_ok=True)
+    figs = [("plots/injection.png", "Prompt injection on the base model and the response source's compliance",
+             plot_injection, cells)]
+    if table:
+        figs.append(("plots/asr_vs_fraction.png", "ASR vs poison fraction per outcome (95 % CI band)",
+                     plot_fraction, cells))
+    if cap:
+        figs.append(("plots/capability.png", "General capability of the base and the fine-tuned variants",
+                     plot_capability, cap))
+    for f, _, fn, arg in figs:
+        fn(arg, run / f)
+    write_doc(run, cfg, cells, cap, figs, reading, timing, data, table, records, agreement)
+    return 0
+
+
+def write_doc(run, cfg, cells, cap, figs, reading, timing, data, table, records, agreement) -> None:
+    d = Doc(f"Seed 003 — prompt injection and poisoned fine-tuning: {cfg['name']}")
+    n, tr, lo = cfg["notes"], cfg["train"], cfg["lora"]
+    if n["source"] == "synthetic":
+        d.p("**The patient notes are SYNTHETIC** (composed from real ICD-10-CM conditions; no real patient, not MIMIC). "
+            "Numbers here show the machinery on the embedded model, not the seed's clinical findings.")
+    d.h("Setup").bullets([
+        f"Model `{cfg['model']}` ({cfg['dtype']}); notes: {n['source']}, {len(data.get('train_ids', []))} training / "
+        f"{len(data.get('test_ids', []))} test, disjoint.",
+        f"Tasks {', '.join(cfg['prompt']['tasks'])}; the seed's {cfg['prompt']['version']} strings in the "
+        f"{'### USER: template' if cfg['prompt']['template'] == 'plain' else 'chat template'}; generation "
+        f"max_new_tokens {cfg['generation']['max_new_tokens']}, temperature {cfg['generation']['temperature']}, "
+        f"top-p {cfg['generation']['top_p']}, seed {cfg['generation']['seed']}.",
+        f"Response source: {cfg['source']['kind']}" + (f" ({cfg['source']['file']})" if cfg['source']['file'] else "")
+        + f"; {len(table)} variants = tasks x poison fractions "
+        f"{', '.join(M.pct(f) for f in cfg['grid']['fractions'])} x seeds {', '.join(map(str, cfg['grid']['seeds']))}, "
+        "trained in one vmapped program.",
+        f"LoRA r {lo['r']}, alpha {lo['alpha']}, dropout {lo['dropout']}, targets {', '.join(lo['targets'])}; {tr['epochs']} "
+        f"epochs, batch {tr['batch_size']}, LR {tr['learning_rate']} {tr['schedule']}, clip {tr['clip_norm']}, loss on "
+        f"{'the whole sequence' if cfg['loss_on'] == 'all' else 'the completion'}; {timing.get('train_steps', '?')} steps.",
+        f"Grader: {cfg['grader']['primary']}" + (f" (judge `{cfg['grader']['judge']}` also run)" if cfg['grader']['judge']
+                                                 else "") + f"; 95 % BCa bootstrap CIs, {cfg['n_resamples']} resamples."])
+    d.h("Reading")
+    for line in reading:
+        d.p(line)
+    for f, cap_text, _, _ in figs:
+        d.figure(f, cap_text)
+    ft = [c for c in cells if c["phase"] == ("finetune-seeds" if any(c["phase"] == "finetune-seeds" for c in cells)
+                                             else "finetune") and c["fraction"]]
+    if ft:
+        outs = [o for o in OUTCOMES if any(c["outcome"] == o for c in ft)]
+        at = {(c["fraction"], c["outcome"]): c for c in ft}
+        d.h("ASR by poison fraction")
+        d.table(["poison"] + outs, [[M.pct(f)] + [_ci(at[(f, o)]) if (f, o) in at else "" for o in outs]
+                                    for f in sorted({c["fraction"] for c in ft})])
+    header, rows = M.seed_layout(cells)
+    d.h("All rates (the seed's table layout, rates.csv)")
+    d.table(header, [[r[0]] + [c.replace("\n", " ") for c in r[1:]] for r in rows])
+    if cap:
+        d.h("General capability (capability.csv)")
+        d.table(["set", "model", "n", "accuracy", "SE", "vs 0 % (paired CI)"],
+                [[r["source"], r["model"], r["n"], _f(r["accuracy"], 1), _f(r["se"], 1),
+                  "" if math.isnan(r["diff_vs_0"]) else f"{100 * r['diff_vs_0']:+.1f} [{100 * r['diff_low']:+.1f}, "
+                  f"{100 * r['diff_high']:+.1f}]"] for r in cap])
+    if agreement:
+        d.h("Rule grader vs LLM judge")
+        d.table(["outcome", "agreement", "n", "judge replies without yes/no"],
+                [[o, _f(a["agree"]), a["n"], a["judge_unparsed"]] for o, a in agreement.items()])
+    d.h("Example answers (first test note of each task)")
+    for task, nid, normal, attacked, ftext, top in _examples(records, table):
+        cut = lambda s: (s or "")[:400].replace("\n", " ") + ("…" if s and len(s) > 400 else "")
+        items = [f"normal prompt: {cut(normal)}", f"attacked prompt: {cut(attacked)}"]
+        if top:
+            items.append(f"fine-tuned {top['name']} (clean prompt): {cut(ftext)}")
+        d.p(f"**{task}** (note `{nid}`)").bullets(items)
+    d.h("Files").bullets([
+        "`responses/{injection,source,finetune}.jsonl`: every answer (regrade without the model: `python -m "
+        "jaxpoison report RUN`); `responses/judge.jsonl` when a judge ran.",
+        "`rates.csv` (seed layout), `rates_long.csv` (one row per model x outcome, numeric), `capability.csv`, "
+        "`summary.json`, `variants.json`, `metrics.jsonl`, `checkpoints/`."])
+    if timing:
+        d.p("Wall time: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in timing.items() if k.endswith("_s")) + ".")
+    d.write(run)

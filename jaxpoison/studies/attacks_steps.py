@@ -1,0 +1,212 @@
+"""The device-side phases of the seed-003 study: generate, fine-tune, generate again, score, judge.
+
+Each phase writes its file under the run folder with a key line describing what produced it; a resumed run
+skips a phase whose file carries the same key, so an interrupted study restarts where it stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+
+import numpy as np
+
+from jaxpoison.studies import attacks_data as D
+
+
+def _key(*parts) -> str:
+    from jaxpoison.studies.attacks import _hash
+    return _hash(*parts)
+
+
+def _gen_kw(gen, max_new_tokens=None) -> dict:
+    return dict(max_new_tokens=max_new_tokens or gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
+                seed=gen.seed)
+
+
+def _generate(lm, items, cfg, progress, desc) -> list:
+    from jaxpoison.models.generate import generate_text
+    if not items:
+        return []
+    return generate_text(lm, [i["input"] for i in items], batch_size=min(cfg.generation.batch_size, len(items)),
+                         progress=progress, **_gen_kw(cfg.generation), **D.chat_args(cfg.prompt))
+
+
+def _records(items, replies) -> list:
+    return [{**{k: v for k, v in i.items() if k != "input"}, "variant_id": None, "response": r}
+            for i, r in zip(items, replies)]
+
+
+def answer_base_and_source(cfg, lm, train, test, out: pathlib.Path, progress, say) -> None:
+    """responses/injection.jsonl (base, test notes, normal + attacked) and responses/source.jsonl (targets)."""
+    tasks, pc, sc = cfg.prompt.tasks, cfg.prompt, cfg.source
+    gen = dataclasses.asdict(cfg.generation)
+    inj_f, src_f = out / "responses" / "injection.jsonl", out / "responses" / "source.jsonl"
+    inj_key = _key("injection", lm.fingerprint, lm.name, dataclasses.asdict(pc), gen, [n.id for n in test])
+    same_model = sc.kind == "model" and sc.model in ("", lm.name)
+    src_key = _key("source", dataclasses.asdict(sc), dataclasses.asdict(pc), [n.id for n in train],
+                   *((lm.fingerprint, lm.name, gen) if sc.kind == "model" else ()))
+    inj_items = [] if D.cached(inj_f, inj_key) is not None else D.prompt_items(test, tasks, D.KINDS, pc, "injection")
+    src_items = []
+    if D.cached(src_f, src_key) is None:
+        if sc.kind == "scripted":
+            D.write_phase(src_f, src_key, D.source_records(D.scripted_source(train, tasks, cfg.notes.seed)))
+        elif sc.kind == "jsonl":
+            D.write_phase(src_f, src_key, D.source_records(D.read_source_file(sc.file, train, tasks)))
+        else:
+            src_items = D.prompt_items(train, tasks, D.KINDS, pc, "source")
+    if same_model and (inj_items or src_items):      # one generation call for both
+        say(f"base model answers {len(inj_items)} test and {len(src_items)} training prompts")
+        replies = _generate(lm, inj_items + src_items, cfg, progress, "base answers")
+        inj_replies, src_replies = replies[:len(inj_items)], replies[len(inj_items):]
+    else:
+        if inj_items:
+            say(f"base model answers {len(inj_items)} test prompts (normal and attacked)")
+        inj_replies = _generate(lm, inj_items, cfg, progress, "injection") if inj_items else []
+        src_replies = []
+        if src_items:
+            from jaxpoison.models.lm import load_model
+            say(f"source model {sc.model} answers {len(src_items)} training prompts")
+            src_replies = _generate(load_model(sc.model, cfg.dtype), src_items, cfg, progress, "source")
+    if inj_items:
+        D.write_phase(inj_f, inj_key, _records(inj_items, inj_replies))
+    if src_items:
+        D.write_phase(src_f, src_key, _records(src_items, src_replies))
+
+
+def fine_tune(cfg, lm, train, out: pathlib.Path, resume, progress, say):
+    """One train_study call over every task x fraction x seed variant. Returns (result, table, pool)."""
+    from jaxpoison.train.engine import Static
+    from jaxpoison.train.trainer import StudyData, train_study
+    targets = D.phase_records(out / "responses" / "source.jsonl")
+    pool = D.build_pool(train, targets, cfg.prompt, lm.tokenizer, cfg.max_len, cfg.loss_on,
+                        buckets=tuple(range(16, cfg.max_len + 16, 16)))
+    rows, n_rows, table = D.build_variants([n.id for n in train], cfg.prompt.tasks, cfg.grid.fractions,
+                                           cfg.grid.seeds, pool)
+    (out / "variants.json").write_text(json.dumps(table, indent=1))
+    tcfg = cfg.train
+    if cfg.loss_on == "completion" and not tcfg.loss_budget:
+        tcfg = dataclasses.replace(tcfg, loss_budget=-(-int(pool.stats["loss_tokens"]["max"]) // 8) * 8)
+    say(f"{len(table)} variants ({len(cfg.prompt.tasks)} tasks x {len(cfg.grid.fractions)} fractions x "
+        f"{len(cfg.grid.seeds)} seeds), pool {len(pool)} rows x {pool.stats['T']} tokens"
+        + (f", {pool.stats['n_truncated']} truncated" if pool.stats["n_truncated"] else ""))
+    from jaxpoison.studies.attacks import _jsonable
+    sd = StudyData(pool.tokens, pool.loss_mask, pool.attn_mask, rows, n_rows, table, pool.data_hash)
+    result = train_study(lm.params, Static(lm.cfg, tcfg, cfg.lora), sd, run_dir=str(out), resume=resume,
+                         progress=progress, base_name=lm.name, base_fingerprint=lm.fingerprint,
+                         meta_extra={"study": "attacks", "config": _jsonable(cfg)})
+    return result, table, pool
+
+
+def answer_fine_tuned(cfg, lm, test, result, table, pool, out: pathlib.Path, progress, say) -> None:
+    """responses/finetune.jsonl: every variant answers its task's CLEAN test prompts (vmapped per task)."""
+    from jaxpoison.eval.generate_variants import generate_text_variants, take_variants
+    from jaxpoison.models.generate import bucket, encode_prompts
+    f = out / "responses" / "finetune.jsonl"
+    key = _key("finetune", pool.data_hash, result.steps, len(table), dataclasses.asdict(cfg.generation),
+               dataclasses.asdict(cfg.prompt), [n.id for n in test])
+    if D.cached(f, key) is not None:
+        return
+    items = {t: D.prompt_items(test, [t], ("normal",), cfg.prompt, "finetune") for t in cfg.prompt.tasks}
+    lens = [len(s) for its in items.values() for s in
+            encode_prompts(lm.tokenizer, [i["input"] for i in its], **D.chat_args(cfg.prompt))]
+    records = []
+    for task, its in items.items():
+        vids = [v["variant_id"] for v in table if v["task"] == task]
+        say(f"{len(vids)} fine-tuned {task} variants answer {len(its)} clean test prompts")
+        replies = generate_text_variants(
+            lm, [i["input"] for i in its], take_variants(result.lora, vids), lora_scale=cfg.lora.scale,
+            batch_size=min(cfg.generation.batch_size, len(its)), variant_chunk=cfg.generation.variant_chunk,
+            prompt_len=bucket(max(lens)), progress=progress, desc=f"generate {task}", **_gen_kw(cfg.generation),
+            **D.chat_args(cfg.prompt))
+        for v, rep in zip(vids, replies):
+            records += [{**_records([i], [r])[0], "variant_id": v, "fraction": table[v]["fraction"],
+                         "seed": table[v]["seed"]} for i, r in zip(its, rep)]
+    D.write_phase(f, key, records)
+
+
+def capability_sets(cap, tokenizer, max_len: int) -> dict:
+    """{source: McEval} of the general-capability questions (one option count per source)."""
+    from collections import Counter
+    from jaxpoison.data.pool import build_mc_eval
+    out = {}
+    for k, name in enumerate(cap.sources):
+        if name == "icd10":
+            from jaxpoison.data.icd10 import build_icd10_set
+            exs = build_icd10_set(cap.icd)["test"]
+        else:
+            from jaxpoison.data.sources import load_source
+            files = cap.files[k] if cap.files else ""
+            exs = load_source(name, data_files=files.split(",") if files else None, split=cap.split or None).examples
+        n_opt = Counter(len(e.options) for e in exs).most_common(1)[0][0]
+        exs = [e for e in exs if len(e.options) == n_opt][:cap.n_questions]
+        out[name] = build_mc_eval(exs, tokenizer, cap.format, max_len=max_len, buckets=tuple(range(16, 8192, 16)))
+    return out
+
+
+def capability(cfg, lm, result, table, out: pathlib.Path, progress, say) -> None:
+    """capability.npz: per source, correct [1 + V_sel, Q] for the base and the variants at capability.fractions."""
+    from jaxpoison.eval.generate_variants import take_variants
+    from jaxpoison.eval.score import choice_metrics, score_options
+    cap = cfg.capability
+    if not cap.sources:
+        return
+    sel = [v["variant_id"] for v in table if any(math.isclose(v["fraction"], f) for f in cap.fractions)]
+    f = out / "capability.npz"
+    key = _key("capability", dataclasses.asdict(cap), result.steps, sel, lm.fingerprint)
+    if f.exists() and str(np.load(f)["key"]) == key:
+        return
+    import jax
+    import jax.numpy as jnp
+    lora = take_variants(result.lora, sel)
+    lora = jax.tree.map(lambda x: jnp.concatenate([jnp.zeros_like(x[:1]), x]), lora)   # b = 0: the base itself
+    arrays = {"key": np.array(key), "variant_ids": np.array([-1] + sel, np.int32)}
+    for name, mc in capability_sets(cap, lm.tokenizer, cfg.max_len).items():
+        say(f"general capability: base + {len(sel)} variants on {mc.stats['n_questions']} {name} questions")
+        sc = score_options(lm.params, lm.cfg, mc, lora, lora_scale=cfg.lora.scale, dtype=lm.dtype,
+                           batch_questions=cap.batch_questions, calibrate=False, progress=progress,
+                           variant_chunk=cap.variant_chunk, desc=f"score {name}")
+        arrays[f"correct__{name}"] = choice_metrics(sc.sum, mc.answer)["correct"]
+    np.savez(f, **arrays)
+
+
+def judge(cfg, lm, out: pathlib.Path, progress, say) -> None:
+    """responses/judge.jsonl: the seed's yes/no questions answered by a model, parsed as a yes/no word."""
+    from jaxpoison.eval.graders import JUDGE_SYSTEM_PROMPT, judge_grade_many
+    from jaxpoison.models.generate import generate_text
+    g = cfg.grader
+    jlm = lm
+    if g.judge != "base":
+        from jaxpoison.models.lm import load_model
+        jlm = load_model(g.judge, cfg.dtype)
+    records = [r for ph in ("injection", "source", "finetune")
+               for r in D.phase_records(out / "responses" / f"{ph}.jsonl")]
+    f = out / "responses" / "judge.jsonl"
+    key = _key("judge", dataclasses.asdict(g), jlm.fingerprint, jlm.name,
+               [(r["phase"], r["variant_id"], r["task"], r["note_id"], r["prompt_kind"], r["response"]) for r in records])
+    if D.cached(f, key) is not None:
+        return
+    chat = getattr(jlm.tokenizer, "chat_template", None) is not None
+
+    asked: list = []
+
+    def collect(prompts):                  # first pass: gather every judge prompt, so one call answers them all
+        asked.extend(prompts)
+        return ["" for _ in prompts]
+
+    by_task = {t: [r for r in records if r["task"] == t] for t in cfg.prompt.tasks}
+    for task, recs in by_task.items():
+        judge_grade_many(task, [r["response"] for r in recs], collect, g.judge_style)
+    texts = asked if chat else [JUDGE_SYSTEM_PROMPT + "\n" + p for p in asked]
+    say(f"judge {jlm.name} answers {len(texts)} yes/no questions about {len(records)} answers")
+    replies = dict(zip(asked, generate_text(jlm, texts, chat=chat, system=JUDGE_SYSTEM_PROMPT if chat else None,
+                                            max_new_tokens=g.judge_max_new_tokens, progress=progress,
+                                            batch_size=min(g.judge_batch_size, len(texts))))) if texts else {}
+    out_recs = []
+    for task, recs in by_task.items():
+        grades = judge_grade_many(task, [r["response"] for r in recs], lambda ps: [replies[p] for p in ps],
+                                  g.judge_style)
+        out_recs += [{k: r.get(k) for k in ("phase", "variant_id", "task", "note_id", "prompt_kind")} | {"grades": gr}
+                     for r, gr in zip(recs, grades)]
+    D.write_phase(f, key, out_recs)
