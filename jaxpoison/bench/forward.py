@@ -38,7 +38,7 @@ def _hf_model(cfg, params):
                     max_position_embeddings=cfg.max_position_embeddings,
                     tie_word_embeddings=cfg.tie_word_embeddings, torch_dtype="float32")
     model = cls[1](hf_cfg).eval()
-    sd = {k: torch.from_numpy(v) for k, v in to_hf_state_dict(params, cfg).items()}
+    sd = {k: torch.tensor(v) for k, v in to_hf_state_dict(params, cfg).items()}
     res = model.load_state_dict(sd, strict=False)
     allowed = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     if set(res.missing_keys) - allowed or res.unexpected_keys:

@@ -71,20 +71,38 @@ def attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
 
 
 def causal_attention(q: Array, k: Array, v: Array, mask: Array, block: int = 64, max_blocks: int = 16) -> Array:
-    """:func:`attention` over the sequence itself (S = T, ``mask`` causal), in query blocks.
+    """:func:`attention` of a sequence over itself (S = T, ``mask`` [B, T, T] causal and padding), faster on CPU.
 
-    Query block ``[t0, t1)`` only looks at keys ``[0, t1)``: the keys after it are masked anyway, so computing
-    them is waste (about half the score matrix), and the smaller ``[.., block, t1]`` scores stay in cache.
-    On the 2-core CPU this halves the attention time of a [16, 256] batch; numbers are unchanged on every
-    real (unpadded) query. Blocks are unrolled (at most ``max_blocks``; longer sequences get larger blocks).
+    * Query block ``[t0, t1)`` only looks at keys ``[0, t1)``: the later keys are masked anyway, so computing
+      them is waste (about half the score matrix), and the smaller scores stay in cache. Blocks are unrolled
+      (at most ``max_blocks``; longer sequences get larger blocks).
+    * q, k, v are transposed once to heads-major ``[B, K, T, (G,) hd]`` with the G query heads of a kv head
+      folded into the rows, so each block is one batched matmul per kv head and the softmax runs along the
+      contiguous last axis; the mask enters as an additive bias built once.
+    Measured on the 2-core CPU at [16, 256] (SmolLM2-135M shapes): 0.47x the time of :func:`attention`'s
+    layout in the same blocks, 0.25x of the unblocked :func:`attention`. Results are the same on every query
+    that has a real key (fully masked padding queries average over their block's keys instead of all keys).
     """
-    T = q.shape[1]
+    B, T, H, hd = q.shape
+    K = k.shape[2]
+    G = H // K
     block = max(block, -(-T // max_blocks))
     if T <= block:
         return attention(q, k, v, mask)
-    outs = [attention(q[:, t0:t0 + block], k[:, :t0 + block], v[:, :t0 + block], mask[:, t0:t0 + block, :t0 + block])
-            for t0 in range(0, T, block)]
-    return jnp.concatenate(outs, axis=1)
+    neg = jnp.finfo(jnp.float32).min
+    bias = jnp.where(mask, 0.0, neg)[:, None, :, None, :]                    # [B, 1, T, 1, S]
+    qt = q.reshape(B, T, K, G, hd).transpose(0, 2, 1, 3, 4)                 # [B, K, T, G, hd]
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)               # [B, K, S, hd]
+    outs = []
+    for t0 in range(0, T, block):
+        t1 = min(T, t0 + block)
+        n = t1 - t0
+        qb = qt[:, :, t0:t1].reshape(B, K, n * G, hd)
+        scores = jnp.einsum("bkqd,bksd->bkqs", qb, kt[:, :, :t1]).astype(jnp.float32).reshape(B, K, n, G, t1)
+        scores = scores / np.sqrt(hd) + bias[:, :, t0:t1, :, :t1]
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(B, K, n * G, t1)
+        outs.append(jnp.einsum("bkqs,bksd->bkqd", probs, vt[:, :, :t1]).reshape(B, K, n, G, hd))
+    return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3, 4).reshape(B, T, H * hd)
 
 
 class RMSNorm(nn.Module):
