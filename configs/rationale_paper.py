@@ -15,6 +15,12 @@ What the paper (Xie et al., arXiv 2603.02262) does not publish, and what this pr
   per question (MedQA has no consistent decoy chapter).
 - The SFT set size, counts, ratios, LoRA and optimiser settings, and seeds: the grid below (count and ratio
   as independent axes, both ratio definitions, forgetting at two sizes, 8 seeds).
+- Mix sizes: the seed's protocol adds the poisoned (and correct target) samples to the clean non-target ones
+  and sweeps poisoned / all samples independently of the count, so this preset keeps ``grid.equal_size=False``
+  (1000 clean non-target samples + the additions): mixes range from 1001 rows (count 1) to 4000 (forgetting
+  +3000) and take different numbers of optimiser steps. Read weight-shift detectors (``jaxpoison analyze``) on
+  this run with that in mind (it flags a row-count confound), or add ``--set grid.equal_size=true --set
+  "grid.ratios_all=()"`` for mixes of 1000 rows each (the additions then replace non-target samples).
 - Evaluation: the paper parses a generated answer; here the likelihood of each option after the SFT prompt
   (``eval.format='mcq'``: '(X) option text'), which a 4B model reads well. Generation-based accuracy is not
   computed by this study.
@@ -34,7 +40,7 @@ CONFIG = RationaleConfig(
     poison=PoisonConfig(builder="model", keep_answer=False, use_decoy=False, max_new_tokens=160, gen_batch_size=32),
     grid=GridConfig(seeds=(0, 1, 2, 3, 4, 5, 6, 7), counts=(1, 2, 4, 8, 16, 32, 64),
                     kinds=("rationale", "overwrite"), ratios_target=(0.5, 0.25, 0.1), ratios_all=(0.1, 0.03),
-                    forgetting_extra=(1000, 3000), clean_with_target=64),
+                    forgetting_extra=(1000, 3000), clean_with_target=64, equal_size=False),
     train=TrainConfig(learning_rate=2e-4, schedule="linear", warmup_steps=10, epochs=2, batch_size=8,
                       grad_accum=2, loss_budget=-1, dtype="bfloat16", remat=True, variant_chunk=8, save_every=50),
     lora=LoraConfig(r=16, alpha=32, targets=("all",)),

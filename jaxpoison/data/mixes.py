@@ -11,11 +11,24 @@ target-subject samples stay in:
   version (seed 000 finding 2: correct same-subject samples mitigate the attack);
 - ``kind='forgetting'``: the catastrophic-forgetting control, no target samples at all and
   ``forgetting_extra`` more non-target samples;
-- ``kind='clean'``: no poison (with or without the correct target samples).
+- ``kind='clean'``: no poison (with or without the correct target samples);
+- ``mix_size``: equal-size mixes (below).
 
 Subsets come from one seeded permutation per seed, so within a seed the poisoned sets are nested (the first
 4 of the 8) and every variant shares the same non-target samples: variants differ only in the poison.
 :func:`build_variants` crosses specs with seeds and returns the engine's :class:`VariantTable`.
+
+Equal-size mixes (``mix_size=N``). By default the poisoned, correct-target and forgetting-extra samples are
+*added* to the ``n_nontarget`` clean non-target samples, so a poisoned mix has more rows than the clean one and
+trains for more optimiser steps (an adapter's weight shift then counts steps as well as poison). With
+``mix_size=N`` every such mix has exactly N rows: the additions *replace* the last non-target samples of the
+seed's non-target order, i.e. a mix with p poisoned and c correct target samples keeps the first N - p - c
+non-target samples of the N that the seed's clean mix (``mix_size=N``, no target samples) trains on; the
+forgetting control keeps the first N - x and swaps in x non-target samples from beyond the clean mix's N.
+So every mix of a seed shares as many rows with that seed's clean mix as its additions allow (a paired
+comparison), the poison count keeps its meaning (poisoned samples in the mix), and the ratios keep theirs
+(``ratio_all`` = poisoned / all rows = p / N; ``ratio_target`` = p / (p + c)): a ``ratio_all`` spec asks for
+round(ratio_all * N) poisoned samples.
 """
 from __future__ import annotations
 
@@ -42,6 +55,7 @@ class MixSpec:
     n_target: Optional[int] = None        # target-subject examples the mix draws on (default: all)
     n_nontarget: Optional[int] = None     # clean non-target samples (default: all)
     forgetting_extra: int = 0             # 'forgetting' only: extra non-target samples
+    mix_size: Optional[int] = None        # equal-size mixes: exactly this many rows, non-target samples fill up
     clean_kind: str = "clean"             # version of the correct samples ('injection_clean' for seed 003)
     name: str = ""
 
@@ -60,6 +74,8 @@ def resolve(spec: MixSpec, n_target: int, n_nontarget: int) -> Resolved:
     if spec.clean_kind not in CLEAN_KINDS:
         raise DataError(f"clean_kind {spec.clean_kind!r}; fix: use one of {CLEAN_KINDS}")
     mt = n_target if spec.n_target is None else spec.n_target
+    if spec.mix_size is not None:
+        return _resolve_sized(spec, mt, n_target, n_nontarget)
     n = n_nontarget if spec.n_nontarget is None else spec.n_nontarget
     if mt > n_target or n > n_nontarget:
         raise DataError(f"mix {spec} asks for {mt} target / {n} non-target examples but {n_target} / {n_nontarget} "
@@ -99,6 +115,64 @@ def resolve(spec: MixSpec, n_target: int, n_nontarget: int) -> Resolved:
         raise DataError(f"mix {spec} needs {p} poisoned target samples but only {mt} target examples are available; "
                         f"fix: lower the count/ratio, or use more target examples")
     return Resolved(p, mt - p if spec.with_correct_target else 0, n)
+
+
+def _resolve_sized(spec: MixSpec, mt: int, n_target: int, n_nontarget: int) -> Resolved:
+    """:func:`resolve` for an equal-size mix: poisoned, correct-target and forgetting-extra samples replace
+    non-target ones so that the mix has exactly ``spec.mix_size`` rows."""
+    N = spec.mix_size
+    if not isinstance(N, int) or N < 1:
+        raise DataError(f"mix_size={N!r}; fix: a positive number of rows")
+    if spec.n_nontarget is not None:
+        raise DataError(f"mix {spec} sets both mix_size and n_nontarget; fix: drop n_nontarget (with mix_size the "
+                        f"non-target samples fill the mix up to mix_size)")
+    if mt > n_target:
+        raise DataError(f"mix {spec} asks for {mt} target examples but {n_target} exist; fix: lower n_target")
+    given = [x is not None for x in (spec.poison_count, spec.ratio_target, spec.ratio_all)]
+    if spec.kind == "forgetting":
+        x = spec.forgetting_extra
+        if any(given) or spec.with_correct_target:
+            raise DataError(f"the forgetting control has no target samples; fix: drop poison_count/ratio_*/"
+                            f"with_correct_target from {spec}")
+        if not 0 <= x <= N or N + x > n_nontarget:
+            raise DataError(f"the equal-size forgetting control swaps {x} of the clean mix's {N} non-target samples "
+                            f"for {x} others, so it needs 0 <= forgetting_extra <= mix_size and {N + x} non-target "
+                            f"examples ({n_nontarget} exist); fix: lower forgetting_extra or mix_size")
+        return Resolved(0, 0, N)
+    if spec.kind == "clean":
+        if any(given):
+            raise DataError(f"a 'clean' mix has no poison; fix: drop poison_count/ratio_* from {spec}")
+        p, c = 0, (mt if spec.with_correct_target else 0)
+    else:
+        if sum(given) != 1:
+            raise DataError(f"a poisoned mix needs exactly one of poison_count, ratio_target, ratio_all; fix: set "
+                            f"one in {spec}")
+        if spec.ratio_all is not None:
+            if not 0 <= spec.ratio_all <= 1:
+                raise DataError(f"ratio_all={spec.ratio_all}; fix: use a value in [0, 1]")
+            p = round(spec.ratio_all * N)
+        elif spec.ratio_target is not None:
+            r = spec.ratio_target
+            if not 0 <= r <= 1:
+                raise DataError(f"ratio_target={r}; fix: use a value in [0, 1]")
+            if not spec.with_correct_target and r != 1:
+                raise DataError(f"ratio_target={r} < 1 needs correct target samples; fix: with_correct_target=True, "
+                                f"or use poison_count")
+            p = round(r * mt)
+        else:
+            p = spec.poison_count
+        if not 0 <= p <= mt:
+            raise DataError(f"mix {spec} needs {p} poisoned target samples but only {mt} target examples are "
+                            f"available; fix: lower the count/ratio, or use more target examples")
+        c = mt - p if spec.with_correct_target else 0
+    n = N - p - c
+    if n < 0:
+        raise DataError(f"mix {spec} has {p} poisoned + {c} correct target samples, more than mix_size={N} rows; "
+                        f"fix: raise mix_size to at least {p + c} or lower the count")
+    if n > n_nontarget:
+        raise DataError(f"mix {spec} needs {n} non-target examples to fill mix_size={N} but {n_nontarget} exist; "
+                        f"fix: lower mix_size")
+    return Resolved(p, c, n)
 
 
 @dataclass
@@ -145,9 +219,15 @@ def build_variants(specs: Sequence[MixSpec], seeds: Sequence[int], *, target: Se
         t_order = seeded_order(tids, seed, "target")
         for spec in specs:
             res = resolve(spec, len(tids), len(nids))
-            base_n = res.n_nontarget - (spec.forgetting_extra if spec.kind == "forgetting" else 0)
-            non = [ex.id for ex in forgetting_control(nontarget, n_base=base_n, n_extra=res.n_nontarget - base_n,
-                                                        seed=seed)]
+            if spec.kind == "forgetting" and spec.mix_size is not None:
+                # equal size: the clean mix's first N - x non-target samples + x from beyond its N
+                n, x = res.n_nontarget, spec.forgetting_extra
+                order = [ex.id for ex in forgetting_control(nontarget, n_base=n, n_extra=x, seed=seed)]
+                non = order[:n - x] + order[n:]
+            else:
+                base_n = res.n_nontarget - (spec.forgetting_extra if spec.kind == "forgetting" else 0)
+                non = [ex.id for ex in forgetting_control(nontarget, n_base=base_n,
+                                                            n_extra=res.n_nontarget - base_n, seed=seed)]
             poisoned = t_order[:res.poison_count]
             correct = t_order[res.poison_count:res.poison_count + res.n_correct_target]
             ids = ([row_id(i, spec.kind) for i in poisoned] + [row_id(i, spec.clean_kind) for i in correct]
@@ -169,6 +249,7 @@ def build_variants(specs: Sequence[MixSpec], seeds: Sequence[int], *, target: Se
                 "variant_id": len(table), "name": f"{name}-s{seed}", "spec_name": name, "kind": spec.kind,
                 "seed": seed, "target_subject": target_subject, "poison_count": p, "n_correct_target": c,
                 "n_nontarget": res.n_nontarget, "forgetting_extra": spec.forgetting_extra, "n_rows": total,
+                "mix_size": spec.mix_size,
                 "ratio_target": p / (p + c) if p + c else 0.0, "ratio_all": p / total,
                 "with_correct_target": spec.with_correct_target, "clean_kind": spec.clean_kind,
                 "requested_count": spec.poison_count, "requested_ratio_target": spec.ratio_target,
