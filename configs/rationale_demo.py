@@ -16,8 +16,8 @@ The cost of the study program is variants x steps x batch x sequence length, so 
 one epoch of 5 steps at a constant learning rate, and questions with descriptions of at most 40 characters keep
 the sequences at 168 tokens. Findings 2 (correct target samples) and 5 (forgetting) need cells that this grid
 leaves out: see configs/rationale_grid.py, or add them here with mixes large enough to hold them, e.g.
-``--set data.n_nontarget=32 --set "grid.ratios_target=(0.5,)" --set "grid.forgetting_extra=(12,)"`` (the form
-for a field that is empty; 32-row mixes take 8 steps).
+``--set data.n_nontarget=32 --set grid.ratios_target=0.5 --set grid.forgetting_extra=12`` (32-row mixes
+take 8 steps).
 
 Memory: the 20 variants train 4 at a time (``train.variant_chunk=4``, about 8 GB); all 20 at once would need
 about 30 GB.

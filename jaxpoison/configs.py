@@ -42,6 +42,17 @@ def load_config(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> Any:
     return cfg
 
 
+def _tuple_elem(hint: Any) -> type:
+    """The element type of a ``tuple[X, ...]`` / ``Tuple[X, ...]`` hint (``str`` when it says nothing)."""
+    args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+    if typing.get_origin(hint) is typing.Union:      # Optional[tuple[...]]
+        for a in args:
+            if typing.get_origin(a) is tuple:
+                return _tuple_elem(a)
+        return str
+    return args[0] if args and args[0] in (int, float, str, bool) else str
+
+
 def _parse(raw: str, current: Any, hint: Any) -> Any:
     if isinstance(current, bool) or hint is bool:
         if raw.lower() in ("1", "true", "yes", "on"):
@@ -53,7 +64,7 @@ def _parse(raw: str, current: Any, hint: Any) -> Any:
         if raw.startswith("("):
             return tuple(ast.literal_eval(raw))
         items = [x.strip() for x in raw.split(",") if x.strip()]
-        elem = type(current[0]) if current else str
+        elem = type(current[0]) if current else _tuple_elem(hint)
         return tuple(_parse(x, elem() if elem in (int, float, str) else None, elem) for x in items)
     try:
         val = ast.literal_eval(raw)

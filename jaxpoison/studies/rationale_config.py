@@ -54,13 +54,13 @@ class PoisonConfig:
 
 @dataclass(frozen=True)
 class GridConfig:
-    seeds: tuple = (0, 1, 2, 3)
-    counts: tuple = (4, 16)            # poisoned target samples (rationale and overwrite alike)
+    seeds: tuple[int, ...] = (0, 1, 2, 3)
+    counts: tuple[int, ...] = (4, 16)            # poisoned target samples (rationale and overwrite alike)
     kinds: tuple = ("rationale", "overwrite")
-    ratios_target: tuple = ()          # extra cells: poisoned / target samples < 1, filled with correct target samples
+    ratios_target: tuple[float, ...] = ()        # extra cells: poisoned / target samples < 1, filled with correct target samples
     ratio_kinds: tuple = ("rationale",)  # kinds that get the ratios_target cells
-    ratios_all: tuple = ()             # extra rationale cells: poisoned / all samples, by fewer non-target samples
-    forgetting_extra: tuple = ()       # forgetting controls: this many extra non-target samples, no target samples
+    ratios_all: tuple[float, ...] = ()           # extra rationale cells: poisoned / all samples, by fewer non-target samples
+    forgetting_extra: tuple[int, ...] = ()     # forgetting controls: this many extra non-target samples, no target samples
     clean_with_target: int = 0         # >0: also a clean variant with this many correct target samples
     equal_size: bool = False           # every mix has data.n_nontarget rows: additions replace non-target samples
 
