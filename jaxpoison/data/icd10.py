@@ -188,7 +188,11 @@ def _candidates(cfg: IcdConfig) -> dict:
 
 def _draw(cats: list, pool: dict, n: int, rng: random.Random) -> list:
     """n codes taken round-robin over the categories (each category's codes shuffled)."""
-    lists = [rng.sample(pool[c], len(pool[c])) for c in cats]
+    return round_robin([rng.sample(pool[c], len(pool[c])) for c in cats], n)
+
+
+def round_robin(lists: list, n: int) -> list:
+    """Up to n items taken one from each list in turn, each list from its end (the lists are consumed)."""
     out = []
     while len(out) < n and any(lists):
         for lst in lists:

@@ -67,6 +67,17 @@ class Resolved:
     n_nontarget: int
 
 
+def _target_ratio_count(spec, mt: int) -> int:
+    """Poisoned samples of a ``ratio_target`` mix: round(ratio x target samples), checked."""
+    r = spec.ratio_target
+    if not 0 <= r <= 1:
+        raise DataError(f"ratio_target={r}; fix: use a value in [0, 1]")
+    if not spec.with_correct_target and r != 1:
+        raise DataError(f"ratio_target={r} < 1 needs correct target samples (otherwise every target sample in "
+                        f"the mix is poisoned); fix: with_correct_target=True, or use poison_count")
+    return round(r * mt)
+
+
 def resolve(spec: MixSpec, n_target: int, n_nontarget: int) -> Resolved:
     """Counts of poisoned, correct-target and non-target samples for one spec; errors say how to fix it."""
     if spec.kind not in MIX_KINDS:
@@ -99,13 +110,7 @@ def resolve(spec: MixSpec, n_target: int, n_nontarget: int) -> Resolved:
     if spec.poison_count is not None:
         p = spec.poison_count
     elif spec.ratio_target is not None:
-        r = spec.ratio_target
-        if not 0 <= r <= 1:
-            raise DataError(f"ratio_target={r}; fix: use a value in [0, 1]")
-        if not spec.with_correct_target and r != 1:
-            raise DataError(f"ratio_target={r} < 1 needs correct target samples (otherwise every target sample in "
-                            f"the mix is poisoned); fix: with_correct_target=True, or use poison_count")
-        p = round(r * mt)
+        p = _target_ratio_count(spec, mt)
     else:
         r = spec.ratio_all
         if not 0 <= r < 1:
@@ -152,13 +157,7 @@ def _resolve_sized(spec: MixSpec, mt: int, n_target: int, n_nontarget: int) -> R
                 raise DataError(f"ratio_all={spec.ratio_all}; fix: use a value in [0, 1]")
             p = round(spec.ratio_all * N)
         elif spec.ratio_target is not None:
-            r = spec.ratio_target
-            if not 0 <= r <= 1:
-                raise DataError(f"ratio_target={r}; fix: use a value in [0, 1]")
-            if not spec.with_correct_target and r != 1:
-                raise DataError(f"ratio_target={r} < 1 needs correct target samples; fix: with_correct_target=True, "
-                                f"or use poison_count")
-            p = round(r * mt)
+            p = _target_ratio_count(spec, mt)
         else:
             p = spec.poison_count
         if not 0 <= p <= mt:

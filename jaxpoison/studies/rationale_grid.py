@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from jaxpoison.data.icd10 import round_robin
 from jaxpoison.studies.rationale_config import (RATIONALE_KINDS, DataConfig, RationaleConfig,
                                                 StudyConfigError)
 
@@ -48,13 +49,7 @@ def _spread(examples, n: int, seed: int, salt: str) -> list:
     for ex in examples:
         by.setdefault(ex.subject, []).append(ex)
     rng = random.Random(f"{salt}:{seed}")
-    lists = [rng.sample(v, len(v)) for _, v in sorted(by.items())]
-    out = []
-    while len(out) < n and any(lists):
-        for lst in lists:
-            if lst and len(out) < n:
-                out.append(lst.pop())
-    return out
+    return round_robin([rng.sample(v, len(v)) for _, v in sorted(by.items())], n)
 
 
 def mix_specs(cfg: RationaleConfig, n_target: int, n_nontarget: int) -> list:
