@@ -13,8 +13,11 @@ What it writes (into the run folder, or ``--out``):
   status and the wall times.
 * ``mitigation.csv`` -- every (s_A, s_B) grid point x every variant, both sides measured: the attack effect
   (rationale runs: target-subject accuracy, the drop against the same-seed clean variant at the same grid point,
-  and the decoy rate) and general capability (non-target accuracy); ``mitigation_summary.csv`` -- per group
-  (poisoned, clean, each grid cell of the study) :func:`jaxpoison.analysis.mitigation.mitigation_table`.
+  and the decoy rate; attacks runs: the attack-direction rate of the variant's task from regenerated answers,
+  the seed's outcome rates, and ASR against the same-seed 0 % variant at the same grid point) and general
+  capability (rationale: non-target accuracy; attacks: the study's capability set); ``mitigation_summary.csv``
+  -- per group (poisoned, clean, each grid cell of the study, each task's poisoned adapters)
+  :func:`jaxpoison.analysis.mitigation.mitigation_table`.
 * ``plots/analysis_*.png`` -- pooled L-inf histograms (clean vs each poison level), per-layer profiles with CI bands
   across seeds, ROC, detector AUC by poison level, mitigation heatmaps.
 * ``analysis.md`` / ``analysis.html`` -- the section; the same section is put into the run's ``report.md`` /
@@ -24,11 +27,15 @@ What it writes (into the run folder, or ``--out``):
 Mitigation evaluation: every grid point of every variant is one adapter of a single stacked axis (grid-major,
 ``shrink_grid`` over a chunk of variants, flattened), scored by :func:`jaxpoison.eval.score.score_options`'s
 vmapped program in fixed-size chunks (the last one padded, so one compile), with a tqdm bar over adapters.
-A study module can provide its own evaluator by defining ``mitigation_evaluator(run_dir, base_override=None)``
-returning a dict ``{"evaluate": fn(lora, scale) -> {"attack": [N], "capability": [N], ...}, "attack_name",
-"capability_name", "attack_lower_is_better"}`` (see :class:`Evaluator`); the rationale study's is built here from
-its ``config.json`` / ``scores.npz``. A study without one (``attacks`` in this version) gets capability only, on
-the embedded ICD-10-CM test questions, and the report says so.
+A study module can provide its own evaluator by defining ``mitigation_evaluator(run_dir, base_override=None
+[, n_notes=None])`` returning an :class:`Evaluator` (or its fields as a dict): ``evaluate(lora, scale) ->
+{"attack": [N], "capability": [N], ...}``, ``attack_name``, ``capability_name``, ``attack_lower_is_better``;
+optionally ``needs_variants`` (then ``evaluate(lora, scale, variants=[variant dict or None per adapter])``:
+the flattened grid-major axis maps adapter ``g * chunk + j`` to the chunk's j-th variant) and ``paired(res,
+reference)`` (columns computed against each variant's same-seed clean twin at the same grid point, after the
+grid). The rationale study's is built here from its ``config.json`` / ``scores.npz``; the attacks study's is
+:mod:`jaxpoison.studies.attacks_mitigation` (generation + rule grading; ``--mitigation-notes N`` bounds its
+cost). A study without one gets capability only, on embedded ICD-10-CM test questions, and the report says so.
 """
 from __future__ import annotations
 
@@ -493,13 +500,22 @@ def run_detector(feats: dict, variants: Sequence[dict], labels: dict, n_resample
 # ---- mitigation evaluators -------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Evaluator:
-    """Scores stacked adapters [N, ...] -> per-adapter metric arrays [N] (``attack`` and ``capability`` at least)."""
+    """Scores stacked adapters [N, ...] -> per-adapter metric arrays [N] (``attack`` and ``capability`` at least).
+
+    ``evaluate(lora, scale)``; with ``needs_variants`` ``evaluate(lora, scale, variants=...)``, where
+    ``variants[i]`` is the variant dict of adapter ``i`` (its ``task``, ``seed``, ...) or None for a padding
+    adapter whose metrics are discarded (the attacks study: each adapter answers its own task's prompts).
+    ``paired(res, reference)``, if given, is called once after the whole grid with the metric arrays [G, V] and
+    each variant's same-seed clean twin (``reference[v]``, -1 = none) and returns more [G, V] columns (the
+    attacks study: ASR against the 0 % variant at the same grid point)."""
     evaluate: Callable
     attack_name: str
     capability_name: str
     attack_lower_is_better: bool = True
     note: str = ""
     capability_only: bool = False
+    needs_variants: bool = False
+    paired: Optional[Callable] = None
 
 
 def _tuplify(x):
@@ -569,7 +585,7 @@ def rationale_evaluator(run_dir, base_override=None) -> Evaluator:
     z = np.load(run / "scores.npz", allow_pickle=False)
     ids, is_target = [str(i) for i in z["ids"]], z["is_target"].astype(bool)
     d = dataclass_from_dict(R.DataConfig, cfg["data"])
-    _, test = R._load_examples(d)
+    _, test = R.load_examples(d)
     by_id = {ex.id: ex for ex in test}
     missing = [i for i in ids if i not in by_id]
     if missing:
@@ -605,14 +621,13 @@ def _study_capability_set(study_cfg: dict, tok):
         return None
 
 
-def capability_evaluator(model: str, dtype: str, fingerprint: str, base_override=None,
-                         n_questions: int = 64, study_cfg: Optional[dict] = None) -> Evaluator:
-    """Capability only (a study without an attack evaluator): the study's own capability questions where it
-    names them (the attacks study's ``capability`` config), else embedded ICD-10-CM test questions."""
+def capability_scorer(mcfg, params, tok, jdt, study_cfg: Optional[dict] = None, n_questions: int = 64) -> tuple:
+    """(fn(lora, scale) -> {"capability": accuracy [N], ...}, description, capability name) on a loaded base:
+    the study's own first capability set where it names one (the attacks study's ``capability`` config), else
+    ``n_questions`` embedded ICD-10-CM test questions; option scores ``sum``."""
     import random
     from jaxpoison.data.icd10 import IcdConfig, build_icd10_set
     from jaxpoison.data.pool import build_mc_eval
-    mcfg, params, tok, jdt = _load_base(model, dtype, fingerprint, base_override)
     own = _study_capability_set(study_cfg, tok) if study_cfg else None
     if own is not None:
         name, mc, bq = own
@@ -625,17 +640,27 @@ def capability_evaluator(model: str, dtype: str, fingerprint: str, base_override
         mc, bq, name = build_mc_eval(test, tok, "statement", max_len=1024, buckets=EVAL_BUCKETS), 8, "ICD-10-CM"
         what = f"{len(test)} embedded ICD-10-CM test questions (format `statement`)"
     ev = _mc_evaluator(mcfg, params, mc, np.zeros(len(mc.ids), bool), "sum", jdt, bq)
+    return ev, f"{what}, option scores `sum`", f"{name} accuracy"
+
+
+def capability_evaluator(model: str, dtype: str, fingerprint: str, base_override=None,
+                         n_questions: int = 64, study_cfg: Optional[dict] = None) -> Evaluator:
+    """Capability only (a study without an attack evaluator): :func:`capability_scorer` on the run's base."""
+    mcfg, params, tok, jdt = _load_base(model, dtype, fingerprint, base_override)
+    score, what, name = capability_scorer(mcfg, params, tok, jdt, study_cfg, n_questions)
 
     def evaluate(lora, scale):
-        out = ev(lora, scale)
+        out = score(lora, scale)
         out["attack"] = np.full_like(out["capability"], np.nan)
         return out
-    return Evaluator(evaluate, "attack (not measured)", f"{name} accuracy", capability_only=True,
-                     note=f"capability only: {what}, option scores `sum`")
+    return Evaluator(evaluate, "attack (not measured)", name, capability_only=True, note=f"capability only: {what}")
 
 
-def study_evaluator(ad: Adapters, base_override=None, eval_run=None, capability_questions: int = 64) -> Evaluator:
-    """The evaluator for these adapters: the run's study's own, the rationale study's, or capability only."""
+def study_evaluator(ad: Adapters, base_override=None, eval_run=None, capability_questions: int = 64,
+                    mitigation_notes: Optional[int] = None) -> Evaluator:
+    """The evaluator for these adapters: the run's study's own, the rationale study's, or capability only.
+    ``mitigation_notes`` goes to a study's ``mitigation_evaluator`` as ``n_notes`` (the attacks study: test notes
+    whose answers are regenerated)."""
     run = pathlib.Path(eval_run) if eval_run is not None else ad.run_dir
     if run is None:
         raise AnalysisError("PEFT adapters carry no test set: pass a run folder (positional RUN_DIR) whose model "
@@ -654,7 +679,8 @@ def study_evaluator(ad: Adapters, base_override=None, eval_run=None, capability_
     except (ValueError, ImportError):
         mod = None
     if mod is not None and hasattr(mod, "mitigation_evaluator"):
-        got = mod.mitigation_evaluator(run, base_override=base_override)
+        kw = {} if mitigation_notes is None else {"n_notes": int(mitigation_notes)}
+        got = mod.mitigation_evaluator(run, base_override=base_override, **kw)
         return got if isinstance(got, Evaluator) else Evaluator(**got)
     cfg = json.loads(cf.read_text()).get("config", {}) if cf.exists() else {}
     meta_base = ad.meta.get("base", {}) if ad.source == "run" else {}
@@ -692,7 +718,11 @@ def evaluate_grid(ad: Adapters, evaluator: Evaluator, s_a, s_b, modules, adapter
             pad = np.concatenate([idx, np.full(vc - n, idx[0])])
             shrunk = M.shrink_grid(_take(ad.lora, pad), s_a, s_b, modules)                 # [G, vc, ...]
             flat = jax.tree.map(lambda x: x.reshape((G * vc,) + x.shape[2:]), shrunk)
-            res = evaluator.evaluate(flat, ad.scale)
+            if evaluator.needs_variants:       # flat index g * vc + j is variant pad[j]; padding -> None
+                vs = [ad.variants[i] if j < n else None for j, i in enumerate(pad)]
+                res = evaluator.evaluate(flat, ad.scale, variants=vs * G)
+            else:
+                res = evaluator.evaluate(flat, ad.scale)
             for k, val in res.items():
                 val = np.asarray(val, float).reshape(G, vc)[:, :n]
                 out.setdefault(k, np.full((G, V), np.nan))[:, idx] = val
@@ -708,15 +738,17 @@ def mitigation_rows(res: dict, variants: Sequence[dict], labels: dict) -> list:
     """mitigation.csv: one row per grid point x variant with both sides and their change from (0, 0)."""
     grid = res["grid"]
     base = np.flatnonzero((grid[:, 0] == 0) & (grid[:, 1] == 0))
-    metrics = [k for k in ("attack", "capability", "target_acc", "nontarget_acc", "target_decoy_rate", "target_drop")
-               if k in res] + sorted(k for k in res if k not in ("grid", "attack", "capability", "target_acc",
-                                                                   "nontarget_acc", "target_decoy_rate", "target_drop"))
+    known = ("attack", "asr", "capability", "target_acc", "nontarget_acc", "target_decoy_rate", "target_drop")
+    metrics = [k for k in known if k in res] + sorted(k for k in res if k != "grid" and k not in known)
+    has_task = any(var.get("task") for var in variants)
     rows = []
     for g, (sa, sb) in enumerate(grid):
         for v, var in enumerate(variants):
             r = {"s_a": float(sa), "s_b": float(sb), "variant_id": var.get("variant_id", v),
                  "name": var.get("name", var.get("adapter", "")), "kind": var.get("kind"), "seed": var.get("seed"),
                  "poison_count": var.get("poison_count"), "poisoned": bool(labels["poisoned"][v])}
+            if has_task:
+                r["task"] = var.get("task")
             for k in metrics:
                 r[k] = float(res[k][g, v])
                 if base.size and k in ("attack", "capability"):
@@ -736,14 +768,19 @@ def _target_drop(res: dict, labels: dict) -> Optional[np.ndarray]:
 def mitigation_summary(res: dict, variants: Sequence[dict], labels: dict, evaluator: Evaluator) -> tuple:
     """(rows of mitigation_summary.csv, the attack metric used for the poisoned group, its direction)."""
     y = np.asarray(labels["poisoned"], bool)
-    drop = res.get("target_drop")
+    drop, asr = res.get("target_drop"), res.get("asr")
     if drop is not None and np.isfinite(drop[:, y]).all() and y.any():
         attack, name, lower = drop, "target drop vs same-seed clean at the same grid point", True
+    elif asr is not None and y.any() and np.isfinite(asr[:, y]).all():
+        attack, name, lower = asr, "ASR vs the same-seed 0 % variant at the same grid point", True
     else:
         attack, name, lower = res["attack"], evaluator.attack_name, evaluator.attack_lower_is_better
     groups = [("poisoned", y), ("clean", np.asarray(labels["clean"], bool))]
     cells = sorted({v.get("spec_name") for v in variants if v.get("spec_name")})
     groups += [(c, np.array([v.get("spec_name") == c for v in variants])) for c in cells]
+    tasks = sorted({v.get("task") for v in variants if v.get("task")})
+    if len(tasks) > 1:                                 # the attacks study: each task's poisoned adapters
+        groups += [(f"poisoned {t}", y & np.array([v.get("task") == t for v in variants])) for t in tasks]
     rows = []
     for gname, sel in groups:
         if not sel.any():
@@ -983,7 +1020,7 @@ def analyze(run_dir=None, *, peft_dirs: Sequence = (), labels=None, out=None, st
             grid_a=None, grid_b=None, modules=None, mitigation: bool = True, zero: bool = True,
             adapters_per_call: int = 32, n_resamples: int = 9999, detector_resamples: int = 2000,
             plots: bool = True, capability_questions: int = 64, base_override=None, progress: bool = True,
-            seed: int = 0) -> dict:
+            seed: int = 0, mitigation_notes: Optional[int] = None) -> dict:
     """Analyse a run folder (or PEFT adapters) and write the files listed in the module docstring.
 
     Returns a summary dict (paths, detector AUC, mitigation status, timings). ``base_override`` = (cfg, params,
@@ -1034,7 +1071,7 @@ def analyze(run_dir=None, *, peft_dirs: Sequence = (), labels=None, out=None, st
         t = time.time()
         mit = {"status": "skipped", "modules": mods, "s_a": list(s_a), "s_b": list(s_b)}
         try:
-            ev = study_evaluator(ad, base_override, eval_run, capability_questions)
+            ev = study_evaluator(ad, base_override, eval_run, capability_questions, mitigation_notes)
         except (AnalysisError, FileNotFoundError) as e:
             mit["reason"] = str(e)
             print(f"warning: mitigation skipped: {e}", file=sys.stderr, flush=True)
@@ -1043,6 +1080,8 @@ def analyze(run_dir=None, *, peft_dirs: Sequence = (), labels=None, out=None, st
             drop = _target_drop(res, labels_)
             if drop is not None:
                 res["target_drop"] = drop
+            if ev.paired is not None:
+                res.update(ev.paired(res, labels_["reference"]))
             W.write_csv(mitigation_rows(res, ad.variants, labels_), out / "mitigation.csv")
             summary, aname, lower = mitigation_summary(res, ad.variants, labels_, ev)
             W.write_csv(summary, out / "mitigation_summary.csv")
@@ -1078,7 +1117,7 @@ def cmd_analyze(args) -> int:
     analyze(args.run_dir, peft_dirs=args.peft_dir or (), labels=args.labels, out=args.out, step=args.step,
             grid_a=args.grid_a, grid_b=args.grid_b, modules=args.modules, mitigation=not args.no_mitigation,
             zero=not args.no_zero, adapters_per_call=args.adapters_per_call, n_resamples=args.n_resamples,
-            plots=not args.no_plots)
+            plots=not args.no_plots, mitigation_notes=args.mitigation_notes)
     return 0
 
 
@@ -1103,6 +1142,9 @@ def register(sub) -> None:
     p.add_argument("--no-mitigation", action="store_true", help="skip the mitigation grid (no model needed)")
     p.add_argument("--adapters-per-call", type=int, default=32,
                    help="adapters scored per vmapped call (memory; default %(default)s)")
+    p.add_argument("--mitigation-notes", type=int, default=None, metavar="N",
+                   help="attacks runs: regenerate the answers to the first N test notes only (generation dominates "
+                        "the cost; default: all)")
     p.add_argument("--n-resamples", type=int, default=9999, help="permutation resamples of the weight tests")
     p.add_argument("--no-plots", action="store_true", help="write the tables and the report without figures")
     p.set_defaults(func=cmd_analyze)

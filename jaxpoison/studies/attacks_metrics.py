@@ -94,7 +94,8 @@ def cell_stats(rows: list, n_resamples: int = 9999, seed: int = 0) -> list:
             x = v[np.isfinite(v)]
             cells.append({"row": r.name, "phase": r.phase, "prompt_kind": r.prompt_kind, "fraction": r.fraction,
                           "seed": r.seed, "outcome": o, "task": OUTCOME_TASK[o], "n": int(x.size),
-                          "rate": float(x.mean()) if x.size else math.nan, "_x": x, "baseline": r.baseline})
+                          "rate": float(x.mean()) if x.size else math.nan, "_x": x, "baseline": r.baseline,
+                          "ci_method": "bootstrap BCa"})
     for n in sorted({c["n"] for c in cells}):
         group = [c for c in cells if c["n"] == n]
         if n < 2:
@@ -178,8 +179,7 @@ def write_csv(path, header, rows) -> None:
 
 
 def write_long(path, cells: list) -> None:
-    write_csv(path, LONG_COLUMNS, [[("" if c.get(k) is None else c.get(k, "bootstrap BCa" if k == "ci_method" else ""))
-                                    for k in LONG_COLUMNS] for c in cells])
+    write_csv(path, LONG_COLUMNS, [["" if c.get(k) is None else c[k] for k in LONG_COLUMNS] for c in cells])
 
 
 def attack_content(cells: list, row: str) -> dict:
@@ -216,6 +216,21 @@ def capability_stats(npz: dict, table: list, n_resamples: int = 9999, seed: int 
                     row.update(diff_vs_0=float(correct[i].mean() - correct[zero].mean()), diff_low=float(d_lo),
                                diff_high=float(d_hi))
             out.append(row)
+    return out
+
+
+def vaccine_without_verdict(records: list) -> dict:
+    """{phase/prompt kind: (answers with no vaccine verdict, vaccine answers)}: the rule grader counts those as not
+    recommending (like the seed's judge question), so an attack can "succeed" by an answer that never decides."""
+    from jaxpoison.eval.graders import vaccine_recommended
+    out: dict = {}
+    for r in records:
+        if r["task"] != "vaccine":
+            continue
+        key = r["phase"] + (f" {pct(r['fraction'])}" if r["phase"] == "finetune" else f" {r['prompt_kind']}")
+        undecided = vaccine_recommended(r["response"], False) != vaccine_recommended(r["response"], True)
+        k, n = out.get(key, (0, 0))
+        out[key] = (k + int(undecided), n + 1)
     return out
 
 

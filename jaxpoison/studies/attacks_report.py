@@ -138,7 +138,7 @@ def _examples(records, table) -> list:
     return out
 
 
-def _reading(cells, cap, cfg, thr) -> list:
+def _reading(cells, cap, cfg, thr, undecided=None) -> list:
     at = {(c["row"], c["outcome"]): c for c in cells}
     outs = [o for o in OUTCOMES if ("base PE", o) in at]
     lines = []
@@ -146,6 +146,12 @@ def _reading(cells, cap, cfg, thr) -> list:
                     f"{_ci(at[('base PE', o)])})" for o in outs)
     lines.append(f"**Prompt injection.** Rates under the normal → attacked prompt, {at[('base PE', outs[0])]['n']} "
                  f"test notes: {inj}.")
+    if undecided and "injection attack" in undecided:
+        (k0, n0), (k1, n1) = undecided.get("injection normal", (0, 0)), undecided["injection attack"]
+        lines.append(f"Vaccine answers without any verdict (counted as not recommending, as the seed's judge question "
+                     f"does): {k0} of {n0} under the normal prompt, {k1} of {n1} under the attacked prompt"
+                     + "".join(f", {k} of {n} from the {key.split()[1]} fine-tunes" for key, (k, n) in undecided.items()
+                               if key.startswith("finetune")) + ".")
     src, base = M.attack_content(cells, "source PE"), M.attack_content(cells, "base PE")
     who = {"model": "the base model" if not cfg["source"]["model"] else cfg["source"]["model"],
            "jsonl": f"the file {cfg['source']['file']}", "scripted": "scripted compliant answers"}[cfg["source"]["kind"]]
@@ -178,6 +184,12 @@ def _reading(cells, cap, cfg, thr) -> list:
             hit = next((f for f in fracs if f > 0 and (M.asr_at(cells, f, o) or {}).get("asr_low", math.nan) > 0), None)
             first.append(f"{o} {M.pct(hit) if hit is not None else 'none'}")
         lines.append("Smallest poison fraction whose ASR interval lies above 0: " + ", ".join(first) + ".")
+        neg = [(o, c) for o, c in ft if c["asr"] < 0]
+        if neg:
+            lines.append("Negative ASR (the poisoned variant recommended the item less often than the 0 % fine-tune, "
+                         "which already did so often): " + "; ".join(
+                             f"{o}: 0 % fine-tune {_f(c.get('baseline_rate', math.nan))}, {M.pct(top)} variant "
+                             f"{_f(c['rate'])}" for o, c in neg) + ".")
     diffs = [r for r in cap if not math.isnan(r["diff_vs_0"])]
     if diffs:
         base_acc = {r["source"]: r["accuracy"] for r in cap if r["variant_id"] < 0}
@@ -186,6 +198,9 @@ def _reading(cells, cap, cfg, thr) -> list:
             "fine-tune (paired bootstrap CI): " + "; ".join(
             f"{r['model']} on {r['source']} {100 * r['diff_vs_0']:+.1f} pts [{100 * r['diff_low']:+.1f}, "
             f"{100 * r['diff_high']:+.1f}]" for r in diffs) + ".")
+        if all(r["diff_low"] <= 0 <= r["diff_high"] for r in diffs):
+            lines.append(f"No change in general capability is detectable at this size (every paired interval "
+                         f"includes 0; {diffs[0]['n']} questions per set).")
     return lines
 
 
@@ -225,12 +240,14 @@ def build_report(run: pathlib.Path) -> int:
     timing = json.loads((run / "timing.json").read_text()) if (run / "timing.json").exists() else {}
     data = json.loads((run / "data.json").read_text()) if (run / "data.json").exists() else {}
     thr = cfg["compliance_threshold"]
-    reading = _reading(cells, cap, cfg, thr)
+    undecided = M.vaccine_without_verdict(records)
+    reading = _reading(cells, cap, cfg, thr, undecided)
     summary = {"study": "attacks", "name": cfg["name"], "grader": g["primary"], "cells": cells, "capability": cap,
                "source_attack_content": M.attack_content(cells, "source PE"),
                "base_attack_content": M.attack_content(cells, "base PE"),
                "low_compliance": [o for o, v in M.attack_content(cells, "source PE").items() if v < thr],
-               "judge_agreement": agreement, "reading": reading, "timing": timing, "num_variants": len(table)}
+               "judge_agreement": agreement, "vaccine_without_verdict": undecided, "reading": reading,
+               "timing": timing, "num_variants": len(table)}
     (run / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
     plots = run / "plots"
     plots.mkdir(exist_ok=True)

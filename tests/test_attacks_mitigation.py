@@ -1,0 +1,139 @@
+"""`analyze` on an attacks run measures the shrink mitigation on both sides: the attack from regenerated, rule-graded
+answers (per variant, its own task's clean test prompts) and capability. Tiny random model, scripted source, one
+seed x {0 %, 100 %} x 3 tasks, greedy: at (0, 0) the shrink is the identity, so the study's own answers and rates
+come back; at s_A = s_B = 1 on every module the factor 1 - exp(-|W|) ~ |W| leaves dW ~ 0, so the base model's
+answers ("base normal") come back."""
+import csv
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from test_data_helpers import tiny_tokenizer
+
+from test_attacks_generate import CFG as CFG_M, tiny_params
+from test_attacks_pipeline import CFG as PIPE
+from jaxpoison.analysis import mitigation as M
+from jaxpoison.analysis import run as AR
+from jaxpoison.eval.graders import OUTCOMES, TASK_OUTCOMES
+from jaxpoison.studies import attacks as A
+from jaxpoison.studies import attacks_mitigation as AM
+
+CFG = dataclasses.replace(
+    PIPE, name="tiny-mitigation", grid=A.GridConfig(fractions=(0.0, 1.0), seeds=(0,)), grader=A.GraderConfig(),
+    train=dataclasses.replace(PIPE.train, learning_rate=0.1, schedule="constant", epochs=2))
+GRID = dict(grid_a=(1.0,), grid_b=(1.0,), modules="all")         # + the point 0: (0,0) (0,1) (1,0) (1,1)
+
+
+def _base():
+    return CFG_M, tiny_params(), tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("attacks_mitigation")
+    assert A.run(CFG, out, progress=False, base_override=_base()) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def analyzed(run_dir):
+    # 4 grid points x 6 variants in chunks of 4 variants: the second chunk is padded (variant -> adapter mapping)
+    res = AR.analyze(run_dir, **GRID, adapters_per_call=16, base_override=_base(), progress=False, plots=False,
+                     n_resamples=99, detector_resamples=99)
+    with open(run_dir / "mitigation.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return res, rows
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()][1:]
+
+
+def _study_rates(run_dir) -> dict:
+    with open(run_dir / "rates_long.csv", newline="") as f:
+        return {(r["row"], r["outcome"]): float(r["rate"]) for r in csv.DictReader(f)}
+
+
+def _row(rows, sa, sb, vid):
+    got = [r for r in rows if float(r["s_a"]) == sa and float(r["s_b"]) == sb and int(r["variant_id"]) == vid]
+    assert len(got) == 1
+    return got[0]
+
+
+def test_every_grid_point_and_variant_gets_real_rates(run_dir, analyzed):
+    res, rows = analyzed
+    table = json.loads((run_dir / "variants.json").read_text())
+    assert len(table) == 6 and len(rows) == 4 * 6
+    for r in rows:
+        task = table[int(r["variant_id"])]["task"]
+        assert r["task"] == task
+        for k in ("attack", "capability"):
+            assert 0.0 <= float(r[k]) <= 1.0, (k, r)                        # a real rate, never NaN
+        for o in OUTCOMES:                                                  # its task's outcomes only
+            v = float(r[AM.outcome_key(o)])
+            assert (0.0 <= v <= 1.0) if o in TASK_OUTCOMES[task] else np.isnan(v), (o, r)
+        rates = {o: float(r[AM.outcome_key(o)]) for o in TASK_OUTCOMES[task]}
+        assert float(r["attack"]) == pytest.approx(AM.attack_rate(task, rates))
+        # ASR against the same task's 0 % variant at the same grid point
+        ref = next(v["variant_id"] for v in table if v["task"] == task and v["fraction"] == 0.0)
+        a0 = float(_row(rows, float(r["s_a"]), float(r["s_b"]), ref)["attack"])
+        want = (float(r["attack"]) - a0) / (1 - a0) if a0 < 1 else float("nan")
+        np.testing.assert_allclose(float(r["asr"]), want, equal_nan=True)
+    mit = res["mitigation"]
+    assert mit["status"] == "done" and not mit["capability_only"] and mit["attack_lower_is_better"]
+    assert "attack-direction" in mit["attack_name"] and "icd10 accuracy" == mit["capability_name"]
+    det = json.loads((run_dir / "detector.json").read_text())
+    assert det["mitigation"]["capability_only"] is False and "regenerates" in det["mitigation"]["note"]
+    with open(run_dir / "mitigation_summary.csv", newline="") as f:
+        groups = {r["group"] for r in csv.DictReader(f)}
+    assert {"poisoned", "clean", "poisoned vaccine", "poisoned drug", "poisoned lab_test"} <= groups
+    assert "attack-direction rate" in (run_dir / "analysis.md").read_text()
+
+
+def test_unshrunk_point_reproduces_the_studys_answers_and_rates(run_dir, analyzed):
+    _, rows = analyzed
+    table = json.loads((run_dir / "variants.json").read_text())
+    study = _study_rates(run_dir)
+    for v in table:
+        r = _row(rows, 0.0, 0.0, v["variant_id"])
+        for o in TASK_OUTCOMES[v["task"]]:
+            assert float(r[AM.outcome_key(o)]) == study[(f"FT {100 * v['fraction']:g}% s0", o)], (v, o)
+    # the answers themselves, not only their (coarse) rates
+    ad = AR.load_run(run_dir)
+    ev = AM.AttacksMitigation(run_dir, _base())
+    got = ev.answers(ad.lora, ad.scale, ad.variants)
+    test_ids = json.loads((run_dir / "data.json").read_text())["test_ids"]
+    ft = {(r["variant_id"], r["note_id"]): r["response"] for r in _jsonl(run_dir / "responses" / "finetune.jsonl")}
+    for v, answers in zip(table, got):
+        assert answers == [ft[(v["variant_id"], n)] for n in test_ids]
+
+
+def test_huge_shrink_gives_the_base_models_answers(run_dir, analyzed):
+    _, rows = analyzed
+    table = json.loads((run_dir / "variants.json").read_text())
+    study = _study_rates(run_dir)
+    for v in table:
+        r = _row(rows, 1.0, 1.0, v["variant_id"])
+        for o in TASK_OUTCOMES[v["task"]]:
+            assert float(r[AM.outcome_key(o)]) == study[("base normal", o)], (v, o)
+    ad = AR.load_run(run_dir)
+    shrunk = {m: {k: x[0] for k, x in t.items()} for m, t in M.shrink_grid(ad.lora, (1.0,), (1.0,)).items()}
+    ev = AM.AttacksMitigation(run_dir, _base())
+    test_ids = json.loads((run_dir / "data.json").read_text())["test_ids"]
+    base = {(r["task"], r["note_id"]): r["response"] for r in _jsonl(run_dir / "responses" / "injection.jsonl")
+            if r["prompt_kind"] == "normal"}
+    ft = {(r["variant_id"], r["note_id"]): r["response"] for r in _jsonl(run_dir / "responses" / "finetune.jsonl")}
+    for v, answers in zip(table, ev.answers(shrunk, ad.scale, ad.variants)):
+        assert answers == [base[(v["task"], n)] for n in test_ids], v
+    # not vacuous: the fine-tunes answer differently from the base somewhere
+    assert any(ft[(v["variant_id"], n)] != base[(v["task"], n)] for v in table for n in test_ids)
+
+
+def test_note_subsample_and_bad_inputs(run_dir):
+    ev = AM.AttacksMitigation(run_dir, _base(), n_notes=2)
+    assert ev.n_notes == 2 and all(len(p) == 2 for p in ev.prompts.values()) and "2 test notes" in ev.note
+    with pytest.raises(AR.AnalysisError, match="mitigation-notes"):
+        AM.AttacksMitigation(run_dir, _base(), n_notes=0)
+    with pytest.raises(ValueError, match="task"):
+        ev.answers(AR.load_run(run_dir).lora, 1.0, [{"variant_id": 0}] * 6)
