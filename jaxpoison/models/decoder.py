@@ -188,6 +188,32 @@ class Block(nn.Module):
         return (x, cache), None
 
 
+def _embed(cfg: ModelConfig, dtype, name: Optional[str] = "embed") -> nn.Embed:
+    return nn.Embed(cfg.vocab_size, cfg.hidden_size, name=name, dtype=dtype, param_dtype=jnp.float32,
+                    embedding_init=nn.initializers.normal(0.02))
+
+
+def layer_inputs(cfg: ModelConfig, tokens, attn_mask=None, positions=None, cache=None, slot=0, kv_mask=None):
+    """(cos, sin, mask) that every layer receives: RoPE tables of the positions (default: real tokens counted
+    with the cumsum of ``attn_mask``, so left padding does not shift them) and the attention mask [B, T, S]."""
+    B, T = tokens.shape
+    if attn_mask is None:
+        attn_mask = jnp.ones((B, T), bool)
+    attn_mask = attn_mask.astype(bool)
+    if positions is None:
+        positions = jnp.maximum(jnp.cumsum(attn_mask, axis=-1) - 1, 0)
+    cos, sin = rope_tables(cfg, positions)
+    if cache is None:
+        q_slot = jnp.arange(T)
+        mask = (q_slot[None, :, None] >= q_slot[None, None, :]) & attn_mask[:, None, :]
+    else:
+        S = cache["k"].shape[2]
+        q_slot = slot + jnp.arange(T)
+        key_slot = jnp.arange(S)
+        mask = (key_slot[None, None, :] <= q_slot[None, :, None]) & kv_mask.astype(bool)[:, None, :]
+    return cos, sin, mask
+
+
 class Decoder(nn.Module):
     """Embedding -> scanned blocks -> final norm. Returns (hidden [B, T, D], cache)."""
     cfg: ModelConfig
@@ -206,25 +232,8 @@ class Decoder(nn.Module):
         ``kv_mask`` [B, S] says which cache slots hold real tokens (the caller keeps it).
         """
         cfg = self.cfg
-        B, T = tokens.shape
-        if attn_mask is None:
-            attn_mask = jnp.ones((B, T), bool)
-        attn_mask = attn_mask.astype(bool)
-        if positions is None:
-            positions = jnp.maximum(jnp.cumsum(attn_mask, axis=-1) - 1, 0)
-        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="embed", dtype=self.dtype,
-                         param_dtype=jnp.float32, embedding_init=nn.initializers.normal(0.02))
-        x = embed(tokens).astype(self.dtype)
-        cos, sin = rope_tables(cfg, positions)
-
-        if cache is None:
-            q_slot = jnp.arange(T)
-            mask = (q_slot[None, :, None] >= q_slot[None, None, :]) & attn_mask[:, None, :]
-        else:
-            S = cache["k"].shape[2]
-            q_slot = slot + jnp.arange(T)
-            key_slot = jnp.arange(S)
-            mask = (key_slot[None, None, :] <= q_slot[None, :, None]) & kv_mask.astype(bool)[:, None, :]
+        x = _embed(cfg, self.dtype)(tokens).astype(self.dtype)
+        cos, sin, mask = layer_inputs(cfg, tokens, attn_mask, positions, cache, slot, kv_mask)
 
         block = Block
         if self.remat:
@@ -257,3 +266,58 @@ def init_params(cfg: ModelConfig, key: Array) -> dict:
     model = Decoder(cfg)
     tokens = jnp.zeros((1, 4), jnp.int32)
     return model.init(key, tokens)["params"]
+
+
+def hidden_lora_from(base: dict, cfg: ModelConfig, tokens, attn_mask=None, positions=None, *, lora: dict,
+                     lora_from: int, dtype=jnp.float32, lora_scale: float = 1.0, lora_dropout: float = 0.0,
+                     remat: bool = False, deterministic: bool = True, dropout_key=None) -> Array:
+    """Final-norm hidden states [B, T, D] of ``Decoder(...).apply`` (no cache) when the adapter acts only on
+    layers ``>= lora_from``: the cheap path for training LoRA on the top layers.
+
+    Layers ``[0, lora_from)`` run in a scan of their own without LoRA and under ``stop_gradient``, so
+    ``jax.grad`` w.r.t. ``lora`` has nothing to differentiate there and the backward pass ends at layer
+    ``lora_from`` (a scan of ``L - lora_from`` iterations instead of ``L``). Layers ``[lora_from, L)`` run with
+    ``lora[m][lora_from:]``; the rows of ``lora`` below ``lora_from`` are ignored (so their gradient is exactly
+    zero), which equals the plain :class:`Decoder` when those rows are zero (``init_lora`` makes them so).
+    The base tree is the usual one (``base["layers"]`` stacked [L, ...]); positions, RoPE and masks are those of
+    :func:`layer_inputs`. LoRA dropout draws layer ``i``'s mask from ``fold_in(dropout_key, i)`` (distinct per
+    layer; not the same masks as the ``nn.scan`` of :class:`Decoder`). ``remat`` recomputes the top layers in
+    the backward pass.
+    """
+    L = cfg.num_layers
+    k = int(lora_from)
+    if not 0 <= k < L:
+        raise ValueError(f"lora_from={lora_from} is out of range for a model with {L} layers: use 0..{L - 1}")
+    if not deterministic and lora_dropout > 0 and dropout_key is None:
+        raise ValueError("LoRA dropout with deterministic=False needs a dropout_key")
+    x = _embed(cfg, dtype, name=None).apply({"params": base["embed"]}, tokens).astype(dtype)
+    cos, sin, mask = layer_inputs(cfg, tokens, attn_mask, positions)
+    block = Block(cfg, dtype, lora_scale, lora_dropout)
+
+    def layer(x, p, lora_i, i, det):
+        rngs = {} if det else {"dropout": jax.random.fold_in(dropout_key, i)}
+        (x, _), _ = block.apply({"params": p}, (x, None), lora_i, i, cos, sin, mask, 0, det, rngs=rngs)
+        return x
+
+    if k > 0:
+        bottom = jax.tree.map(lambda w: w[:k], base["layers"])
+
+        def bottom_body(x, xs):
+            p, i = xs
+            return layer(x, p, None, i, True), None
+
+        x, _ = jax.lax.scan(bottom_body, x, (bottom, jnp.arange(k)))
+        x = jax.lax.stop_gradient(x)
+
+    top = jax.tree.map(lambda w: w[k:], base["layers"])
+    top_lora = {m: {n: w[k:] for n, w in ab.items()} for m, ab in (lora or {}).items() if m != "lm_head"}
+    det = deterministic or lora_dropout == 0
+
+    def top_body(x, xs):
+        p, lora_i, i = xs
+        return layer(x, p, lora_i or None, i, det), None
+
+    if remat:
+        top_body = jax.checkpoint(top_body, prevent_cse=False)
+    x, _ = jax.lax.scan(top_body, x, (top, top_lora, jnp.arange(k, L)))
+    return RMSNorm(cfg.rms_norm_eps, dtype).apply({"params": base["final_norm"]}, x)

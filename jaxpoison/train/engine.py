@@ -10,6 +10,11 @@ Gradients are taken w.r.t. the adapter only: the base enters as an undifferentia
 loss or gradient goes non-finite is frozen (its state stops changing) and flagged; the others go on.
 Variants with fewer rows finish earlier and then idle (no update, no optimiser step).
 
+With ``LoraConfig.layers_from`` (first LoRA layer ``k > 0``) the loss runs layers ``[0, k)`` in a scan of their
+own without LoRA and without a backward pass, then layers ``[k, L)`` with the adapter (``hidden_lora_from``):
+the gradient costs ``L - k`` layer backward passes instead of ``L``. The adapter keeps its ``[L, ...]`` layout;
+its rows below ``k`` start at zero and get a zero gradient, so they stay exactly zero.
+
 The host drives fixed-length segments of ``K`` steps (``lax.scan`` inside one jitted call), dispatching the next
 segment before reading the previous one's metrics, so it never waits on the device per step.
 """
@@ -25,7 +30,7 @@ import numpy as np
 import optax
 
 from jaxpoison.models.config import ModelConfig
-from jaxpoison.models.decoder import Decoder
+from jaxpoison.models.decoder import Decoder, hidden_lora_from
 from jaxpoison.models.heads import gather_positions, select_positions, token_logprobs
 from jaxpoison.models.lm import parse_dtype
 
@@ -40,6 +45,14 @@ class Static:
     tcfg: TrainConfig
     lcfg: LoraConfig
     data_axis: Optional[str] = None     # mesh axis that splits each variant's batch (set by the trainer)
+
+    def __post_init__(self):
+        self.lcfg.first_layer(self.cfg.num_layers)      # LoraConfig.layers_from must fit the model
+
+    @property
+    def lora_from(self) -> int:
+        """First layer that carries LoRA (``LoraConfig.layers_from`` resolved against the model)."""
+        return self.lcfg.first_layer(self.cfg.num_layers)
 
 
 def make_data(tokens, loss_mask, attn_mask, rows, n_rows, variant_ids, seeds, lr_scale=None) -> dict:
@@ -128,9 +141,15 @@ def loss_terms(lora, base, tokens, loss_mask, attn_mask, key, st: Static):
     """(weighted sum of -log p over loss tokens, normaliser) of one micro-batch."""
     cfg, tcfg, lcfg = st.cfg, st.tcfg, st.lcfg
     dt = parse_dtype(tcfg.dtype)
-    model = Decoder(cfg, dt, lcfg.scale, lcfg.dropout, tcfg.remat)
-    hidden, _ = model.apply({"params": base}, tokens, attn_mask, lora=lora, deterministic=lcfg.dropout == 0,
-                            rngs={"dropout": key})
+    if st.lora_from > 0:
+        # LoRA on the top layers only: the lower layers run once, without LoRA and without a backward pass
+        hidden = hidden_lora_from(base, cfg, tokens, attn_mask, lora=lora, lora_from=st.lora_from, dtype=dt,
+                                  lora_scale=lcfg.scale, lora_dropout=lcfg.dropout, remat=tcfg.remat,
+                                  deterministic=lcfg.dropout == 0, dropout_key=key)
+    else:
+        model = Decoder(cfg, dt, lcfg.scale, lcfg.dropout, tcfg.remat)
+        hidden, _ = model.apply({"params": base}, tokens, attn_mask, lora=lora, deterministic=lcfg.dropout == 0,
+                                rngs={"dropout": key})
     h, t, w = hidden[:, :-1], tokens[:, 1:], loss_mask[:, 1:] * attn_mask[:, 1:]
     if tcfg.loss_budget and tcfg.loss_budget < t.shape[1]:
         idx, ok = select_positions(w, tcfg.loss_budget)

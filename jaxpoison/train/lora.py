@@ -4,13 +4,16 @@ An adapter is a pytree ``{module: {"a": [L, in, r], "b": [L, r, out]}}`` (``lm_h
 ``[r, out]``) that the decoder applies as ``x @ W + s * dropout(x) @ a @ b`` and never merges while training.
 ``a`` is drawn like PEFT's default (kaiming-uniform with a = sqrt(5), i.e. U(±1/sqrt(in))) and ``b`` is zero,
 so a fresh adapter leaves the base model unchanged. The scale ``s`` is ``alpha / r`` (PEFT default) or
-``alpha / sqrt(r)`` (rsLoRA). Conventions differ between codebases, so r, alpha, the scale rule and the targets
+``alpha / sqrt(r)`` (rsLoRA). ``layers_from`` (``LoraConfig``) restricts training to the top layers: the tree
+keeps its ``[L, ...]`` layout with rows below that layer exactly zero, and the training loss then runs the lower
+layers without LoRA and without a backward pass (``decoder.hidden_lora_from``). Conventions differ between codebases, so r, alpha, the scale rule and the targets
 travel with every checkpoint and every exported ``adapter_config.json``.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from typing import Sequence
 
@@ -29,8 +32,13 @@ class LoraConfig:
     dropout: float = 0.0
     targets: tuple = ("q", "v")
     scale_rule: str = "alpha/r"   # or "rslora" (alpha / sqrt(r))
+    layers_from: int = 0          # LoRA only on layers >= this one (negative: counted from the top, -8 = top 8)
 
     def __post_init__(self):
+        if isinstance(self.layers_from, bool) or not isinstance(self.layers_from, numbers.Integral):
+            raise ValueError(f"LoraConfig.layers_from must be an int (a layer index; negative counts from the "
+                             f"top), got {self.layers_from!r}")
+        object.__setattr__(self, "layers_from", int(self.layers_from))
         if self.r < 1:
             raise ValueError(f"LoRA r must be >= 1, got {self.r}")
         if not 0 <= self.dropout < 1:
@@ -42,6 +50,15 @@ class LoraConfig:
     @property
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.scale_rule == "rslora" else self.r)
+
+    def first_layer(self, num_layers: int) -> int:
+        """``layers_from`` resolved against a model of ``num_layers`` layers: the index of the lowest layer that
+        carries LoRA, in ``[0, num_layers)``. Raises a ValueError naming the field when out of range."""
+        L, k = int(num_layers), self.layers_from
+        if not -L <= k < L:
+            raise ValueError(f"LoraConfig.layers_from={k} is out of range for a model with {L} layers: use "
+                             f"0..{L - 1} (first layer with LoRA) or -{L}..-1 (that many layers from the top)")
+        return k + L if k < 0 else k
 
 
 def resolve_targets(targets) -> list[str]:
@@ -67,12 +84,19 @@ def resolve_targets(targets) -> list[str]:
 
 
 def init_lora(key: jax.Array, cfg: ModelConfig, lcfg: LoraConfig, dtype=jnp.float32) -> dict:
+    """A fresh adapter. With ``lcfg.layers_from`` resolving to ``k > 0``, rows ``[:k]`` of every layer module's
+    ``a`` and ``b`` are exactly zero (the adapter is the identity there); rows ``[k:]`` are drawn exactly as
+    without ``layers_from``. Training keeps those rows at zero: their gradient is zero on both the split and the
+    plain decoder path, and AdamW (+ decoupled weight decay) maps a zero parameter with zero gradient to zero."""
+    k = lcfg.first_layer(cfg.num_layers)
     tree = {}
     for i, m in enumerate(lcfg.targets):
         fan_in, fan_out = cfg.module_shape(m)
         lead = () if m == "lm_head" else (cfg.num_layers,)
         bound = 1.0 / math.sqrt(fan_in)
         a = jax.random.uniform(jax.random.fold_in(key, i), lead + (fan_in, lcfg.r), dtype, -bound, bound)
+        if lead and k > 0:
+            a = a.at[:k].set(0)
         tree[m] = {"a": a, "b": jnp.zeros(lead + (lcfg.r, fan_out), dtype)}
     return tree
 

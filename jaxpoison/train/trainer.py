@@ -69,9 +69,18 @@ def run_metadata(st: Static, sd: StudyData, base_name: str, base_fingerprint: st
 
 
 def _same_run(old: dict, new: dict) -> list[str]:
+    """The metadata sections in which a saved run differs from this one. A config field added since the run was
+    saved counts as equal when this run leaves it at its default (old run folders stay resumable)."""
+    defaults = {"train": TrainConfig(), "lora": LoraConfig()}
     keys = ("model", "train", "lora", "variants", "data_hash", "base")
-    return [k for k in keys if json.dumps(old.get(k), sort_keys=True, default=str)
-            != json.dumps(new.get(k), sort_keys=True, default=str)]
+    out = []
+    for k in keys:
+        o = old.get(k)
+        if k in defaults and isinstance(o, dict):
+            o = {**json.loads(json.dumps(dataclasses.asdict(defaults[k]), default=str)), **o}
+        if json.dumps(o, sort_keys=True, default=str) != json.dumps(new.get(k), sort_keys=True, default=str):
+            out.append(k)
+    return out
 
 
 def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = None, mesh: MeshConfig = MeshConfig(),
