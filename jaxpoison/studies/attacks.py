@@ -27,7 +27,6 @@ import dataclasses
 import hashlib
 import json
 import pathlib
-import shutil
 import time
 from dataclasses import dataclass
 
@@ -35,6 +34,8 @@ import numpy as np
 
 from jaxpoison.data.icd10 import IcdConfig
 from jaxpoison.studies import attacks_data as D
+from jaxpoison.studies import run_folder as RF
+from jaxpoison.studies.run_folder import StudyConfigError
 from jaxpoison.train.config import TrainConfig
 from jaxpoison.train.lora import LoraConfig
 
@@ -130,8 +131,6 @@ class AttacksConfig:
     note: str = ""
 
 
-class StudyConfigError(ValueError):
-    pass
 
 
 def check_config(cfg: AttacksConfig) -> None:
@@ -186,35 +185,14 @@ def run(cfg: AttacksConfig, out_dir: pathlib.Path, resume: bool = True, progress
         base_override=None) -> int:
     """Run the study into ``out_dir``. ``base_override`` = (model cfg, params, tokenizer) replaces the model
     (tests use a tiny random one)."""
-    import jax.numpy as jnp
-    from jaxpoison.models.lm import LM
     from jaxpoison.studies import attacks_steps as S
 
     check_config(cfg)
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     t_start, timing = time.time(), {}
-    cfg_json = {"study": STUDY, "config": _jsonable(cfg)}
-    cf = out / "config.json"
-    if cf.exists() and resume:
-        old = json.loads(cf.read_text()).get("config", {})
-        diff = [k for k in cfg_json["config"] if old.get(k) != cfg_json["config"][k]]
-        if diff:
-            raise StudyConfigError(f"{out} holds a run with a different config ({', '.join(diff)}); use another "
-                                   f"--out folder, or --restart to discard it")
-    if not resume:
-        for stale in ("checkpoints", "responses", "capability.npz"):
-            p = out / stale
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    cf.write_text(json.dumps(cfg_json, indent=1))
-
+    out = RF.prepare(out_dir, STUDY, _jsonable(cfg), resume, ("checkpoints", "responses", "capability.npz"),
+                     ignore=())
     t = time.time()
-    if base_override is None:
-        from jaxpoison.models.lm import load_model
-        lm = load_model(cfg.model, cfg.dtype)
-    else:
-        mcfg, params, tok = base_override
-        lm = LM(mcfg, params, tok, "override", "", jnp.float32)
+    lm = RF.load_base(cfg.model, cfg.dtype, base_override)
     timing["load_model_s"] = time.time() - t
     say = (lambda m: print(f"[{STUDY}] {m}", flush=True)) if progress else (lambda m: None)
 

@@ -45,11 +45,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import shutil
 import time
 
 import numpy as np
 
+from jaxpoison.studies import run_folder as RF
 from jaxpoison.studies.rationale_config import (FAMILIES, POISON_FAMILIES, RATIONALE_KINDS, SCORE_METHODS,  # noqa: F401
                                                 STUDY, DataConfig, EvalConfig, GridConfig, PoisonConfig,
                                                 RationaleConfig, StudyConfigError, _jsonable, check_config, family)
@@ -81,36 +81,11 @@ def run(cfg: RationaleConfig, out_dir: pathlib.Path, resume: bool = True, progre
     from jaxpoison.train.trainer import StudyData, train_study
 
     check_config(cfg)
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    t_start = time.time()
-    timing = {}
-    cfg_json = {"study": STUDY, "config": _jsonable(cfg)}
-    cf = out / "config.json"
-    if cf.exists() and resume:
-        old = json.loads(cf.read_text()).get("config", {})
-        diff = [k for k in cfg_json["config"] if k not in ("name", "note") and old.get(k) != cfg_json["config"][k]]
-        if diff:
-            raise StudyConfigError(f"{out} holds a run with a different config ({', '.join(diff)}); use another "
-                                   f"--out folder, or --restart to discard it")
-    if not resume:
-        for stale in ("checkpoints", "scores.npz"):
-            f = out / stale
-            if f.is_dir():
-                shutil.rmtree(f)
-            elif f.exists():
-                f.unlink()
-    cf.write_text(json.dumps(cfg_json, indent=1))
-
+    t_start, timing = time.time(), {}
+    out = RF.prepare(out_dir, STUDY, _jsonable(cfg), resume, ("checkpoints", "scores.npz"))
     t = time.time()
-    if base_override is None:
-        from jaxpoison.models.lm import load_model
-        lm = load_model(cfg.model, cfg.dtype)
-        mcfg, base, tok, base_name, fp, dtype = lm.cfg, lm.params, lm.tokenizer, lm.name, lm.fingerprint, lm.dtype
-    else:
-        lm = None
-        mcfg, base, tok = base_override
-        base_name, fp, dtype = "override", "", jax.numpy.float32
+    lm = RF.load_base(cfg.model, cfg.dtype, base_override)
+    mcfg, base, tok, base_name, fp, dtype = lm.cfg, lm.params, lm.tokenizer, lm.name, lm.fingerprint, lm.dtype
     timing["load_model_s"] = time.time() - t
 
     t = time.time()
@@ -139,7 +114,7 @@ def run(cfg: RationaleConfig, out_dir: pathlib.Path, resume: bool = True, progre
     sd = StudyData(inp.pool.tokens, inp.pool.loss_mask, inp.pool.attn_mask, vt.rows, vt.n_rows, vt.table,
                    inp.pool.data_hash)
     result = train_study(base, st, sd, run_dir=str(out), resume=resume, progress=progress, base_name=base_name,
-                         base_fingerprint=fp, meta_extra={"study": STUDY, "config": cfg_json["config"]})
+                         base_fingerprint=fp, meta_extra={"study": STUDY, "config": _jsonable(cfg)})
     timing["train_s"] = time.time() - t
     timing["train_steps"] = result.steps
     timing["train_tokens"] = int(len(vt) * result.steps * tcfg.rows_per_update * inp.pool.stats["T"])

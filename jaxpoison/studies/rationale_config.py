@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from jaxpoison.data.icd10 import IcdConfig
+from jaxpoison.studies.run_folder import StudyConfigError  # noqa: F401  (re-exported)
 from jaxpoison.train.config import TrainConfig
 from jaxpoison.train.lora import LoraConfig
 
@@ -91,8 +92,6 @@ class RationaleConfig:
     note: str = ""                     # free text carried into the report (what the preset stands for)
 
 
-class StudyConfigError(ValueError):
-    pass
 
 
 def check_config(cfg: RationaleConfig) -> None:

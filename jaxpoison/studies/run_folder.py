@@ -1,0 +1,53 @@
+"""What every study does first: check the run folder against the config, and load the base model.
+
+A re-run of the same command into the same folder resumes, so the folder's ``config.json`` must match the
+config (fields in ``ignore``, free text, may differ); ``--restart`` (``resume=False``) deletes the listed
+``stale`` outputs first and keeps everything else.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+from typing import Sequence
+
+
+class StudyConfigError(ValueError):
+    """A config value that cannot work, or a run folder that holds another config. The message names the field
+    (or folder) and what to do."""
+
+
+def prepare(out_dir, study: str, cfg_json: dict, resume: bool, stale: Sequence[str],
+            ignore: Sequence[str] = ("name", "note")) -> pathlib.Path:
+    """Create ``out_dir``, refuse a different config there (when resuming), drop ``stale`` outputs (when not),
+    and write ``config.json`` = ``{"study": study, "config": cfg_json}``."""
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cf = out / "config.json"
+    if cf.exists() and resume:
+        old = json.loads(cf.read_text()).get("config", {})
+        diff = [k for k in cfg_json if k not in ignore and old.get(k) != cfg_json[k]]
+        if diff:
+            raise StudyConfigError(f"{out} holds a run with a different config ({', '.join(diff)}); use another "
+                                   f"--out folder, or --restart to discard it")
+    if not resume:
+        for name in stale:
+            p = out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
+    cf.write_text(json.dumps({"study": study, "config": cfg_json}, indent=1))
+    return out
+
+
+def load_base(model: str, dtype: str, base_override=None):
+    """The study's base model as an :class:`jaxpoison.models.lm.LM`; ``base_override`` = (model cfg, params,
+    tokenizer) replaces it (tests use tiny random models; its name is ``override``, fingerprint empty)."""
+    if base_override is None:
+        from jaxpoison.models.lm import load_model
+        return load_model(model, dtype)
+    import jax.numpy as jnp
+    from jaxpoison.models.lm import LM
+    mcfg, params, tok = base_override
+    return LM(mcfg, params, tok, "override", "", jnp.float32)
