@@ -112,3 +112,22 @@ def test_notes_are_disjoint_and_config_errors_name_the_field():
     assert (paper.train.epochs, paper.train.batch_size, paper.train.learning_rate, paper.train.schedule,
             paper.train.clip_norm, paper.loss_on) == (4, 8, 2e-5, "linear", 1.0, "all")
     assert np.allclose(paper.grid.fractions, np.arange(11) / 10)
+
+
+def test_capability_sets_from_local_benchmark_files(tmp_path):
+    """The general-capability sets the seed used (MedQA, MedMCQA, PubMedQA) load from local files in their
+    published schemas, in the seed's benchmark prompt, one option count per set, capped at n_questions."""
+    from test_data_sources import MEDQA, PUBMEDQA, medmcqa_row
+
+    from jaxpoison.studies.attacks_steps import capability_sets
+    files = (write_jsonl(tmp_path / "medqa.jsonl", MEDQA),
+             write_jsonl(tmp_path / "medmcqa.jsonl", [medmcqa_row(i, cop=i % 4) for i in range(5)]),
+             write_jsonl(tmp_path / "pqa_labeled.jsonl", PUBMEDQA))
+    cap = A.CapabilityConfig(sources=("medqa-en", "medmcqa", "pubmedqa"), files=tuple(str(f) for f in files),
+                             n_questions=3, format="benchmark")
+    sets = capability_sets(cap, tiny_tokenizer(), 1024)
+    assert list(sets) == ["medqa-en", "medmcqa", "pubmedqa"]
+    assert [sets[k].stats["n_questions"] for k in sets] == [2, 3, 2]
+    assert sets["pubmedqa"].fmt == "benchmark"
+    assert [int(x) for x in sets["medmcqa"].answer] == [0, 1, 2]
+    assert sets["medmcqa"].tokens.shape[:2] == (3, 4) and sets["pubmedqa"].tokens.shape[:2] == (2, 3)
