@@ -70,7 +70,9 @@ def demo():
 def test_demo_variants_have_equal_rows_and_steps(demo):
     cfg, inp = demo
     vt, pool = inp.variants, inp.pool
-    assert cfg.grid.equal_size and len(vt) == 5 * 4
+    g = cfg.grid
+    cells = 1 + len(g.kinds) * len(g.counts) + len(g.ratios_target) * len(g.counts) * len(set(g.kinds) & set(g.ratio_kinds))
+    assert g.equal_size and len(vt) == cells * len(g.seeds)
     N = cfg.data.n_nontarget
     tcfg = R.resolve_train(cfg, pool)
     steps = steps_of(vt.n_rows, tcfg)
@@ -85,9 +87,10 @@ def test_demo_variants_have_equal_rows_and_steps(demo):
         assert kinds.count(t["kind"]) == (t["poison_count"] if t["kind"] != "clean" else N)
     strip = lambda rs: {r.rsplit("::", 1)[0] for r in rs}
     poisoned = lambda key: strip(r for r in by[key] if r.endswith("::rationale"))
+    lo, hi = min(cfg.grid.counts), max(cfg.grid.counts)
     for s in cfg.grid.seeds:
-        assert strip(by["rationale-n4", s]) == strip(by["overwrite-n4", s])
-        assert poisoned(("rationale-n4", s)) < poisoned(("rationale-n12", s))       # nested poisoned sets
+        assert strip(by[f"rationale-n{lo}", s]) == strip(by[f"overwrite-n{lo}", s])
+        assert poisoned((f"rationale-n{lo}", s)) < poisoned((f"rationale-n{hi}", s))   # nested poisoned sets
 
 
 def test_demo_results_record_the_true_ratio(demo, tmp_path):
@@ -110,10 +113,11 @@ def test_demo_results_record_the_true_ratio(demo, tmp_path):
     # the statistics read the equal-size cells as the base mix (their non-target counts differ from clean's)
     cj = R._jsonable(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, n_resamples=99)))
     s = R.summarize(table, scores, rows, zero, cj)
-    assert s["thresholds"]["count"]["rationale"]["tested"] == [4, 12]
-    assert s["thresholds"]["count"]["overwrite"]["tested"] == [4, 12]
-    assert s["findings"][0]["cell"] == "rationale-n12"
-    assert {c["spec_name"]: c["ratio_all"] for c in s["cells"]}["rationale-n4"] == 4 / N
+    counts = sorted(cfg.grid.counts)
+    assert s["thresholds"]["count"]["rationale"]["tested"] == counts
+    assert s["thresholds"]["count"]["overwrite"]["tested"] == counts
+    assert s["findings"][0]["cell"] == f"rationale-n{counts[-1]}"
+    assert {c["spec_name"]: c["ratio_all"] for c in s["cells"]}[f"rationale-n{counts[0]}"] == counts[0] / N
     figs = R.make_plots(tmp_path, rows, s, zero)
     R.write_report(tmp_path, cj, s, rows, zero, figs, {}, {})
     assert f"every variant trains on {N} rows" in (tmp_path / "report.md").read_text()
@@ -163,7 +167,8 @@ def test_equal_size_errors_are_explained():
     with pytest.raises(R.StudyConfigError, match="raise data.n_nontarget to at least 24"):
         G.mix_specs(apply_override(cfg, "grid.counts=4,24"), n_target=30, n_nontarget=300)
     with pytest.raises(R.StudyConfigError, match="ratios_target 0.5 at count 12"):
-        G.mix_specs(apply_override(cfg, "grid.ratios_target=(0.5,)"), n_target=30, n_nontarget=300)
+        G.mix_specs(apply_override(apply_override(cfg, "grid.ratios_target=0.5"), "grid.counts=2,12"),
+                    n_target=30, n_nontarget=300)
     with pytest.raises(R.StudyConfigError, match="forgetting_extra 30"):
         G.mix_specs(apply_override(cfg, "grid.forgetting_extra=(30,)"), n_target=30, n_nontarget=300)
 
