@@ -706,6 +706,7 @@ def evaluate_grid(ad: Adapters, evaluator: Evaluator, s_a, s_b, modules, adapter
     grid = M.grid_points(s_a, s_b)
     G, V = len(grid), ad.num_variants
     vc = max(1, min(V, adapters_per_call // G if adapters_per_call else V))
+    vc = -(-V // -(-V // vc))          # balance the chunks: 9 variants at 8 per call -> 5 + 5, not 8 + 8 (padded)
     bar = None
     if progress:
         from tqdm.auto import tqdm
