@@ -48,6 +48,7 @@ def make_plots(run: pathlib.Path, rows: list, summary: dict, zero: dict) -> list
             ax.axhline(zero[metric], color="grey", ls=":", lw=1, label="zero-shot")
         ax.set_xscale("symlog", linthresh=1)
         ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.set_xlim(-0.3, max(ticks) * 1.25 if max(ticks) > 0 else 1)   # keep the end markers inside the axes
         ax.minorticks_off()
         ax.set_xlabel("poisoned target samples (0 = clean SFT)")
         ax.set_title(f"{title} ({summary['method']})")
