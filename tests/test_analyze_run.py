@@ -295,3 +295,15 @@ def test_attacks_style_table(tmp_path):
     kinds = {r["variant_id"]: r["kind"] for r in ws}
     assert kinds["0"] == "clean" and kinds["1"] == "poisoned"
     assert (run / "analysis.md").exists() and not (run / "report.md").exists()
+
+
+def test_mitigation_cost_hint_uses_the_studys_own_scoring_rate(tmp_path):
+    import numpy as np
+    from jaxpoison.analysis.run import Adapters, mitigation_cost_hint
+    lora = {"q": {"a": np.zeros((4, 2, 8, 2)), "b": np.zeros((4, 2, 2, 8))}}
+    ad = Adapters(lora, 2.0, [{"variant_id": i} for i in range(4)], "run", run_dir=tmp_path)
+    assert "16 grid points x 4 adapters = 64" in mitigation_cost_hint(ad, 16)
+    assert "min" not in mitigation_cost_hint(ad, 16)              # no timing.json: no estimate
+    (tmp_path / "timing.json").write_text('{"eval_s": 50.0}')     # base + 4 variants in 50 s: 10 s each
+    hint = mitigation_cost_hint(ad, 16)
+    assert "about 11 min" in hint and "10.0 s per adapter" in hint and "--no-mitigation" in hint

@@ -697,6 +697,27 @@ def _take(tree, idx):
     return {m: {k: np.asarray(x)[idx] for k, x in t.items()} for m, t in tree.items()}
 
 
+def mitigation_cost_hint(ad: Adapters, n_points: int) -> str:
+    """One line with the mitigation grid's size and, for a run folder whose study recorded how long its own scoring
+    took (``timing.json``), the expected time at that rate, with the flags that make it cheaper."""
+    n = n_points * ad.num_variants
+    line = f"mitigation: {n_points} grid points x {ad.num_variants} adapters = {n} adapter evaluations"
+    run = ad.run_dir
+    try:
+        timing = json.loads((run / "timing.json").read_text()) if run is not None else {}
+    except (OSError, ValueError):
+        timing = {}
+    per = None
+    if timing.get("eval_s"):                                   # rationale: base + variants scored once
+        per = timing["eval_s"] / (ad.num_variants + 1)
+    elif timing.get("generate_variants_s"):                    # attacks: the variants' generation
+        per = timing["generate_variants_s"] / ad.num_variants
+    if per:
+        line += (f", about {n * per / 60:.0f} min at the study's own rate ({per:.1f} s per adapter); fewer points: "
+                 f"--grid-a 0.06 --grid-b 0.16 (4 with the unscaled one), or --no-mitigation")
+    return line
+
+
 def evaluate_grid(ad: Adapters, evaluator: Evaluator, s_a, s_b, modules, adapters_per_call: int = 32,
                   progress: bool = True) -> dict:
     """Every grid point x variant: metric arrays [G, V]. Chunks of variants are shrunk at every grid point
@@ -1077,6 +1098,9 @@ def analyze(run_dir=None, *, peft_dirs: Sequence = (), labels=None, out=None, st
             mit["reason"] = str(e)
             print(f"warning: mitigation skipped: {e}", file=sys.stderr, flush=True)
         else:
+            hint = mitigation_cost_hint(ad, len(M.grid_points(s_a, s_b)))
+            if hint and progress:
+                print(f"[analyze] {hint}", file=sys.stderr, flush=True)
             res = evaluate_grid(ad, ev, s_a, s_b, mods, adapters_per_call, progress)
             drop = _target_drop(res, labels_)
             if drop is not None:
