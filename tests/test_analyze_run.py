@@ -261,7 +261,8 @@ def test_clear_errors(analyzed, tmp_path, capsys, monkeypatch):
     for name in ("linf_histograms", "layer_profiles", "roc_plot", "mitigation_heatmaps"):
         monkeypatch.setattr(A.P, name, lambda *a, _n=name, **k: drawn.append(_n) or
                             str(next(x for x in a if isinstance(x, pathlib.Path))))
-    monkeypatch.setattr(A, "_level_plot", lambda by, key, path: drawn.append("level") or str(path))
+    from jaxpoison.analysis import report_section
+    monkeypatch.setattr(report_section, "_level_plot", lambda by, key, path: drawn.append("level") or str(path))
     out = tmp_path / "cli"
     assert main(["analyze", str(run), "--out", str(out), "--n-resamples", "99"]) == 0
     det = json.loads((out / "detector.json").read_text())

@@ -81,7 +81,8 @@ class AttacksMitigation:
     """Regenerates and grades the answers of shrunk attacks-study adapters (see the module docstring)."""
 
     def __init__(self, run_dir, base_override=None, n_notes: Optional[int] = None):
-        from jaxpoison.analysis.run import AnalysisError, _load_base, capability_scorer, dataclass_from_dict
+        from jaxpoison.analysis.adapters import AnalysisError
+        from jaxpoison.analysis.evaluators import _load_base, capability_scorer, dataclass_from_dict
         from jaxpoison.models.generate import bucket, encode_prompts
         from jaxpoison.models.lm import LM
         from jaxpoison.studies.attacks import AttacksConfig
@@ -176,8 +177,8 @@ def _task(v: dict) -> str:
 
 
 def mitigation_evaluator(run_dir, base_override=None, n_notes: Optional[int] = None):
-    """The :class:`jaxpoison.analysis.run.Evaluator` of an attacks run (see the module docstring)."""
-    from jaxpoison.analysis.run import Evaluator
+    """The :class:`jaxpoison.analysis.evaluators.Evaluator` of an attacks run (see the module docstring)."""
+    from jaxpoison.analysis.evaluators import Evaluator
     m = AttacksMitigation(run_dir, base_override, n_notes)
     return Evaluator(m.evaluate, ATTACK_NAME, m.capability_name, attack_lower_is_better=True, note=m.note,
                      needs_variants=True, paired=paired)
