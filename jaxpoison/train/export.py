@@ -142,9 +142,9 @@ def cmd_export(args) -> int:
     lc = meta["lora"]
     row = meta["variants"][args.variant] if args.variant < len(meta.get("variants", [])) else {}
     out = save_peft_adapter(args.out, one, cfg, lc["r"], lc["alpha"], lc["scale_rule"], lc["dropout"],
-                            meta.get("base", {}).get("name", ""), {"variant": row, "step": meta.get("step"),
-                             # LoRA trained on layers >= layers_from only; the rows below are exactly zero
-                             "layers_from": lc.get("layers_from", 0)})
+                            meta.get("base", {}).get("name", ""),
+                            # layers_from: LoRA trained on layers >= it only; the rows below are exactly zero
+                            {"variant": row, "step": meta.get("step"), "layers_from": lc.get("layers_from", 0)})
     print(f"wrote PEFT adapter of variant {args.variant} to {out}")
     return 0
 

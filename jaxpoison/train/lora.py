@@ -6,8 +6,9 @@ An adapter is a pytree ``{module: {"a": [L, in, r], "b": [L, r, out]}}`` (``lm_h
 so a fresh adapter leaves the base model unchanged. The scale ``s`` is ``alpha / r`` (PEFT default) or
 ``alpha / sqrt(r)`` (rsLoRA). ``layers_from`` (``LoraConfig``) restricts training to the top layers: the tree
 keeps its ``[L, ...]`` layout with rows below that layer exactly zero, and the training loss then runs the lower
-layers without LoRA and without a backward pass (``decoder.hidden_lora_from``). Conventions differ between codebases, so r, alpha, the scale rule and the targets
-travel with every checkpoint and every exported ``adapter_config.json``.
+layers without LoRA and without a backward pass (``decoder.hidden_lora_from``). Conventions differ between
+codebases, so r, alpha, the scale rule and the targets travel with every checkpoint and every exported
+``adapter_config.json``.
 """
 from __future__ import annotations
 
