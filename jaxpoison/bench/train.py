@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from . import common
+from .floor import floor_fields, matmul_floor
 
 
 def _study(lm, V, batch, seq, steps, targets, r, alpha, lr):
@@ -92,6 +93,7 @@ def run_train(model="smollm2-135m", batch=8, seq=256, steps=2, rounds=3, targets
     n_tok = batch * seq * steps
     fpt = common.lora_train_flops_per_token(lm.cfg)
     tps = {k: n_tok / v["median"] for k, v in timing.items()}
+    floor = matmul_floor(lm.cfg, batch * seq, backward=True, torch_too=compare)
     out = {"bench": "train", "model": model, "batch": batch, "seq": seq, "targets": list(targets), "r": r,
            "ours_tok_s": tps["ours"], "ours_frac_peak": common.mfu(tps["ours"], fpt, peak),
            "peak_gflops": peak, "compile_s": compile_s, "process_peak_rss_mib": common.mib(common.peak_rss_bytes())}
@@ -99,6 +101,7 @@ def run_train(model="smollm2-135m", batch=8, seq=256, steps=2, rounds=3, targets
         out.update({"transformers_tok_s": tps["transformers_peft"],
                     "transformers_frac_peak": common.mfu(tps["transformers_peft"], fpt, peak),
                     "ratio": tps["ours"] / tps["transformers_peft"]})
+    out.update(floor_fields("dots_", batch * seq, floor, tps, goal_ratio=1.3, baseline="transformers_peft"))
     out["times_s"] = {k: v["times"] for k, v in timing.items()}
     return out
 
@@ -196,12 +199,14 @@ def run_eval(model="smollm2-135m", variants=8, questions=16, seq=128, rounds=2, 
     n_tok = variants * questions * seq
     fpt = 2 * (cfg.matmul_params() - cfg.hidden_size * cfg.vocab_size)   # the head runs on one position only
     tps = {k: n_tok / v["median"] for k, v in timing.items()}
+    floor = matmul_floor(cfg, n_tok, backward=False, head=False)
     diff = float(np.abs(np.asarray(ours_out) - ref_out["x"].numpy()).max())
     return {"bench": "eval", "model": model, "variants": variants, "questions": questions, "seq": seq,
             "ours_tok_s": tps["ours"], "transformers_tok_s": tps["transformers_peft"],
             "ratio": tps["ours"] / tps["transformers_peft"], "ours_frac_peak": common.mfu(tps["ours"], fpt, peak),
             "transformers_frac_peak": common.mfu(tps["transformers_peft"], fpt, peak), "peak_gflops": peak,
             "max_abs_logit_diff": diff, "compile_s": compile_s,
+            **floor_fields("dots_", n_tok, floor, tps, goal_ratio=1.3, baseline="transformers_peft"),
             "process_peak_rss_mib": common.mib(common.peak_rss_bytes()),
             "times_s": {k: v["times"] for k, v in timing.items()}}
 

@@ -1,0 +1,148 @@
+"""The matmul floor: how fast a step could possibly run on this machine if it were nothing but its matmuls.
+
+A LoRA training token costs ``4 × matmul params`` FLOPs (the forward dots and the backward dots that carry the
+gradient to the activations) and a scored token ``2 ×``; the MFU figures count exactly these. The floor runs
+those same dots, at the model's real shapes and the benchmark's real row count, chained layer by layer (each
+dot's output feeds the next, so nothing can be skipped), with no attention, norm, softmax, optimiser or
+bookkeeping between them: the time of a perfect implementation that only did the counted work. It is measured
+in the benchmark's own process, for XLA (the library's dots) and for torch (its BLAS), so a goal can be set
+against what the machine allows: a contender at 0.9 of the floor has 10 % left to win, whatever the peak.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+
+def _layer_shapes(cfg):
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    Hq, Hkv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    return {"q": (D, Hq), "k": (D, Hkv), "v": (D, Hkv), "o": (Hq, D), "gate": (D, F), "up": (D, F), "down": (F, D)}
+
+
+def _weights(cfg, seed=0):
+    rng = np.random.default_rng(seed)
+    return {n: (rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32) for n, s in _layer_shapes(cfg).items()}
+
+
+def _head_block(cfg, block=1536):
+    rng = np.random.default_rng(1)
+    nb = max(1, cfg.vocab_size // block)
+    return (rng.standard_normal((cfg.hidden_size, block)) / np.sqrt(cfg.hidden_size)).astype(np.float32), nb
+
+
+def _jax_program(cfg, rows: int, backward: bool, head: bool):
+    import jax
+    import jax.numpy as jnp
+
+    w = {k: jnp.asarray(v) for k, v in _weights(cfg).items()}
+    wh, nb = _head_block(cfg)
+    wh = jnp.asarray(wh)
+    x0 = jnp.asarray(np.random.default_rng(2).standard_normal((rows, cfg.hidden_size)).astype(np.float32))
+
+    def layer(h, _):
+        q, k, v = h @ w["q"], h @ w["k"], h @ w["v"]
+        o = q @ w["o"]
+        g, u = o @ w["gate"], o @ w["up"]
+        d = (g + u) @ w["down"]
+        out = d + k @ w["k"].T + v @ w["v"].T if backward else d + (k.sum() + v.sum()) * 1e-9
+        if backward:   # dX = dY @ W.T for every projection, chained
+            b1 = d @ w["down"].T
+            b2 = b1 @ w["up"].T + b1 @ w["gate"].T
+            out = out + (b2 @ w["o"].T) @ w["q"].T
+        return h + 1e-3 * out, None
+
+    def head_fn(h):
+        def blk(acc, _):
+            y = h @ wh
+            return (acc + 1e-3 * (y @ wh.T) if backward else acc + y.sum(axis=1, keepdims=True)), None
+        acc, _ = jax.lax.scan(blk, h if backward else h[:, :1], None, length=nb)
+        return acc
+
+    @jax.jit
+    def run(x):
+        h, _ = jax.lax.scan(layer, x, None, length=cfg.num_layers)
+        return head_fn(h) if head else h
+
+    return (lambda: run(x0).block_until_ready()), run, x0
+
+
+def _torch_program(cfg, rows: int, backward: bool, head: bool):
+    import torch
+
+    w = {k: torch.from_numpy(v) for k, v in _weights(cfg).items()}
+    wt = {k: v.T.contiguous() for k, v in w.items()}
+    whn, nb = _head_block(cfg)
+    wh, wht = torch.from_numpy(whn), torch.from_numpy(whn.T.copy())
+    x0 = torch.from_numpy(np.random.default_rng(2).standard_normal((rows, cfg.hidden_size)).astype(np.float32))
+
+    def run():
+        with torch.no_grad():
+            h = x0
+            for _ in range(cfg.num_layers):
+                q, k, v = h @ w["q"], h @ w["k"], h @ w["v"]
+                o = q @ w["o"]
+                g, u = o @ w["gate"], o @ w["up"]
+                d = (g + u) @ w["down"]
+                if backward:
+                    out = d + k @ wt["k"] + v @ wt["v"]
+                    b1 = d @ wt["down"]
+                    b2 = b1 @ wt["up"] + b1 @ wt["gate"]
+                    out = out + (b2 @ wt["o"]) @ wt["q"]
+                else:
+                    out = d
+                h = h + 1e-3 * out
+            if head:
+                for _ in range(nb):
+                    y = h @ wh
+                    if backward:
+                        y @ wht
+        return h
+
+    return run
+
+
+def _best(fn, reps: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def matmul_floor(cfg, rows: int, *, backward: bool, head: bool = True, torch_too: bool = True,
+                 reps: int = 2) -> dict:
+    """Seconds for the counted dots of ``rows`` tokens, best of ``reps``: ``{"jax": s, "torch": s}``.
+
+    ``backward=True``: a LoRA training step (forward + activation-gradient dots, lm_head both ways).
+    ``head=False``: no lm_head (multiple-choice scoring reads logits at one position only).
+    """
+    out = {"jax": _best(_jax_program(cfg, rows, backward, head)[0], reps)}
+    if torch_too:
+        out["torch"] = _best(_torch_program(cfg, rows, backward, head), reps)
+    return out
+
+
+def compiled_flops(cfg, rows: int, *, backward: bool, head: bool = True) -> float:
+    """FLOPs of the compiled XLA floor program by XLA's own cost analysis (a check that it does the counted work)."""
+    _, run, x0 = _jax_program(cfg, rows, backward, head)
+    cost = run.lower(x0).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"])
+
+
+def floor_fields(prefix: str, n_tok: int, floor: dict, tps: dict, goal_ratio: float | None = None,
+                 baseline: str | None = None) -> dict:
+    """JSON fields: tokens/s at each floor, each contender's fraction of the faster floor, and (with a goal)
+    the fraction of that floor the goal asks of us."""
+    best = min(floor.values())
+    fields = {f"{prefix}floor_{k}_tok_s": n_tok / v for k, v in floor.items()}
+    for name, t in tps.items():
+        fields[f"{name}_frac_floor"] = t * best / n_tok
+    if goal_ratio and baseline in tps:
+        fields["goal_tok_s"] = goal_ratio * tps[baseline]
+        fields["goal_frac_floor"] = goal_ratio * tps[baseline] * best / n_tok
+    return fields
