@@ -33,39 +33,40 @@ def _head_block(cfg, block=1536):
 
 
 def _jax_program(cfg, rows: int, backward: bool, head: bool):
+    """(timed callable, jitted program, its arguments). Weights are arguments, as in the real step (constants
+    would let XLA specialise on them)."""
     import jax
     import jax.numpy as jnp
 
-    w = {k: jnp.asarray(v) for k, v in _weights(cfg).items()}
     wh, nb = _head_block(cfg)
-    wh = jnp.asarray(wh)
-    x0 = jnp.asarray(np.random.default_rng(2).standard_normal((rows, cfg.hidden_size)).astype(np.float32))
+    args = ({k: jnp.asarray(v) for k, v in _weights(cfg).items()}, jnp.asarray(wh),
+            jnp.asarray(np.random.default_rng(2).standard_normal((rows, cfg.hidden_size)).astype(np.float32)))
 
-    def layer(h, _):
-        q, k, v = h @ w["q"], h @ w["k"], h @ w["v"]
-        o = q @ w["o"]
-        g, u = o @ w["gate"], o @ w["up"]
-        d = (g + u) @ w["down"]
-        out = d + k @ w["k"].T + v @ w["v"].T if backward else d + (k.sum() + v.sum()) * 1e-9
-        if backward:   # dX = dY @ W.T for every projection, chained
-            b1 = d @ w["down"].T
-            b2 = b1 @ w["up"].T + b1 @ w["gate"].T
-            out = out + (b2 @ w["o"].T) @ w["q"].T
-        return h + 1e-3 * out, None
+    @jax.jit
+    def run(w, wh, x):
+        def layer(h, _):
+            q, k, v = h @ w["q"], h @ w["k"], h @ w["v"]
+            o = q @ w["o"]
+            g, u = o @ w["gate"], o @ w["up"]
+            d = (g + u) @ w["down"]
+            if backward:   # dX = dY @ W.T for every projection, chained
+                b1 = d @ w["down"].T
+                b2 = b1 @ w["up"].T + b1 @ w["gate"].T
+                out = d + k @ w["k"].T + v @ w["v"].T + (b2 @ w["o"].T) @ w["q"].T
+            else:
+                out = d + (k.sum() + v.sum()) * 1e-9
+            return h + 1e-3 * out, None
 
-    def head_fn(h):
         def blk(acc, _):
             y = h @ wh
             return (acc + 1e-3 * (y @ wh.T) if backward else acc + y.sum(axis=1, keepdims=True)), None
-        acc, _ = jax.lax.scan(blk, h if backward else h[:, :1], None, length=nb)
-        return acc
 
-    @jax.jit
-    def run(x):
         h, _ = jax.lax.scan(layer, x, None, length=cfg.num_layers)
-        return head_fn(h) if head else h
+        if head:
+            h, _ = jax.lax.scan(blk, h if backward else h[:, :1], None, length=nb)
+        return h
 
-    return (lambda: run(x0).block_until_ready()), run, x0
+    return (lambda: run(*args).block_until_ready()), run, args
 
 
 def _torch_program(cfg, rows: int, backward: bool, head: bool):
@@ -128,8 +129,8 @@ def matmul_floor(cfg, rows: int, *, backward: bool, head: bool = True, torch_too
 
 def compiled_flops(cfg, rows: int, *, backward: bool, head: bool = True) -> float:
     """FLOPs of the compiled XLA floor program by XLA's own cost analysis (a check that it does the counted work)."""
-    _, run, x0 = _jax_program(cfg, rows, backward, head)
-    cost = run.lower(x0).compile().cost_analysis()
+    _, run, args = _jax_program(cfg, rows, backward, head)
+    cost = run.lower(*args).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"])
 

@@ -19,6 +19,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
 
@@ -27,6 +28,7 @@ def attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     """Grouped-query attention. q [B, T, H, hd], k/v [B, S, K, hd], mask [B, T, S] bool -> [B, T, H*hd]."""
     B, T, H, hd = q.shape
     K = k.shape[2]
+    q, k, v = checkpoint_name(q, "q"), checkpoint_name(k, "k"), checkpoint_name(v, "v")   # kept for backward
     qg = q.reshape(B, T, K, H // K, hd)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32) / np.sqrt(hd)
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
@@ -69,6 +71,7 @@ def _causal_core(qt, kt, vt, bias, block):
 
 def _core_fwd(qt, kt, vt, bias, block):
     out, lse = _core_fwd_impl(qt, kt, vt, bias, block)
+    out, lse = checkpoint_name(out, "attn_out"), checkpoint_name(lse, "attn_lse")
     return out, (qt, kt, vt, bias, out, lse)
 
 
@@ -118,5 +121,7 @@ def causal_attention(q: Array, k: Array, v: Array, mask: Array, block: int = 64,
     bias = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)[:, None, :, None, :]   # [B, 1, T, 1, S]
     qt = q.reshape(B, T, K, G, hd).transpose(0, 2, 1, 3, 4)                         # [B, K, T, G, hd]
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)                       # [B, K, S, hd]
+    # what the backward pass keeps (decoder.SAVE_POLICY): these heads-major copies, not q/k/v as well
+    qt, kt, vt = checkpoint_name(qt, "q"), checkpoint_name(kt, "k"), checkpoint_name(vt, "v")
     out = _causal_core(qt, kt, vt, jax.lax.stop_gradient(bias), block)
     return out.transpose(0, 2, 1, 3, 4).reshape(B, T, H * hd)

@@ -29,11 +29,12 @@ from .config import ModelConfig
 
 Array = jax.Array
 
-# Activations a training step keeps per layer for its backward pass (`checkpoint_name` tags in Block); the
-# rest (norms, RoPE, softmax, SiLU, the LoRA rank-r products, the attention forward) is recomputed there.
-# Without a policy XLA saved about 20 [tokens, width] tensors per layer and spent ~20 % of the step writing,
-# zero-filling and reading those stacks; this keeps 6 and is faster (measured in BUILD_NOTES).
-SAVED_ACTIVATIONS = ("q", "k", "v", "x_mid", "gate", "up")
+# Activations a training step keeps per layer for its backward pass (`checkpoint_name` tags here and in
+# attention.py: q/k/v heads-major, the attention output and log-sum-exp, the residual after attention, the
+# gate and up projections); everything else (norms, RoPE, SiLU, the LoRA rank-r products) is recomputed.
+# Without a policy XLA kept about 20 [tokens, width] tensors per layer, and zero-filling, writing and reading
+# those stacks took ~20 % of the step; measured gain in BUILD_NOTES.
+SAVED_ACTIVATIONS = ("q", "k", "v", "attn_out", "attn_lse", "x_mid", "gate", "up")
 SAVE_POLICY = jax.checkpoint_policies.save_only_these_names(*SAVED_ACTIVATIONS)
 
 
@@ -163,7 +164,6 @@ class Block(nn.Module):
             q = RMSNorm(cfg.rms_norm_eps, self.dtype, name="q_norm")(q)
             k = RMSNorm(cfg.rms_norm_eps, self.dtype, name="k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q, k, v = checkpoint_name(q, "q"), checkpoint_name(k, "k"), checkpoint_name(v, "v")
 
         if cache is not None:
             ck = jax.lax.dynamic_update_slice(cache["k"], k[None].astype(cache["k"].dtype), (layer, 0, slot, 0, 0))
