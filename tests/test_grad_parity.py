@@ -117,3 +117,52 @@ def test_lora_gradient_matches_torch_peft(tmp_path, family, targets):
                 np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4 * scale, err_msg=key)
                 checked += 1
     assert checked == 2 * len(targets) * cfg.num_layers
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_bfloat16_training_gradient_tracks_float32(remat):
+    """The custom backward passes keep bf16 dtypes consistent (custom_vjp demands cotangents of the primal's
+    dtype) and the bf16 LoRA gradient points where the fp32 one does (T > one attention block)."""
+    from tiny import TINY, tiny_base
+    lc = LoraConfig(r=4, alpha=8, targets=("q", "v", "up"))
+    lora = init_lora(jax.random.PRNGKey(0), TINY, lc)
+    lora = {m: {"a": ab["a"], "b": 0.05 * jax.random.normal(jax.random.PRNGKey(3), ab["b"].shape)}
+            for m, ab in lora.items()}
+    base = tiny_base()
+    B, T = 2, 90
+    rng = np.random.default_rng(1)
+    tokens = jnp.asarray(rng.integers(3, TINY.vocab_size, (B, T)).astype(np.int32))
+    attn, _ = _padded_causal(B, T, pad=7)
+    ones = jnp.ones((B, T), jnp.float32)
+    grads = {}
+    for dt in ("float32", "bfloat16"):
+        st = Static(TINY, TrainConfig(dtype=dt, remat=remat), lc)
+        grads[dt] = jax.grad(lambda l: loss_terms(l, base, tokens, ones, jnp.asarray(attn), jax.random.PRNGKey(0),
+                                                  st)[0])(lora)
+    for mod in lc.targets:
+        for which in ("a", "b"):
+            g32 = np.asarray(grads["float32"][mod][which], np.float32).ravel()
+            g16 = np.asarray(grads["bfloat16"][mod][which], np.float32).ravel()
+            assert grads["bfloat16"][mod][which].dtype == lora[mod][which].dtype
+            assert np.isfinite(g16).all()
+            cos = g32 @ g16 / (np.linalg.norm(g32) * np.linalg.norm(g16))
+            assert cos > 0.98, (mod, which, cos)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_training_keeps_no_attention_probabilities(remat):
+    """What the backward pass keeps per layer (stacked over layers) grows with T, never T^2: the named
+    activations of decoder.SAVE_POLICY (8 at most: q, k, v, attention output, log-sum-exp, the residual after
+    attention, gate, up, plus the layer input), and under full remat only the layer input."""
+    from jax._src.ad_checkpoint import saved_residuals
+    from tiny import TINY, tiny_base
+    lc = LoraConfig(r=4, alpha=8, targets=("q", "v"))
+    lora, base = init_lora(jax.random.PRNGKey(0), TINY, lc), tiny_base()
+    B, T = 3, 136                       # B != num_layers, so only the stacked per-layer arrays lead with L
+    tok, ones, am = jnp.zeros((B, T), jnp.int32), jnp.ones((B, T), jnp.float32), jnp.ones((B, T), bool)
+    st = Static(TINY, TrainConfig(remat=remat), lc)
+    res = saved_residuals(lambda l: loss_terms(l, base, tok, ones, am, jax.random.PRNGKey(0), st)[0], lora)
+    per_layer = [a.shape for a, _ in res if a.ndim >= 3 and a.shape[0] == TINY.num_layers and T in a.shape]
+    assert per_layer, res
+    assert all(list(s).count(T) == 1 for s in per_layer), per_layer
+    assert len(per_layer) == (1 if remat else 9), per_layer
