@@ -113,17 +113,19 @@ def run_variants(model="smollm2-135m", variants=8, batch=4, seq=128, steps=2, ro
     lm = load_model(model, "float32", tokenizer=False)
     together, c1, _ = _study(lm, variants, batch, seq, steps, tuple(targets), r, alpha, 1e-4)
     alone, c2, _ = _study(lm, 1, batch, seq, steps, tuple(targets), r, alpha, 1e-4)
-    peak0 = common.matmul_peak_jax()
+    peak0 = max(common.matmul_peak_jax(), common.matmul_peak_torch(threads=2))
     timing = common.alternate({"vmapped": together, "sequential": lambda: [alone() for _ in range(variants)]},
                               rounds=rounds, warmup=0)
-    peak = max(peak0, common.matmul_peak_jax())
+    peak = max(peak0, common.matmul_peak_jax(), common.matmul_peak_torch(threads=2))
     n_tok = variants * batch * seq * steps
     tps = {k: n_tok / v["median"] for k, v in timing.items()}
     fpt = common.lora_train_flops_per_token(lm.cfg)
+    floor = matmul_floor(lm.cfg, variants * batch * seq, backward=True, torch_too=False)
     return {"bench": "variants", "model": model, "variants": variants, "batch": batch, "seq": seq,
             "vmapped_tok_s": tps["vmapped"], "sequential_tok_s": tps["sequential"],
             "ratio": tps["vmapped"] / tps["sequential"], "vmapped_frac_peak": common.mfu(tps["vmapped"], fpt, peak),
             "sequential_frac_peak": common.mfu(tps["sequential"], fpt, peak), "peak_gflops": peak,
+            **floor_fields("dots_", variants * batch * seq, floor, tps),
             "compile_s": {"vmapped": c1, "single": c2}, "process_peak_rss_mib": common.mib(common.peak_rss_bytes()),
             "times_s": {k: v["times"] for k, v in timing.items()}}
 
