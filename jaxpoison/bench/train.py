@@ -7,6 +7,9 @@
 * eval: multiple-choice scoring (the answer letter's logits at the last position) of the same questions under
   ``V`` adapters: ours vmapped over adapters with the head on one position, vs peft switching adapters with
   ``logits_to_keep=1``.
+
+Each also times the counted matmuls alone (:mod:`.floor`) in the same process and prints every contender's
+fraction of that floor; train and eval also the fraction the 1.3x goal asks for (``goal_frac_floor``).
 """
 from __future__ import annotations
 
@@ -214,7 +217,7 @@ def run_eval(model="smollm2-135m", variants=8, questions=16, seq=128, rounds=2, 
 
 
 def register(bench_sub) -> None:
-    p = bench_sub.add_parser("train", help="LoRA train-step tokens/s: ours vs transformers + peft")
+    p = bench_sub.add_parser("train", help="LoRA train-step tokens/s: ours vs transformers + peft, and the matmul floor")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
