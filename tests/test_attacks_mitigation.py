@@ -91,14 +91,20 @@ def test_every_grid_point_and_variant_gets_real_rates(run_dir, analyzed):
     assert "attack-direction rate" in (run_dir / "analysis.md").read_text()
 
 
-def test_unshrunk_point_reproduces_the_studys_answers_and_rates(run_dir, analyzed):
-    _, rows = analyzed
+def _assert_rates_at(run_dir, rows, a, b, study_row):
+    """Every variant's outcome rates at grid point (a, b) equal the study's own rates in row ``study_row(v)``."""
     table = json.loads((run_dir / "variants.json").read_text())
     study = _study_rates(run_dir)
     for v in table:
-        r = _row(rows, 0.0, 0.0, v["variant_id"])
+        r = _row(rows, a, b, v["variant_id"])
         for o in TASK_OUTCOMES[v["task"]]:
-            assert float(r[AM.outcome_key(o)]) == study[(f"FT {100 * v['fraction']:g}% s0", o)], (v, o)
+            assert float(r[AM.outcome_key(o)]) == study[(study_row(v), o)], (v, o)
+    return table
+
+
+def test_unshrunk_point_reproduces_the_studys_answers_and_rates(run_dir, analyzed):
+    _, rows = analyzed
+    table = _assert_rates_at(run_dir, rows, 0.0, 0.0, lambda v: f"FT {100 * v['fraction']:g}% s0")
     # the answers themselves, not only their (coarse) rates
     ad = AR.load_run(run_dir)
     ev = AM.AttacksMitigation(run_dir, _base())
@@ -111,12 +117,7 @@ def test_unshrunk_point_reproduces_the_studys_answers_and_rates(run_dir, analyze
 
 def test_huge_shrink_gives_the_base_models_answers(run_dir, analyzed):
     _, rows = analyzed
-    table = json.loads((run_dir / "variants.json").read_text())
-    study = _study_rates(run_dir)
-    for v in table:
-        r = _row(rows, 1.0, 1.0, v["variant_id"])
-        for o in TASK_OUTCOMES[v["task"]]:
-            assert float(r[AM.outcome_key(o)]) == study[("base normal", o)], (v, o)
+    table = _assert_rates_at(run_dir, rows, 1.0, 1.0, lambda v: "base normal")
     ad = AR.load_run(run_dir)
     shrunk = {m: {k: x[0] for k, x in t.items()} for m, t in M.shrink_grid(ad.lora, (1.0,), (1.0,)).items()}
     ev = AM.AttacksMitigation(run_dir, _base())

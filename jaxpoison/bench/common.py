@@ -22,7 +22,7 @@ import time
 from typing import Any, Callable, Mapping
 
 
-def _best_time(fn: Callable[[], Any], reps: int) -> float:
+def best_time(fn: Callable[[], Any], reps: int) -> float:
     fn()
     best = float("inf")
     for _ in range(reps):
@@ -41,7 +41,7 @@ def matmul_peak_jax(n: int = 4096, reps: int = 3) -> float:
     a = jax.random.normal(ka, (n, n), jnp.float32)
     b = jax.random.normal(kb, (n, n), jnp.float32)
     f = jax.jit(jnp.matmul)
-    return 2 * n ** 3 / _best_time(lambda: f(a, b).block_until_ready(), reps) / 1e9
+    return 2 * n ** 3 / best_time(lambda: f(a, b).block_until_ready(), reps) / 1e9
 
 
 def matmul_peak_torch(n: int = 4096, reps: int = 3, threads: int | None = None) -> float:
@@ -54,7 +54,7 @@ def matmul_peak_torch(n: int = 4096, reps: int = 3, threads: int | None = None) 
     a = torch.randn(n, n, generator=g)
     b = torch.randn(n, n, generator=g)
     out = torch.empty(n, n)
-    return 2 * n ** 3 / _best_time(lambda: torch.matmul(a, b, out=out), reps) / 1e9
+    return 2 * n ** 3 / best_time(lambda: torch.matmul(a, b, out=out), reps) / 1e9
 
 
 def forward_flops_per_token(cfg) -> int:

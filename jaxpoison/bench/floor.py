@@ -10,9 +10,9 @@ against what the machine allows: a contender at 0.9 of the floor has 10 % left t
 """
 from __future__ import annotations
 
-import time
-
 import numpy as np
+
+from .common import best_time
 
 
 def _layer_shapes(cfg):
@@ -104,16 +104,6 @@ def _torch_program(cfg, rows: int, backward: bool, head: bool):
     return run
 
 
-def _best(fn, reps: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def matmul_floor(cfg, rows: int, *, backward: bool, head: bool = True, torch_too: bool = True,
                  reps: int = 2) -> dict:
     """Seconds for the counted dots of ``rows`` tokens, best of ``reps``: ``{"jax": s, "torch": s}``.
@@ -121,9 +111,9 @@ def matmul_floor(cfg, rows: int, *, backward: bool, head: bool = True, torch_too
     ``backward=True``: a LoRA training step (forward + activation-gradient dots, lm_head both ways).
     ``head=False``: no lm_head (multiple-choice scoring reads logits at one position only).
     """
-    out = {"jax": _best(_jax_program(cfg, rows, backward, head)[0], reps)}
+    out = {"jax": best_time(_jax_program(cfg, rows, backward, head)[0], reps)}
     if torch_too:
-        out["torch"] = _best(_torch_program(cfg, rows, backward, head), reps)
+        out["torch"] = best_time(_torch_program(cfg, rows, backward, head), reps)
     return out
 
 
