@@ -27,3 +27,18 @@ def test_floor_fields_fractions():
     assert f["dots_floor_jax_tok_s"] == 100 and f["dots_floor_torch_tok_s"] == 50
     assert f["ours_frac_floor"] == pytest.approx(0.5) and f["ref_frac_floor"] == pytest.approx(0.4)
     assert f["goal_tok_s"] == pytest.approx(52) and f["goal_frac_floor"] == pytest.approx(0.52)
+
+
+def test_floor_head_runs_every_vocabulary_block():
+    # each block is its own weight array feeding the chained rows, so XLA cannot hoist a block's matmul out of
+    # the loop and run it once (the session-3 floor reused one block and its head cost 1/32 of the real one)
+    import jax
+    import jax.numpy as jnp
+
+    from jaxpoison.bench.floor import _jax_program
+
+    cfg = dataclasses.replace(TINY, vocab_size=3 * 1536, num_layers=1)
+    _, run, (w, wh, x) = _jax_program(cfg, 16, backward=True, head=True)
+    assert wh.shape[0] == 3
+    g = jax.grad(lambda blocks: jnp.sum(run(w, blocks, x) ** 2))(wh)
+    assert all(float(jnp.abs(g[b]).sum()) > 0 for b in range(3))

@@ -26,10 +26,13 @@ def _weights(cfg, seed=0):
     return {n: (rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32) for n, s in _layer_shapes(cfg).items()}
 
 
-def _head_block(cfg, block=1536):
+def _head_blocks(cfg, block=1536):
+    """[n_blocks, D, block]: the lm_head in vocabulary blocks, as the chunked cross-entropy walks it. Each block
+    is its own array, so no block's matmul is loop-invariant (XLA hoists a loop-invariant dot out of the scan and
+    runs it once: the floor of session 3 did that, and undercounted the head 32-fold)."""
     rng = np.random.default_rng(1)
     nb = max(1, cfg.vocab_size // block)
-    return (rng.standard_normal((cfg.hidden_size, block)) / np.sqrt(cfg.hidden_size)).astype(np.float32), nb
+    return (rng.standard_normal((nb, cfg.hidden_size, block)) / np.sqrt(cfg.hidden_size)).astype(np.float32)
 
 
 def _jax_program(cfg, rows: int, backward: bool, head: bool):
@@ -38,8 +41,7 @@ def _jax_program(cfg, rows: int, backward: bool, head: bool):
     import jax
     import jax.numpy as jnp
 
-    wh, nb = _head_block(cfg)
-    args = ({k: jnp.asarray(v) for k, v in _weights(cfg).items()}, jnp.asarray(wh),
+    args = ({k: jnp.asarray(v) for k, v in _weights(cfg).items()}, jnp.asarray(_head_blocks(cfg)),
             jnp.asarray(np.random.default_rng(2).standard_normal((rows, cfg.hidden_size)).astype(np.float32)))
 
     @jax.jit
@@ -57,13 +59,13 @@ def _jax_program(cfg, rows: int, backward: bool, head: bool):
                 out = d + (k.sum() + v.sum()) * 1e-9
             return h + 1e-3 * out, None
 
-        def blk(acc, _):
-            y = h @ wh
-            return (acc + 1e-3 * (y @ wh.T) if backward else acc + y.sum(axis=1, keepdims=True)), None
+        def blk(h, wb):   # one vocabulary block: logits, and (training) their gradient back to the rows
+            y = h @ wb
+            return (h + 1e-3 * (y @ wb.T) if backward else h + 1e-9 * y.sum(axis=1, keepdims=True)), None
 
         h, _ = jax.lax.scan(layer, x, None, length=cfg.num_layers)
         if head:
-            h, _ = jax.lax.scan(blk, h if backward else h[:, :1], None, length=nb)
+            h, _ = jax.lax.scan(blk, h, wh)
         return h
 
     return (lambda: run(*args).block_until_ready()), run, args
@@ -74,8 +76,8 @@ def _torch_program(cfg, rows: int, backward: bool, head: bool):
 
     w = {k: torch.from_numpy(v) for k, v in _weights(cfg).items()}
     wt = {k: v.T.contiguous() for k, v in w.items()}
-    whn, nb = _head_block(cfg)
-    wh, wht = torch.from_numpy(whn), torch.from_numpy(whn.T.copy())
+    wh = torch.from_numpy(_head_blocks(cfg))
+    wht = wh.transpose(1, 2).contiguous()
     x0 = torch.from_numpy(np.random.default_rng(2).standard_normal((rows, cfg.hidden_size)).astype(np.float32))
 
     def run():
@@ -95,10 +97,9 @@ def _torch_program(cfg, rows: int, backward: bool, head: bool):
                     out = d
                 h = h + 1e-3 * out
             if head:
-                for _ in range(nb):
-                    y = h @ wh
-                    if backward:
-                        y @ wht
+                for b in range(wh.shape[0]):
+                    y = h @ wh[b]
+                    h = h + 1e-3 * (y @ wht[b]) if backward else h + 1e-9 * y.sum(dim=1, keepdim=True)
         return h
 
     return run
