@@ -40,6 +40,11 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     import json
     lines = [json.loads(l)["step"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert lines == sorted(set(lines)) and lines[0] == 0
+    # and so do the TensorBoard runs, rewritten from it (scalars() fails on a step written twice)
+    from tb_proto import scalars
+    for run in (tmp_path / "run" / "tensorboard").iterdir():
+        tags = scalars(run)
+        assert sorted(tags["tokens_per_s" if run.name == "study" else "lr"]) == lines, run.name
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):

@@ -29,6 +29,7 @@ class TrainConfig:
     save_every: int = 0             # steps between checkpoints; 0 = only at the end
     keep_last: int = 2
     log_every: int = 10             # steps per jitted segment when no checkpoint interval is set (progress)
+    tensorboard: bool = True        # also write RUN_DIR/tensorboard event files (one TensorBoard run per variant)
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:

@@ -21,6 +21,7 @@ from .config import TrainConfig
 from .engine import POOL_KEYS, Static, compile_segment, init_state, make_data, num_steps
 from .lora import LoraConfig
 from .mesh import MeshConfig, make_mesh, study_shardings
+from .tblog import StudyLog
 
 
 @dataclasses.dataclass
@@ -68,6 +69,9 @@ def run_metadata(st: Static, sd: StudyData, base_name: str, base_fingerprint: st
     }
 
 
+_LOGGING_ONLY = ("tensorboard",)
+
+
 def _same_run(old: dict, new: dict) -> list[str]:
     """The metadata sections in which a saved run differs from this one. A config field added since the run was
     saved counts as equal when this run leaves it at its default (old run folders stay resumable)."""
@@ -75,10 +79,12 @@ def _same_run(old: dict, new: dict) -> list[str]:
     keys = ("model", "train", "lora", "variants", "data_hash", "base")
     out = []
     for k in keys:
-        o = old.get(k)
+        o, n = old.get(k), new.get(k)
         if k in defaults and isinstance(o, dict):
             o = {**json.loads(json.dumps(dataclasses.asdict(defaults[k]), default=str)), **o}
-        if json.dumps(o, sort_keys=True, default=str) != json.dumps(new.get(k), sort_keys=True, default=str):
+        if k == "train" and isinstance(o, dict) and isinstance(n, dict):   # logging switches do not change a run
+            o, n = ({f: v for f, v in d.items() if f not in _LOGGING_ONLY} for d in (o, n))
+        if json.dumps(o, sort_keys=True, default=str) != json.dumps(n, sort_keys=True, default=str):
             out.append(k)
     return out
 
@@ -127,6 +133,10 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
         if resumed and metrics_path.exists():
             kept = [l for l in metrics_path.read_text().splitlines() if l and json.loads(l)["step"] < start]
         metrics_path.write_text("".join(l + "\n" for l in kept))
+    tb = None
+    if run_dir and tcfg.tensorboard:
+        tb = StudyLog(pathlib.Path(run_dir) / "tensorboard", sd.table)
+        tb.add_rows([json.loads(l) for l in kept])
 
     seg = compile_segment(st, K, jmesh, "variant" if use_mesh else None, shard)
     bar = None
@@ -150,11 +160,12 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
         for k, v in m.items():
             history.setdefault(k, []).append(np.asarray(v)[:steps])
         if metrics_path:
+            rows = [{"step": s0 + i, **{k: np.asarray(v[i]).tolist() for k, v in m.items()},
+                     "segment_tok_s": round(tok_s, 1)} for i in range(steps)]
             with metrics_path.open("a") as f:
-                for i in range(steps):
-                    row = {"step": s0 + i, **{k: np.asarray(v[i]).tolist() for k, v in m.items()},
-                           "segment_tok_s": round(tok_s, 1)}
-                    f.write(json.dumps(row) + "\n")
+                f.write("".join(json.dumps(row) + "\n" for row in rows))
+            if tb:
+                tb.add_rows(rows)
         if bar:
             bar.set_postfix(loss=f"{np.nanmean(m['loss'][:steps]):.3f}", tok_s=f"{tok_s:.0f}")
             bar.update(steps)
