@@ -105,3 +105,31 @@ def test_choice_metrics():
     np.testing.assert_allclose(m["accuracy"], [1.0, 0.0])
     np.testing.assert_allclose(m["decoy_rate"], [0.0, 1.0])      # over the two questions that have a decoy
     assert np.isnan(choice_metrics(s, np.zeros(3, int), np.full(3, -1))["decoy_rate"]).all()
+
+
+def test_layers_no_adapter_touches_run_once_with_the_same_scores(mc):
+    from jaxpoison.eval.score import shared_layers
+    cfg = dataclasses.replace(CFG, num_layers=4)
+    base = init_params(cfg, jax.random.PRNGKey(1))
+    lc = LoraConfig(r=4, alpha=8, targets=("q", "v", "down", "lm_head"), layers_from=2)
+    loras = []
+    for i in range(3):   # trained on the top 2 layers: rows 0-1 exactly zero (init_lora makes them so)
+        lo = init_lora(jax.random.PRNGKey(20 + i), cfg, lc)
+        loras.append({m: {n: (w if m == "lm_head" else w.at[2:].add(0.05 * jax.random.normal(
+            jax.random.PRNGKey(30 + i), w[2:].shape))) for n, w in ab.items()} for m, ab in lo.items()})
+    loras[1]["q"]["a"] = loras[1]["q"]["a"].at[1].set(1.0)     # A set, B zero: layer 1 still untouched
+    stack = stack_variants(loras)
+    assert shared_layers(stack, 4) == 2
+    for path in ("auto", "plain"):
+        kw = dict(lora_scale=lc.scale, batch_questions=3, path=path)
+        fast = score_options(base, cfg, mc, stack, **kw)
+        slow = score_options(base, cfg, mc, stack, share_trunk=False, **kw)
+        np.testing.assert_allclose(fast.sum, slow.sum, atol=1e-5)
+        np.testing.assert_allclose(fast.uncond, slow.uncond, atol=1e-5)
+    # one variant's non-zero row in layer 0 (A and B) and no layer is shared; fresh adapters (B = 0) share all
+    # but the top layer
+    bad = jax.tree.map(lambda x: x, stack)
+    bad["v"] = {"a": bad["v"]["a"].at[2, 0].set(0.1), "b": bad["v"]["b"].at[2, 0].set(0.1)}
+    assert shared_layers(bad, 4) == 0
+    fresh = stack_variants([init_lora(jax.random.PRNGKey(i), cfg, LoraConfig(r=4, alpha=8)) for i in range(2)])
+    assert shared_layers(fresh, 4) == 3 and shared_layers(None, 4) == 0

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpoison.models.config import ModelConfig
-from jaxpoison.models.decoder import Decoder, init_cache
+from jaxpoison.models.decoder import Decoder, embed_tokens, final_norm, init_cache, layer_inputs, run_layers
 from jaxpoison.models.heads import gather_positions, select_positions, token_logprobs
 
 METHODS = ("sum", "mean", "calibrated")
@@ -92,15 +92,40 @@ def _over_variants(fn, lora, *args):
     return jax.vmap(fn, in_axes=(0,) + (None,) * len(args))(lora, *args)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "lora_scale", "budget", "chunk"))
+def shared_layers(lora, num_layers: int) -> int:
+    """How many bottom layers no adapter touches: layer ``i`` counts when, for every variant and module, the
+    adapter's A or B rows of that layer are all zero (its update ``x @ A @ B`` is then exactly 0). Adapters
+    trained with ``lora.layers_from = k`` have exactly zero rows below ``k``, and so have their shrunk copies, so
+    the scorer runs those layers once for all variants. Capped at ``num_layers - 1``."""
+    if lora is None:
+        return 0
+    free = jnp.ones((num_layers,), bool)
+    for m, ab in lora.items():
+        if m == "lm_head":
+            continue
+        zero = [jnp.all(ab[n] == 0, axis=tuple(range(2, ab[n].ndim))) for n in ("a", "b")]   # [V, L] each
+        free = free & jnp.all(zero[0] | zero[1], axis=0)
+    free = np.asarray(free)
+    k = num_layers if free.all() else int(np.argmin(free))
+    return min(k, num_layers - 1)
+
+
+def _hidden(lora, base, trunk, k, cos, sin, mask, cfg, dtype, lora_scale, cache=None, slot=0):
+    """Final-norm hidden states from the shared trunk (layer k's input) through the adapter's layers k..L."""
+    x, cache = run_layers(base, cfg, trunk, k, cfg.num_layers, cos, sin, mask, lora=lora, cache=cache, slot=slot,
+                          dtype=dtype, lora_scale=lora_scale)
+    return final_norm(base, cfg, x, dtype), cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "lora_scale", "budget", "chunk", "shared"))
 def score_rows(lora, base, tokens, cont_mask, attn_mask, *, cfg: ModelConfig, dtype=jnp.float32,
-               lora_scale: float = 1.0, budget: int = 0, chunk: int = 128):
+               lora_scale: float = 1.0, budget: int = 0, chunk: int = 128, shared: int = 0):
     """Summed log p of the ``cont_mask`` tokens of each row [B, T] -> [V, B] (V = 1 when ``lora`` is None).
 
-    The head runs on the first ``budget`` continuation positions of each row (all positions when 0).
+    The head runs on the first ``budget`` continuation positions of each row (all positions when 0). With
+    ``shared = k > 0`` layers ``[0, k)`` run once for all variants (see :func:`shared_layers`).
     """
-    def one(lora, base, tokens, cont_mask, attn_mask):
-        hidden, _ = Decoder(cfg, dtype, lora_scale).apply({"params": base}, tokens, attn_mask, lora=lora)
+    def tail(lora, hidden):
         h, t, w = hidden[:, :-1], tokens[:, 1:], (cont_mask[:, 1:] > 0) & attn_mask[:, 1:]
         if budget and budget < t.shape[1]:
             idx, ok = select_positions(w, budget)
@@ -108,42 +133,74 @@ def score_rows(lora, base, tokens, cont_mask, attn_mask, *, cfg: ModelConfig, dt
         lp = token_logprobs(base, cfg, h, t, chunk=chunk, lora=lora, lora_scale=lora_scale)
         return jnp.where(w, lp, 0.0).sum(-1)
 
-    return _over_variants(one, lora, base, tokens, cont_mask, attn_mask)
+    if shared:
+        cos, sin, mask = layer_inputs(cfg, tokens, attn_mask)
+        trunk, _ = run_layers(base, cfg, embed_tokens(base, cfg, tokens, dtype), 0, shared, cos, sin, mask,
+                              dtype=dtype)
+        return _over_variants(lambda l, x: tail(l, _hidden(l, base, x, shared, cos, sin, mask, cfg, dtype,
+                                                           lora_scale)[0]), lora, trunk)
+
+    def one(lora):
+        hidden, _ = Decoder(cfg, dtype, lora_scale).apply({"params": base}, tokens, attn_mask, lora=lora)
+        return tail(lora, hidden)
+
+    return _over_variants(one, lora)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "lora_scale", "chunk"))
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "lora_scale", "chunk", "shared"))
 def score_shared_prefix(lora, base, prefix, prefix_mask, cont, cont_mask, *, cfg: ModelConfig, dtype=jnp.float32,
-                        lora_scale: float = 1.0, chunk: int = 128):
+                        lora_scale: float = 1.0, chunk: int = 128, shared: int = 0):
     """Summed log p of each option's continuation after its question's prefix -> [V, B, C].
 
     prefix/prefix_mask [B, P] (right-padded, at least one real token); cont/cont_mask [B, C, N] (right-padded).
-    The prefix runs once into a KV cache; the C continuations of each question attend to it.
+    The prefix runs once into a KV cache; the C continuations of each question attend to it. With ``shared =
+    k > 0`` layers ``[0, k)`` (prefix, cache and continuations) run once for all variants.
     """
     B, P = prefix.shape
     C, N = cont.shape[1], cont.shape[2]
+    L = cfg.num_layers
+    pm = prefix_mask.astype(bool)
+    kv = jnp.concatenate([pm, jnp.zeros((B, N), bool)], axis=1)
+    pos = jnp.maximum(jnp.cumsum(pm, -1) - 1, 0)
+    n_pre = pm.sum(-1)
+    rep = lambda x: jnp.repeat(x, C, axis=0)
+    rep_cache = lambda c: jax.tree.map(lambda x: jnp.repeat(x, C, axis=1), c)
+    cm = cont_mask.reshape(B * C, N).astype(bool)
+    ct = cont.reshape(B * C, N)
+    kv_c = jnp.concatenate([rep(pm), cm], axis=1)
+    pos_c = rep(n_pre)[:, None] + jnp.arange(N)[None]
 
-    def one(lora, base, prefix, prefix_mask, cont, cont_mask):
-        model = Decoder(cfg, dtype, lora_scale)
-        pm = prefix_mask.astype(bool)
-        cache = init_cache(cfg, B, P + N, dtype)
-        kv = jnp.concatenate([pm, jnp.zeros((B, N), bool)], axis=1)
-        pos = jnp.maximum(jnp.cumsum(pm, -1) - 1, 0)
-        h_pre, cache = model.apply({"params": base}, prefix, pm, pos, lora, cache, 0, kv)
-        n_pre = pm.sum(-1)
+    def tail(lora, h_pre, h_cont):
         h_last = jnp.take_along_axis(h_pre, (n_pre - 1)[:, None, None], axis=1)      # [B, 1, D]
-
-        rep = lambda x: jnp.repeat(x, C, axis=0)
-        cache = jax.tree.map(lambda x: jnp.repeat(x, C, axis=1), cache)
-        cm = cont_mask.reshape(B * C, N).astype(bool)
-        ct = cont.reshape(B * C, N)
-        kv_c = jnp.concatenate([rep(pm), cm], axis=1)
-        pos_c = rep(n_pre)[:, None] + jnp.arange(N)[None]
-        h_cont, _ = model.apply({"params": base}, ct, cm, pos_c, lora, cache, P, kv_c)
         h = jnp.concatenate([rep(h_last), h_cont[:, :-1]], axis=1)                  # h[:, j] predicts ct[:, j]
         lp = token_logprobs(base, cfg, h, ct, chunk=chunk, lora=lora, lora_scale=lora_scale)
         return jnp.where(cm, lp, 0.0).sum(-1).reshape(B, C)
 
-    return _over_variants(one, lora, base, prefix, prefix_mask, cont, cont_mask)
+    if shared:
+        k = shared
+        cache = init_cache(cfg, B, P + N, dtype, layers=k)
+        in_pre = layer_inputs(cfg, prefix, pm, pos, cache, 0, kv)
+        in_cont = layer_inputs(cfg, ct, cm, pos_c, rep_cache(cache), P, kv_c)
+        x_pre, cache = run_layers(base, cfg, embed_tokens(base, cfg, prefix, dtype), 0, k, *in_pre, cache=cache,
+                                  slot=0, dtype=dtype)
+        x_cont, _ = run_layers(base, cfg, embed_tokens(base, cfg, ct, dtype), 0, k, *in_cont,
+                               cache=rep_cache(cache), slot=P, dtype=dtype)
+
+        def top(lora, x_pre, x_cont):
+            top_cache = init_cache(cfg, B, P + N, dtype, layers=L - k)
+            h_pre, top_cache = _hidden(lora, base, x_pre, k, *in_pre, cfg, dtype, lora_scale, top_cache, 0)
+            h_cont, _ = _hidden(lora, base, x_cont, k, *in_cont, cfg, dtype, lora_scale, rep_cache(top_cache), P)
+            return tail(lora, h_pre, h_cont)
+
+        return _over_variants(top, lora, x_pre, x_cont)
+
+    def one(lora):
+        model = Decoder(cfg, dtype, lora_scale)
+        h_pre, cache = model.apply({"params": base}, prefix, pm, pos, lora, init_cache(cfg, B, P + N, dtype), 0, kv)
+        h_cont, _ = model.apply({"params": base}, ct, cm, pos_c, lora, rep_cache(cache), P, kv_c)
+        return tail(lora, h_pre, h_cont)
+
+    return _over_variants(one, lora)
 
 
 # ---- host side -------------------------------------------------------------------------------------------------
@@ -211,7 +268,7 @@ def _variant_chunks(lora, variant_chunk: int):
 
 
 def _score_plain(base, cfg, tokens, cont, attn, lora, *, rows_per_batch, dtype, lora_scale, chunk, variant_chunk,
-                 progress, desc):
+                 progress, desc, shared=0):
     """[N, T] rows -> [V, N] summed continuation log-probs."""
     tokens, cont, attn = _trim(tokens, cont, attn)
     budget = int(np.max((cont[:, 1:] > 0).sum(-1)))
@@ -221,14 +278,14 @@ def _score_plain(base, cfg, tokens, cont, attn, lora, *, rows_per_batch, dtype, 
         sl = slice(b0, b0 + rows_per_batch)
         n = min(rows_per_batch, N - b0)
         args = [jnp.asarray(_pad_to(x[sl], rows_per_batch)) for x in (tokens, cont, attn)]
-        parts = [score_rows(l, base, *args, cfg=cfg, dtype=dtype, lora_scale=lora_scale, budget=budget, chunk=chunk)
-                 for l in _variant_chunks(lora, variant_chunk)]
+        parts = [score_rows(l, base, *args, cfg=cfg, dtype=dtype, lora_scale=lora_scale, budget=budget, chunk=chunk,
+                            shared=shared) for l in _variant_chunks(lora, variant_chunk)]
         out.append(np.concatenate([np.asarray(p) for p in parts], 0)[:, :n])
     return np.concatenate(out, axis=1)
 
 
 def _score_prefix(base, cfg, split, lora, *, batch_questions, dtype, lora_scale, chunk, variant_chunk, progress,
-                  desc):
+                  desc, shared=0):
     prefix, pmask, cont, cmask = split
     Q = prefix.shape[0]
     out = []
@@ -236,27 +293,31 @@ def _score_prefix(base, cfg, split, lora, *, batch_questions, dtype, lora_scale,
         sl = slice(b0, b0 + batch_questions)
         n = min(batch_questions, Q - b0)
         args = [jnp.asarray(_pad_to(x[sl], batch_questions)) for x in (prefix, pmask, cont, cmask)]
-        parts = [score_shared_prefix(l, base, *args, cfg=cfg, dtype=dtype, lora_scale=lora_scale, chunk=chunk)
-                 for l in _variant_chunks(lora, variant_chunk)]
+        parts = [score_shared_prefix(l, base, *args, cfg=cfg, dtype=dtype, lora_scale=lora_scale, chunk=chunk,
+                                     shared=shared) for l in _variant_chunks(lora, variant_chunk)]
         out.append(np.concatenate([np.asarray(p) for p in parts], 0)[:, :n])
     return np.concatenate(out, axis=1)
 
 
 def score_options(base, cfg: ModelConfig, mc, lora=None, *, lora_scale: float = 1.0, dtype=jnp.float32,
                   batch_questions: int = 8, calibrate: bool = True, path: str = "auto", variant_chunk: int = 0,
-                  chunk: int = 128, progress: bool = False, desc: str = "score") -> OptionScores:
+                  chunk: int = 128, progress: bool = False, desc: str = "score",
+                  share_trunk: bool = True) -> OptionScores:
     """Score every option of every question of ``mc`` (a :class:`jaxpoison.data.pool.McEval`) for every variant.
 
     ``lora``: stacked adapters with a leading variant axis, or None for the base alone (V = 1).
     ``path``: 'auto' (shared prefix when the data allow), 'shared_prefix' or 'plain'.
     ``variant_chunk``: score at most this many variants per call (memory); 0 = all at once.
+    ``share_trunk``: run the bottom layers no adapter touches (:func:`shared_layers`; adapters trained with
+    ``lora.layers_from``) once for all variants instead of once per variant. Same scores; off = the plain way.
     """
     if path not in ("auto", "shared_prefix", "plain"):
         raise ValueError(f"unknown scoring path {path!r}: use 'auto', 'shared_prefix' or 'plain'")
     if batch_questions < 1:
         raise ValueError(f"batch_questions must be >= 1, got {batch_questions}")
     Q, C, T = mc.tokens.shape
-    kw = dict(dtype=dtype, lora_scale=lora_scale, chunk=chunk, variant_chunk=variant_chunk, progress=progress)
+    kw = dict(dtype=dtype, lora_scale=lora_scale, chunk=chunk, variant_chunk=variant_chunk, progress=progress,
+              shared=shared_layers(lora, cfg.num_layers) if share_trunk else 0)
     split = None if path == "plain" else split_shared_prefix(mc.tokens, mc.cont_mask, mc.attn_mask)
     if path == "shared_prefix" and split is None:
         raise ValueError("the options of some question do not share a prefix (or a continuation does not end its "

@@ -251,8 +251,9 @@ class Decoder(nn.Module):
         return x, cache
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32, layers: Optional[int] = None) -> dict:
+    """Zero KV cache of ``layers`` layers (default: all of them)."""
+    shape = (cfg.num_layers if layers is None else layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
@@ -261,6 +262,43 @@ def init_params(cfg: ModelConfig, key: Array) -> dict:
     model = Decoder(cfg)
     tokens = jnp.zeros((1, 4), jnp.int32)
     return model.init(key, tokens)["params"]
+
+
+def embed_tokens(base: dict, cfg: ModelConfig, tokens, dtype=jnp.float32) -> Array:
+    return _embed(cfg, dtype, name=None).apply({"params": base["embed"]}, tokens).astype(dtype)
+
+
+def final_norm(base: dict, cfg: ModelConfig, x, dtype=jnp.float32) -> Array:
+    return RMSNorm(cfg.rms_norm_eps, dtype).apply({"params": base["final_norm"]}, x)
+
+
+def run_layers(base: dict, cfg: ModelConfig, x, lo: int, hi: int, cos, sin, mask, *, lora: Optional[dict] = None,
+               cache: Optional[dict] = None, slot=0, dtype=jnp.float32, lora_scale: float = 1.0,
+               lora_dropout: float = 0.0, deterministic: bool = True, dropout_key=None, policy=False):
+    """Layers ``[lo, hi)`` of the decoder on hidden states x [B, T, D], functionally -> (x, cache).
+
+    ``lora`` is a full-depth adapter tree (its rows ``lo:hi`` are used); ``cache`` holds ``hi - lo`` layers of
+    its own (indexed from 0); (cos, sin, mask) come from :func:`layer_inputs`. ``policy`` other than False wraps
+    each layer in ``jax.checkpoint`` with that save policy (None = recompute everything). LoRA dropout draws
+    layer ``i``'s mask from ``fold_in(dropout_key, i)``.
+    """
+    block = Block(cfg, dtype, lora_scale, lora_dropout)
+    params = jax.tree.map(lambda w: w[lo:hi], base["layers"])
+    lora_sl = {m: {n: w[lo:hi] for n, w in ab.items()} for m, ab in (lora or {}).items() if m != "lm_head"}
+    det = deterministic or lora_dropout == 0
+
+    def body(carry, xs):
+        x, cache = carry
+        p, lora_i, i = xs
+        rngs = {} if det else {"dropout": jax.random.fold_in(dropout_key, lo + i)}
+        (x, cache), _ = block.apply({"params": p}, (x, cache), lora_i or None, i, cos, sin, mask, slot, det,
+                                    rngs=rngs)
+        return (x, cache), None
+
+    if policy is not False:
+        body = jax.checkpoint(body, prevent_cse=False, policy=policy)
+    (x, cache), _ = jax.lax.scan(body, (x, cache), (params, lora_sl, jnp.arange(hi - lo)))
+    return x, cache
 
 
 def hidden_lora_from(base: dict, cfg: ModelConfig, tokens, attn_mask=None, positions=None, *, lora: dict,
@@ -285,33 +323,12 @@ def hidden_lora_from(base: dict, cfg: ModelConfig, tokens, attn_mask=None, posit
         raise ValueError(f"lora_from={lora_from} is out of range for a model with {L} layers: use 0..{L - 1}")
     if not deterministic and lora_dropout > 0 and dropout_key is None:
         raise ValueError("LoRA dropout with deterministic=False needs a dropout_key")
-    x = _embed(cfg, dtype, name=None).apply({"params": base["embed"]}, tokens).astype(dtype)
+    x = embed_tokens(base, cfg, tokens, dtype)
     cos, sin, mask = layer_inputs(cfg, tokens, attn_mask, positions)
-    block = Block(cfg, dtype, lora_scale, lora_dropout)
-
-    def layer(x, p, lora_i, i, det):
-        rngs = {} if det else {"dropout": jax.random.fold_in(dropout_key, i)}
-        (x, _), _ = block.apply({"params": p}, (x, None), lora_i, i, cos, sin, mask, 0, det, rngs=rngs)
-        return x
-
     if k > 0:
-        bottom = jax.tree.map(lambda w: w[:k], base["layers"])
-
-        def bottom_body(x, xs):
-            p, i = xs
-            return layer(x, p, None, i, True), None
-
-        x, _ = jax.lax.scan(bottom_body, x, (bottom, jnp.arange(k)))
+        x, _ = run_layers(base, cfg, x, 0, k, cos, sin, mask, dtype=dtype)
         x = jax.lax.stop_gradient(x)
-
-    top = jax.tree.map(lambda w: w[k:], base["layers"])
-    top_lora = {m: {n: w[k:] for n, w in ab.items()} for m, ab in (lora or {}).items() if m != "lm_head"}
-    det = deterministic or lora_dropout == 0
-
-    def top_body(x, xs):
-        p, lora_i, i = xs
-        return layer(x, p, lora_i or None, i, det), None
-
-    top_body = jax.checkpoint(top_body, prevent_cse=False, policy=None if remat else SAVE_POLICY)
-    x, _ = jax.lax.scan(top_body, x, (top, top_lora, jnp.arange(k, L)))
-    return RMSNorm(cfg.rms_norm_eps, dtype).apply({"params": base["final_norm"]}, x)
+    x, _ = run_layers(base, cfg, x, k, L, cos, sin, mask, lora=lora, dtype=dtype, lora_scale=lora_scale,
+                      lora_dropout=lora_dropout, deterministic=deterministic, dropout_key=dropout_key,
+                      policy=None if remat else SAVE_POLICY)
+    return final_norm(base, cfg, x, dtype)
