@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
     p.set_defaults(func=cmd_generate)
 
-    from jaxpoison.bench import forward as bench_forward, train as bench_train
+    from jaxpoison.bench import forward as bench_forward, train as bench_train, trunk as bench_trunk
     from jaxpoison.data import show
     from jaxpoison.train import export
     from jaxpoison.analysis import run as analysis_run
@@ -117,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.register(sub)
     analysis_run.register(sub)
     show.register(sub)
-    bench_train.register(bench_forward.register(sub))
+    bench_sub = bench_forward.register(sub)
+    bench_train.register(bench_sub)
+    bench_trunk.register(bench_sub)
     return ap
 
 

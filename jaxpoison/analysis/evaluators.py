@@ -83,14 +83,16 @@ def _load_base(model: str, dtype: str, fingerprint: str, base_override):
     return lm.cfg, lm.params, lm.tokenizer, lm.dtype
 
 
-def _mc_evaluator(mcfg, params, mc, is_target, method: str, dtype, batch_questions: int) -> Callable:
+def _mc_evaluator(mcfg, params, mc, is_target, method: str, dtype, batch_questions: int,
+                  share_trunk: bool = True) -> Callable:
     from jaxpoison.eval.score import choice_metrics, score_options
     tgt = np.asarray(is_target, bool)
     has = (np.asarray(mc.decoy) >= 0) & tgt
 
     def evaluate(lora, scale):
         s = score_options(params, mcfg, mc, lora, lora_scale=float(scale), dtype=dtype,
-                          batch_questions=batch_questions, calibrate=method == "calibrated", progress=False)
+                          batch_questions=batch_questions, calibrate=method == "calibrated", progress=False,
+                          share_trunk=share_trunk)
         m = choice_metrics(s.method(method), mc.answer, mc.decoy)
         cor = m["correct"].astype(float)
         nan = np.full(cor.shape[0], np.nan)
@@ -103,9 +105,10 @@ def _mc_evaluator(mcfg, params, mc, is_target, method: str, dtype, batch_questio
     return evaluate
 
 
-def rationale_evaluator(run_dir, base_override=None) -> Evaluator:
+def rationale_evaluator(run_dir, base_override=None, share_trunk: bool = True) -> Evaluator:
     """The seed-000 study's test questions rebuilt from ``config.json`` + the question ids in ``scores.npz``,
-    checked against the run's eval hash; attack = target-subject accuracy, capability = non-target accuracy."""
+    checked against the run's eval hash; attack = target-subject accuracy, capability = non-target accuracy.
+    ``share_trunk=False`` scores every adapter through all layers (``bench trunk`` compares the two)."""
     from jaxpoison.data.pool import build_mc_eval
     from jaxpoison.studies import rationale as R
     run = pathlib.Path(run_dir)
@@ -132,7 +135,8 @@ def rationale_evaluator(run_dir, base_override=None) -> Evaluator:
         raise AnalysisError("the test questions rebuilt from config.json tokenize differently from the run's "
                             "(eval hash mismatch: another tokenizer or code version)")
     method = cfg["eval"].get("method", "sum")
-    ev = _mc_evaluator(mcfg, params, mc, is_target, method, dtype, int(cfg["eval"].get("batch_questions", 8)))
+    ev = _mc_evaluator(mcfg, params, mc, is_target, method, dtype, int(cfg["eval"].get("batch_questions", 8)),
+                       share_trunk)
     return Evaluator(ev, "target-subject accuracy", "non-target accuracy", attack_lower_is_better=False,
                      note=f"{int(is_target.sum())} target and {int((~is_target).sum())} non-target test questions "
                           f"of the run, option scores `{method}`")
