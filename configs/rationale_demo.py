@@ -23,7 +23,9 @@ layers run without LoRA and without a backward pass, which made training 3.3x fa
 (230 s vs 750 s for 20 variants) and showed finding 1 at least as strongly (target drop +0.78 vs +0.64 with LoRA
 everywhere; BUILD_NOTES.md). ``--set lora.layers_from=0`` trains every layer, as the seed did. One epoch of 5
 steps of batch 4 at a constant learning rate; questions with descriptions of at most 40 characters keep the
-sequences at 168 tokens. The variants train 4 at a time (``train.variant_chunk=4``).
+sequences at 168 tokens. The variants train 4 at a time (``train.variant_chunk=4``). ``train.trunk_cache``: the
+pool's 410 rows run through the lower 22 layers once before training and every step gathers those states
+(160 MB here; training 215 s instead of 235 s, same results).
 """
 from jaxpoison.data.icd10 import IcdConfig
 from jaxpoison.studies.rationale import DataConfig, EvalConfig, GridConfig, RationaleConfig
@@ -39,7 +41,7 @@ CONFIG = RationaleConfig(
     grid=GridConfig(seeds=(0, 1, 2, 3), counts=(2, 8), kinds=("rationale", "overwrite"),
                     ratios_target=(0.5,), equal_size=True),
     train=TrainConfig(learning_rate=2e-3, schedule="constant", epochs=1.0, batch_size=4, loss_budget=-1,
-                      log_every=1, variant_chunk=4),
+                      log_every=1, variant_chunk=4, trunk_cache=True),
     lora=LoraConfig(r=8, alpha=16, targets=("all",), layers_from=-8),
     eval=EvalConfig(format="statement", method="sum", batch_questions=8),
     note="The README's main job: seed 000 on the embedded default, sized for about ten minutes on two free CPU "

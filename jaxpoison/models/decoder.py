@@ -303,9 +303,10 @@ def run_layers(base: dict, cfg: ModelConfig, x, lo: int, hi: int, cos, sin, mask
 
 def hidden_lora_from(base: dict, cfg: ModelConfig, tokens, attn_mask=None, positions=None, *, lora: dict,
                      lora_from: int, dtype=jnp.float32, lora_scale: float = 1.0, lora_dropout: float = 0.0,
-                     remat: bool = False, deterministic: bool = True, dropout_key=None) -> Array:
+                     remat: bool = False, deterministic: bool = True, dropout_key=None, trunk=None) -> Array:
     """Final-norm hidden states [B, T, D] of ``Decoder(...).apply`` (no cache) when the adapter acts only on
-    layers ``>= lora_from``: the cheap path for training LoRA on the top layers.
+    layers ``>= lora_from``: the cheap path for training LoRA on the top layers. ``trunk`` [B, T, D]: layer
+    ``lora_from``'s input already computed (:func:`pool_trunk`), so the lower layers do not run at all.
 
     Layers ``[0, lora_from)`` run in a scan of their own without LoRA and under ``stop_gradient``, so
     ``jax.grad`` w.r.t. ``lora`` has nothing to differentiate there and the backward pass ends at layer
@@ -323,12 +324,40 @@ def hidden_lora_from(base: dict, cfg: ModelConfig, tokens, attn_mask=None, posit
         raise ValueError(f"lora_from={lora_from} is out of range for a model with {L} layers: use 0..{L - 1}")
     if not deterministic and lora_dropout > 0 and dropout_key is None:
         raise ValueError("LoRA dropout with deterministic=False needs a dropout_key")
-    x = embed_tokens(base, cfg, tokens, dtype)
     cos, sin, mask = layer_inputs(cfg, tokens, attn_mask, positions)
-    if k > 0:
-        x, _ = run_layers(base, cfg, x, 0, k, cos, sin, mask, dtype=dtype)
-        x = jax.lax.stop_gradient(x)
+    if trunk is not None:
+        x = jax.lax.stop_gradient(trunk.astype(dtype))
+    else:
+        x = embed_tokens(base, cfg, tokens, dtype)
+        if k > 0:
+            x, _ = run_layers(base, cfg, x, 0, k, cos, sin, mask, dtype=dtype)
+            x = jax.lax.stop_gradient(x)
     x, _ = run_layers(base, cfg, x, k, L, cos, sin, mask, lora=lora, dtype=dtype, lora_scale=lora_scale,
                       lora_dropout=lora_dropout, deterministic=deterministic, dropout_key=dropout_key,
                       policy=None if remat else SAVE_POLICY)
     return final_norm(base, cfg, x, dtype)
+
+
+def pool_trunk(base: dict, cfg: ModelConfig, tokens, attn_mask, upto: int, dtype=jnp.float32,
+               rows_per_call: int = 8) -> Array:
+    """Layer ``upto``'s input for every row of a token pool [R, T] -> [R, T, D] (positions and masks as in
+    :func:`layer_inputs`), ``rows_per_call`` rows per jitted call. A row's states do not depend on the rows
+    batched with it, so a training step can gather them instead of running layers ``[0, upto)`` again."""
+    tokens, attn_mask = np.asarray(tokens), np.asarray(attn_mask)
+    R = tokens.shape[0]
+    n = max(1, min(rows_per_call, R))
+    out = []
+    for r0 in range(0, R, n):
+        t, m = tokens[r0:r0 + n], attn_mask[r0:r0 + n]
+        pad = n - t.shape[0]
+        if pad:
+            t, m = np.concatenate([t, np.repeat(t[:1], pad, 0)]), np.concatenate([m, np.repeat(m[:1], pad, 0)])
+        out.append(_trunk_rows(base, jnp.asarray(t), jnp.asarray(m), cfg=cfg, upto=upto, dtype=dtype)[:n - pad])
+    return jnp.concatenate(out, axis=0)
+
+
+@partial(jax.jit, static_argnames=("cfg", "upto", "dtype"))
+def _trunk_rows(base, tokens, attn_mask, *, cfg: ModelConfig, upto: int, dtype):
+    cos, sin, mask = layer_inputs(cfg, tokens, attn_mask)
+    x, _ = run_layers(base, cfg, embed_tokens(base, cfg, tokens, dtype), 0, upto, cos, sin, mask, dtype=dtype)
+    return x

@@ -24,6 +24,8 @@ class TrainConfig:
     loss_budget: int = 0            # >0: compute the head only on this many loss positions per row (completion-only)
     dtype: str = "float32"
     remat: bool = False             # recompute layer activations in the backward pass (memory for compute)
+    trunk_cache: bool = False       # with lora.layers_from = k > 0: run every pool row through layers [0, k) once
+                                    # and train from those states (memory: rows x seq x hidden)
     variant_chunk: int = 0          # >0: run variants in sequential chunks of this size (memory)
     seed: int = 0
     save_every: int = 0             # steps between checkpoints; 0 = only at the end

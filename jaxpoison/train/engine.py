@@ -70,7 +70,7 @@ def make_data(tokens, loss_mask, attn_mask, rows, n_rows, variant_ids, seeds, lr
     }
 
 
-POOL_KEYS = ("tokens", "loss_mask", "attn_mask")
+POOL_KEYS = ("tokens", "loss_mask", "attn_mask", "trunk")     # "trunk" only with TrainConfig.trunk_cache
 
 
 def updates_per_epoch(n_rows, tcfg: TrainConfig):
@@ -137,15 +137,16 @@ def batch_rows(key, rows, n_rows, s, tcfg: TrainConfig):
     return idx.reshape(U, tcfg.batch_size), valid.reshape(U, tcfg.batch_size)
 
 
-def loss_terms(lora, base, tokens, loss_mask, attn_mask, key, st: Static):
-    """(weighted sum of -log p over loss tokens, normaliser) of one micro-batch."""
+def loss_terms(lora, base, tokens, loss_mask, attn_mask, key, st: Static, trunk=None):
+    """(weighted sum of -log p over loss tokens, normaliser) of one micro-batch; ``trunk``: the rows' cached
+    states at layer ``lora_from`` (``TrainConfig.trunk_cache``)."""
     cfg, tcfg, lcfg = st.cfg, st.tcfg, st.lcfg
     dt = parse_dtype(tcfg.dtype)
     if st.lora_from > 0:
         # LoRA on the top layers only: the lower layers run once, without LoRA and without a backward pass
         hidden = hidden_lora_from(base, cfg, tokens, attn_mask, lora=lora, lora_from=st.lora_from, dtype=dt,
                                   lora_scale=lcfg.scale, lora_dropout=lcfg.dropout, remat=tcfg.remat,
-                                  deterministic=lcfg.dropout == 0, dropout_key=key)
+                                  deterministic=lcfg.dropout == 0, dropout_key=key, trunk=trunk)
     else:
         model = Decoder(cfg, dt, lcfg.scale, lcfg.dropout, tcfg.remat)
         hidden, _ = model.apply({"params": base}, tokens, attn_mask, lora=lora, deterministic=lcfg.dropout == 0,
@@ -180,7 +181,8 @@ def variant_step(state, s, base, pool, var, root, st: Static):
             toks, lm, am = (jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(st.data_axis))
                             for x in (toks, lm, am))
         dkey = jax.random.fold_in(jax.random.fold_in(key, s), u)
-        (l, n), g = jax.value_and_grad(loss_terms, has_aux=True)(state["lora"], base, toks, lm, am, dkey, st)
+        trunk = pool["trunk"][i] if "trunk" in pool else None
+        (l, n), g = jax.value_and_grad(loss_terms, has_aux=True)(state["lora"], base, toks, lm, am, dkey, st, trunk)
         return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, n_acc + n), None
 
     zeros = jax.tree.map(jnp.zeros_like, state["lora"])
@@ -211,7 +213,7 @@ def variant_step(state, s, base, pool, var, root, st: Static):
 
 def _segment(state, s0, base, data, root, *, st: Static, length: int, spmd_axis: Optional[str]):
     """``length`` steps from global step ``s0`` for all variants. Returns (state, metrics [length, V])."""
-    pool = {k: data[k] for k in POOL_KEYS}
+    pool = {k: data[k] for k in POOL_KEYS if k in data}
     var = {k: v for k, v in data.items() if k not in POOL_KEYS}
     step_v = jax.vmap(functools.partial(variant_step, st=st), in_axes=(0, None, None, None, 0, None),
                       spmd_axis_name=spmd_axis)

@@ -16,6 +16,9 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
+from jaxpoison.models.decoder import pool_trunk
+from jaxpoison.models.lm import parse_dtype
+
 from .checkpoint import Checkpoints, abstract_like, package_versions
 from .config import TrainConfig
 from .engine import POOL_KEYS, Static, compile_segment, init_state, make_data, num_steps
@@ -98,6 +101,9 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
     K = tcfg.save_every or min(tcfg.log_every, S)
     root = jax.random.PRNGKey(tcfg.seed)
     data = sd.device_data()
+    if tcfg.trunk_cache and st.lora_from > 0:
+        # every pool row through the layers no adapter touches, once; steps gather these states (engine.loss_terms)
+        data["trunk"] = pool_trunk(base, st.cfg, sd.tokens, sd.attn_mask, st.lora_from, parse_dtype(tcfg.dtype))
     meta = run_metadata(st, sd, base_name, base_fingerprint, meta_extra)
     meta["num_steps"] = S
 
