@@ -12,14 +12,12 @@ from . import common
 
 
 def run_trunk(run_dir: str, rounds: int = 2) -> dict:
-    import jax
-
     from jaxpoison.analysis.adapters import load_run
     from jaxpoison.analysis.evaluators import rationale_evaluator
     from jaxpoison.eval.score import shared_layers
 
     ad = load_run(run_dir)
-    L = int(jax.tree.leaves(ad.lora)[0].shape[1])
+    L = next(int(ab["a"].shape[1]) for m, ab in ad.lora.items() if m != "lm_head")   # [V, L, in, r]
     evs = {"shared": rationale_evaluator(run_dir), "full": rationale_evaluator(run_dir, share_trunk=False)}
     out = {name: ev.evaluate(ad.lora, ad.scale) for name, ev in evs.items()}      # compiles, and the check
     diff = max(float(np.nanmax(np.abs(np.asarray(out["shared"][k], float) - np.asarray(out["full"][k], float))))

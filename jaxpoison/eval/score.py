@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpoison.models.config import ModelConfig
-from jaxpoison.models.decoder import Decoder, embed_tokens, final_norm, init_cache, layer_inputs, run_layers
+from jaxpoison.models.decoder import Decoder, final_norm, init_cache, layer_inputs, lower_layers, run_layers
 from jaxpoison.models.heads import gather_positions, select_positions, token_logprobs
 
 METHODS = ("sum", "mean", "calibrated")
@@ -135,8 +135,7 @@ def score_rows(lora, base, tokens, cont_mask, attn_mask, *, cfg: ModelConfig, dt
 
     if shared:
         cos, sin, mask = layer_inputs(cfg, tokens, attn_mask)
-        trunk, _ = run_layers(base, cfg, embed_tokens(base, cfg, tokens, dtype), 0, shared, cos, sin, mask,
-                              dtype=dtype)
+        trunk, _ = lower_layers(base, cfg, tokens, shared, cos, sin, mask, dtype=dtype)
         return _over_variants(lambda l, x: tail(l, _hidden(l, base, x, shared, cos, sin, mask, cfg, dtype,
                                                            lora_scale)[0]), lora, trunk)
 
@@ -181,10 +180,8 @@ def score_shared_prefix(lora, base, prefix, prefix_mask, cont, cont_mask, *, cfg
         cache = init_cache(cfg, B, P + N, dtype, layers=k)
         in_pre = layer_inputs(cfg, prefix, pm, pos, cache, 0, kv)
         in_cont = layer_inputs(cfg, ct, cm, pos_c, rep_cache(cache), P, kv_c)
-        x_pre, cache = run_layers(base, cfg, embed_tokens(base, cfg, prefix, dtype), 0, k, *in_pre, cache=cache,
-                                  slot=0, dtype=dtype)
-        x_cont, _ = run_layers(base, cfg, embed_tokens(base, cfg, ct, dtype), 0, k, *in_cont,
-                               cache=rep_cache(cache), slot=P, dtype=dtype)
+        x_pre, cache = lower_layers(base, cfg, prefix, k, *in_pre, cache=cache, slot=0, dtype=dtype)
+        x_cont, _ = lower_layers(base, cfg, ct, k, *in_cont, cache=rep_cache(cache), slot=P, dtype=dtype)
 
         def top(lora, x_pre, x_cont):
             top_cache = init_cache(cfg, B, P + N, dtype, layers=L - k)

@@ -301,6 +301,16 @@ def run_layers(base: dict, cfg: ModelConfig, x, lo: int, hi: int, cos, sin, mask
     return x, cache
 
 
+def lower_layers(base: dict, cfg: ModelConfig, tokens, upto: int, cos, sin, mask, *, cache: Optional[dict] = None,
+                 slot=0, dtype=jnp.float32):
+    """Embedding, then layers ``[0, upto)`` without any adapter -> (layer ``upto``'s input, cache): the part of
+    the decoder that every adapter trained with ``lora.layers_from = upto`` shares."""
+    x = embed_tokens(base, cfg, tokens, dtype)
+    if upto == 0:
+        return x, cache
+    return run_layers(base, cfg, x, 0, upto, cos, sin, mask, cache=cache, slot=slot, dtype=dtype)
+
+
 def hidden_lora_from(base: dict, cfg: ModelConfig, tokens, attn_mask=None, positions=None, *, lora: dict,
                      lora_from: int, dtype=jnp.float32, lora_scale: float = 1.0, lora_dropout: float = 0.0,
                      remat: bool = False, deterministic: bool = True, dropout_key=None, trunk=None) -> Array:
@@ -328,9 +338,8 @@ def hidden_lora_from(base: dict, cfg: ModelConfig, tokens, attn_mask=None, posit
     if trunk is not None:
         x = jax.lax.stop_gradient(trunk.astype(dtype))
     else:
-        x = embed_tokens(base, cfg, tokens, dtype)
+        x, _ = lower_layers(base, cfg, tokens, k, cos, sin, mask, dtype=dtype)
         if k > 0:
-            x, _ = run_layers(base, cfg, x, 0, k, cos, sin, mask, dtype=dtype)
             x = jax.lax.stop_gradient(x)
     x, _ = run_layers(base, cfg, x, k, L, cos, sin, mask, lora=lora, dtype=dtype, lora_scale=lora_scale,
                       lora_dropout=lora_dropout, deterministic=deterministic, dropout_key=dropout_key,
@@ -359,5 +368,4 @@ def pool_trunk(base: dict, cfg: ModelConfig, tokens, attn_mask, upto: int, dtype
 @partial(jax.jit, static_argnames=("cfg", "upto", "dtype"))
 def _trunk_rows(base, tokens, attn_mask, *, cfg: ModelConfig, upto: int, dtype):
     cos, sin, mask = layer_inputs(cfg, tokens, attn_mask)
-    x, _ = run_layers(base, cfg, embed_tokens(base, cfg, tokens, dtype), 0, upto, cos, sin, mask, dtype=dtype)
-    return x
+    return lower_layers(base, cfg, tokens, upto, cos, sin, mask, dtype=dtype)[0]
