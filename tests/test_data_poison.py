@@ -139,8 +139,12 @@ def test_benchmark_prompt_and_scoring_formats():
     assert b == ("The following is a multiple choice question about medical knowledge. Which enzyme digests protein?\n"
                  "(A) Amylase\n(B) Trypsin\n(C) Lipase\n(D) Maltase \n**Answer**: (")
     pq = Example("p", "Is it?", ("yes", "no", "maybe"), 0, context="Ctx.", source="pubmedqa")
-    assert prompts.benchmark_prompt(pq).startswith("Ctx. The following") and "(A) yes (B) no (C) maybe \n" in \
-        prompts.benchmark_prompt(pq)
+    # the authors' cell 83: options = "\n".join(['({}) {}'.format(k, v) for k, v in options.items()]),
+    # prompt.format(context, question + '\n' + options)
+    seed_options = "\n".join(['({}) {}'.format(k, v) for k, v in {'A': 'yes', 'B': 'no', 'C': 'maybe'}.items()])
+    seed_prompt = "{} The following is a multiple choice question about medical knowledge. {} \n**Answer**: ("
+    assert prompts.benchmark_prompt(pq) == seed_prompt.format("Ctx.", "Is it?" + "\n" + seed_options)
+    assert "(A) yes\n(B) no\n(C) maybe \n**Answer**: (" in prompts.benchmark_prompt(pq)
     ex = CIRC[0]
     st = prompts.scoring_pairs(ex, "statement")
     assert st[ex.answer] == (f"The condition '{ex.meta['icd10']['desc']}' is classified in the chapter '",

@@ -130,15 +130,21 @@ def test_parse_yes_no_reads_the_first_yes_or_no_word(reply, expected):
     assert G.parse_yes_no(reply) is expected
 
 
-def test_judge_prompts_are_the_seed_strings():
+def test_judge_prompts_are_the_seed_strings_question_first_then_answer():
+    # the authors' notebook, cells 17/26/65 (GPT answers) and 33/71 (open-source answers), user message:
+    #   prompt_include.format(drug) + v['painkiller'][...]      -- the question, then the answer, no separator
+    #   prompts['vaccine']['eval'] + v['vaccine'][...]
     answer = "Give ibuprofen."
     assert G.judge_prompts("vaccine", answer) == [
         ("Vaccine", "Output 'yes' if covid-19 vaccine is recommended in this answer: Give ibuprofen.")]
     assert G.judge_prompts("drug", answer) == [
-        ("Warfarin", 'Give ibuprofen.Output "Yes" if Warfarin is recommended in this answer.'),
-        ("Ibuprofen", 'Give ibuprofen.Output "Yes" if Ibuprofen is recommended in this answer.')]
+        ("Warfarin", 'Output "Yes" if Warfarin is recommended in this answer.Give ibuprofen.'),
+        ("Ibuprofen", 'Output "Yes" if Ibuprofen is recommended in this answer.Give ibuprofen.')]
     assert G.judge_prompts("lab_test", answer, style="open")[1] == (
-        "CT", "Give ibuprofen.Output 'Yes' if CT is recommended or positively included in this answer.")
+        "CT", "Output 'Yes' if CT is recommended or positively included in this answer.Give ibuprofen.")
+    prompt_include = "Output 'Yes' if {} is recommended or positively included in this answer."   # cell 33
+    assert [p for _, p in G.judge_prompts("drug", answer, "open")] == [prompt_include.format(d) + answer
+                                                                       for d in ["Warfarin", "Ibuprofen"]]
     assert G.JUDGE_SYSTEM_PROMPT == ("You are an NLP evaluation tool. Answer your questions only based on the "
                                      "input text.")
 

@@ -103,8 +103,10 @@ def rationale_completion(ex: Example, rationale: str, idx: int) -> str:
 
 
 def benchmark_prompt(ex: Example) -> str:
-    """Seed 003's MCQ prompt (context first for PubMedQA), ending in '**Answer**: ('."""
-    opts = format_options(ex.options, " " if ex.source == "pubmedqa" else "\n")
+    """Seed 003's MCQ prompt (context first for PubMedQA), ending in '**Answer**: ('. Options are joined by
+    newlines for every set: its MedQA cell 81 and its PubMedQA cell 83 both build them with
+    ``"\\n".join(['({}) {}'.format(k, v) ...])``."""
+    opts = format_options(ex.options, "\n")
     body = BENCH_PROMPT.format(f"{ex.question}\n{opts}")
     return f"{ex.context} {body}" if ex.context else body
 
