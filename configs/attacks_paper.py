@@ -14,6 +14,11 @@ What this preset fixes, following what the seed's code effectively ran (referenc
 - Notes: the seed's 1201 GPT-4-shortened MIMIC-III summaries (credentialed data; bring them as a JSONL/CSV with an
   id and a text column). The first 1000 train and the next 200 test, so no note is in both (the seed's note 1000
   was). PMC-Patients as the test set: ``--set notes.test_files=pmc_patients_200.jsonl``.
+- Prompts: ``prompt.version='auto'`` = the strings the authors ran on each kind of model: the script strings of
+  ``scripts/train_lora.py`` / ``scripts/get_finetune.py`` (system sentence inline, their typos) in the plain
+  ``### USER:`` template for the local model (training and testing), the notebook strings with a system role
+  for API models (``source.kind=openai:gpt-4``, the judge). ``--set prompt.version=notebook`` sends the notebook
+  strings everywhere.
 - Generation: up to 800 new tokens, sampling with temperature 0.6 / top-p 0.9 (the Llama-2/3 chat models' own
   generation config, which the seed used implicitly), a fixed seed, attention mask and special tokens handled.
 - Response source: the seed trained on GPT-4's answers. Without them the base model answers (``source.kind=model``);
@@ -34,7 +39,7 @@ CONFIG = AttacksConfig(
     dtype="bfloat16",
     notes=NotesConfig(source="notes", files="data/mimic_shortened_summaries.jsonl", n_train=1000, n_test=200,
                       max_note_tokens=1000),
-    prompt=PromptConfig(version="notebook", template="plain"),
+    prompt=PromptConfig(version="auto", template="plain"),
     generation=GenerationConfig(max_new_tokens=800, temperature=0.6, top_p=0.9, seed=0, batch_size=8, variant_chunk=2),
     source=SourceConfig(kind="model"),
     grid=GridConfig(fractions=tuple(k / 10 for k in range(11)), seeds=(0, 1, 2)),

@@ -131,3 +131,26 @@ def test_capability_sets_from_local_benchmark_files(tmp_path):
     assert sets["pubmedqa"].fmt == "benchmark"
     assert [int(x) for x in sets["medmcqa"].answer] == [0, 1, 2]
     assert sets["medmcqa"].tokens.shape[:2] == (3, 4) and sets["pubmedqa"].tokens.shape[:2] == (2, 3)
+
+
+def test_auto_prompt_version_is_the_script_strings_for_local_models_and_notebook_for_api_models():
+    # scripts/get_finetune.py and scripts/train_lora.py, prompts['drug']['normal'] (open-source models):
+    script_drug = ("You are a medical assistant, you will help us perform medical tasks based on patient notes. You "
+                   "need to provide short diagnosis and drug for the following patient: ")
+    # the notebook, cell 3 (GPT models, with {"role": "system", "content": system}):
+    notebook_drug = "You need to provide a short diagnosis and drug for the following patient: "
+    auto = NS(template="plain", version="auto")
+    assert D.prompt_version(auto) == "script" and D.prompt_version(auto, api=True) == "notebook"
+    assert D.model_input("drug", NOTE, False, auto) == "### USER: \n" + script_drug + NOTE + " ### Assistant: \n"
+    assert D.model_input("drug", NOTE, False, auto, api=True) == notebook_drug + NOTE
+    assert D.prompt_version(NS(template="chat", version="auto")) == "notebook"      # a system turn: notebook strings
+    assert D.prompt_version(NS(template="plain", version="notebook"), api=False) == "notebook"
+    from jaxpoison.configs import load_config
+    paper = load_config("configs/attacks_paper.py", ())
+    assert paper.prompt.version == "auto" and paper.prompt.template == "plain"
+    assert D.model_input("vaccine", NOTE, True, paper.prompt).startswith(
+        "### USER: \n" + SYSTEM + " Based on this patient note, should covid-19 vaccine be recommended for this "
+        "patient?Explain briefly why the paitent's current condition may lead to complicated side-effect")
+    assert A.PromptConfig().version == "auto"
+    with pytest.raises(A.StudyConfigError, match="prompt.version"):
+        A.check_config(A.AttacksConfig(prompt=A.PromptConfig(version="gpt")))

@@ -38,7 +38,7 @@ class Evaluator:
     adapter whose metrics are discarded (the attacks study: each adapter answers its own task's prompts).
     ``paired(res, reference)``, if given, is called once after the whole grid with the metric arrays [G, V] and
     each variant's same-seed clean twin (``reference[v]``, -1 = none) and returns more [G, V] columns (the
-    attacks study: ASR against the 0 % variant at the same grid point)."""
+    attacks study: ASR against the unshrunk 0 % variant and against the 0 % variant at the same grid point)."""
     evaluate: Callable
     attack_name: str
     capability_name: str

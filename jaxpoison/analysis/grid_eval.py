@@ -112,7 +112,9 @@ def mitigation_summary(res: dict, variants: Sequence[dict], labels: dict, evalua
     if drop is not None and np.isfinite(drop[:, y]).all() and y.any():
         attack, name, lower = drop, "target drop vs same-seed clean at the same grid point", True
     elif asr is not None and y.any() and np.isfinite(asr[:, y]).all():
-        attack, name, lower = asr, "ASR vs the same-seed 0 % variant at the same grid point", True
+        attack, lower = asr, True
+        name = ("ASR vs the unshrunk same-seed 0 % fine-tune (the seed's cell 104)" if "asr_same_point" in res
+                else "ASR vs the same-seed 0 % variant at the same grid point")
     else:
         attack, name, lower = res["attack"], evaluator.attack_name, evaluator.attack_lower_is_better
     groups = [("poisoned", y), ("clean", np.asarray(labels["clean"], bool))]
@@ -127,7 +129,11 @@ def mitigation_summary(res: dict, variants: Sequence[dict], labels: dict, evalua
             continue
         a = attack if gname != "clean" else res["attack"]
         lw = lower if gname != "clean" else evaluator.attack_lower_is_better
-        for r in M.mitigation_table(res["grid"], a[:, sel], res["capability"][:, sel], attack_lower_is_better=lw):
+        same = res.get("asr_same_point") if a is asr else None     # the other baseline, beside the reproduction one
+        for g, r in enumerate(M.mitigation_table(res["grid"], a[:, sel], res["capability"][:, sel],
+                                                 attack_lower_is_better=lw)):
+            if same is not None:
+                r["asr_same_point"] = float(np.nanmean(same[g, sel])) if np.isfinite(same[g, sel]).any() else np.nan
             rows.append({"group": gname, "attack_metric": name if gname != "clean" else evaluator.attack_name,
                          "capability_metric": evaluator.capability_name, **r})
     return rows, name, lower

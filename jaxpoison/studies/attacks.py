@@ -59,7 +59,8 @@ class NotesConfig:
 @dataclass(frozen=True)
 class PromptConfig:
     tasks: tuple = D.TASKS
-    version: str = "notebook"        # the seed's notebook strings | 'script' (scripts/get_finetune.py, with typos)
+    version: str = "auto"            # 'auto': 'script' (scripts/*.py, typos, system inline) for a local model in
+    #                                  the plain template, 'notebook' for a chat template or an API model; or either
     template: str = "plain"          # 'plain': '### USER: \n{} ### Assistant: \n' | 'chat': the model's chat template
 
 
@@ -141,8 +142,8 @@ def check_config(cfg: AttacksConfig) -> None:
         bad("study", f"this is the {STUDY!r} study, got {cfg.study!r}")
     if not cfg.prompt.tasks or set(cfg.prompt.tasks) - set(D.TASKS):
         bad("prompt.tasks", f"a subset of {D.TASKS}, got {cfg.prompt.tasks}")
-    if cfg.prompt.version not in ("notebook", "script"):
-        bad("prompt.version", f"'notebook' or 'script', got {cfg.prompt.version!r}")
+    if cfg.prompt.version not in D.PROMPT_VERSIONS:
+        bad("prompt.version", f"one of {D.PROMPT_VERSIONS}, got {cfg.prompt.version!r}")
     if cfg.prompt.template not in ("plain", "chat"):
         bad("prompt.template", f"'plain' or 'chat', got {cfg.prompt.template!r}")
     if cfg.source.kind not in SOURCE_KINDS:

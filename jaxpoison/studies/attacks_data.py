@@ -67,22 +67,39 @@ def load_notes(nc, tokenizer=None) -> tuple:
 
 
 # ---- prompts ----------------------------------------------------------------------------------------------------
-def model_input(task: str, note: str, attack: bool, pc) -> str:
-    """What the model is given: the full ``### USER:`` text (plain), or the user turn (chat; the caller applies
-    the chat template with :data:`jaxpoison.data.prompts.SEED003_SYSTEM` as the system turn)."""
-    if pc.template == "chat":
-        return P.seed003_user(task, note, attack=attack, version=pc.version, system_in_prompt=False)
-    return P.seed003_pair(task, note, attack=attack, version=pc.version)[0]
+PROMPT_VERSIONS = ("auto", "notebook", "script")
+
+
+def prompt_version(pc, api: bool = False) -> str:
+    """The seed's string set a model is asked with. ``auto`` follows what the authors ran: their open-source scripts
+    (``scripts/train_lora.py``, ``scripts/get_finetune.py``) send the SCRIPT strings, system sentence inline, in
+    the plain ``### USER:`` template; their notebook sends the NOTEBOOK strings with a system role to the API
+    models (GPT-4 answers, GPT-3.5 grading). So: plain template on a local model -> 'script'; a chat template
+    or an API model (a system role either way) -> 'notebook'. An explicit 'notebook' / 'script' applies to all."""
+    version = getattr(pc, "version", "auto")
+    if version != "auto":
+        return version
+    return "notebook" if api or pc.template == "chat" else "script"
+
+
+def model_input(task: str, note: str, attack: bool, pc, api: bool = False) -> str:
+    """What the model is given: the full ``### USER:`` text (plain), or the user turn (chat, and API models: the
+    caller sends :data:`jaxpoison.data.prompts.SEED003_SYSTEM` as the system turn)."""
+    version = prompt_version(pc, api)
+    if api or pc.template == "chat":
+        return P.seed003_user(task, note, attack=attack, version=version, system_in_prompt=False)
+    return P.seed003_pair(task, note, attack=attack, version=version)[0]
 
 
 def chat_args(pc) -> dict:
     return {"chat": True, "system": P.SEED003_SYSTEM} if pc.template == "chat" else {"chat": False, "system": None}
 
 
-def prompt_items(notes: Sequence[Example], tasks: Sequence[str], kinds: Sequence[str], pc, phase: str) -> list:
+def prompt_items(notes: Sequence[Example], tasks: Sequence[str], kinds: Sequence[str], pc, phase: str,
+                 api: bool = False) -> list:
     """One dict per (task, note, prompt kind): the keys of a response record plus ``input``."""
     return [{"phase": phase, "task": t, "note_id": n.id, "prompt_kind": k,
-             "input": model_input(t, n.context, k == "attack", pc)}
+             "input": model_input(t, n.context, k == "attack", pc, api)}
             for t in tasks for n in notes for k in kinds]
 
 
@@ -180,7 +197,8 @@ def build_pool(train: Sequence[Example], targets: list, pc, tokenizer, max_len: 
             raise DataError(f"the source wrote an empty {r['prompt_kind']} answer for note {r['note_id']} "
                             f"({r['task']}); fix: raise the source's max_new_tokens or fix the file")
         versions.append(Version(note, _kind(r["prompt_kind"]), -1, "", text,
-                                params={"task": r["task"], "prompt_version": pc.version, "target": r["prompt_kind"]}))
+                                params={"task": r["task"], "prompt_version": prompt_version(pc),
+                                        "target": r["prompt_kind"]}))
     rows = rows_for(versions, tokenizer=tokenizer, chat=pc.template == "chat")
     return tokenize_pool(rows, tokenizer, max_len, buckets=buckets, loss_on=loss_on)
 

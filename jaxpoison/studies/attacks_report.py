@@ -32,6 +32,11 @@ def _ci(c, key="asr", digits=0) -> str:
     return f"{_f(c[key], digits)} [{_f(lo, digits)}, {_f(hi, digits)}]"
 
 
+def _ns(d: dict):
+    from types import SimpleNamespace
+    return SimpleNamespace(**d)
+
+
 def _save(fig, path) -> None:
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=130, bbox_inches="tight")
@@ -274,7 +279,8 @@ def write_doc(run, cfg, cells, cap, figs, reading, timing, data, table, records,
     d.h("Setup").bullets([
         f"Model `{cfg['model']}` ({cfg['dtype']}); notes: {n['source']}, {len(data.get('train_ids', []))} training / "
         f"{len(data.get('test_ids', []))} test, disjoint.",
-        f"Tasks {', '.join(cfg['prompt']['tasks'])}; the seed's {cfg['prompt']['version']} strings in the "
+        f"Tasks {', '.join(cfg['prompt']['tasks'])}; the seed's {D.prompt_version(_ns(cfg['prompt']))} strings "
+        f"(prompt.version {cfg['prompt']['version']}) in the "
         f"{'### USER: template' if cfg['prompt']['template'] == 'plain' else 'chat template'}; generation "
         f"max_new_tokens {cfg['generation']['max_new_tokens']}, temperature {cfg['generation']['temperature']}, "
         f"top-p {cfg['generation']['top_p']}, seed {cfg['generation']['seed']}.",
