@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from .config import ATTENTION_IMPLEMENTATIONS
+
 Array = jax.Array
 
 
@@ -125,3 +127,157 @@ def causal_attention(q: Array, k: Array, v: Array, mask: Array, block: int = 64,
     qt, kt, vt = checkpoint_name(qt, "q"), checkpoint_name(kt, "k"), checkpoint_name(vt, "v")
     out = _causal_core(qt, kt, vt, jax.lax.stop_gradient(bias), block)
     return out.transpose(0, 2, 1, 3, 4).reshape(B, T, H * hd)
+
+
+# ---- implementations chosen by backend ------------------------------------------------------------------------
+# ``ModelConfig.attention`` names how a sequence attends to itself (training, scoring, prefill without cache):
+#   blocked           causal_attention above: the CPU path (flash-style backward, no T^2 tensor kept)
+#   xla | cudnn       jax.nn.dot_product_attention with that implementation (cuDNN flash attention on GPU)
+#   splash            the Pallas splash-attention kernel (Mosaic, TPU only: lowers for TPU targets)
+#   splash_interpret  the same kernel in Pallas interpret mode (runs anywhere; slow; for tests on CPU)
+#   auto              splash on TPU, cudnn on GPU for bf16/fp16 compute (xla for fp32, which cuDNN lacks),
+#                     blocked elsewhere
+IMPLEMENTATIONS = ATTENTION_IMPLEMENTATIONS
+
+
+def resolve_attention(impl: str = "auto", platform: str | None = None, dtype=None) -> str:
+    """The implementation ``impl`` stands for on ``platform`` (default: jax's default backend) with compute
+    ``dtype``. Ahead-of-time compiles for another platform (the planner's TPU topologies on a CPU host) pass
+    that platform, since the default backend is then the host's."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {impl!r}: use one of {', '.join(IMPLEMENTATIONS)}")
+    if impl != "auto":
+        return impl
+    platform = (platform or jax.default_backend()).lower()
+    if platform == "tpu":
+        return "splash"
+    if platform in ("gpu", "cuda"):
+        half = dtype is not None and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        return "cudnn" if half else "xla"
+    return "blocked"
+
+
+def self_attention(q: Array, k: Array, v: Array, mask: Array, impl: str = "auto", rules=None) -> Array:
+    """:func:`causal_attention`'s contract (q [B, T, H, hd], k/v [B, T, K, hd], ``mask`` [B, T, T] causal and
+    padding -> [B, T, H*hd]) through the implementation ``impl`` names (:func:`resolve_attention`). Outputs
+    agree on every query that has a real key; fully masked padding queries may differ (nothing reads them).
+    ``rules`` (:class:`jaxpoison.models.sharding.Rules`) place the splash kernel on the current mesh."""
+    impl = resolve_attention(impl, dtype=q.dtype)
+    if impl == "blocked":
+        return causal_attention(q, k, v, mask)
+    B, T, H, hd = q.shape
+    if impl in ("xla", "cudnn"):
+        q, k, v = checkpoint_name(q, "q"), checkpoint_name(k, "k"), checkpoint_name(v, "v")
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=True, implementation=impl)
+        return checkpoint_name(out, "attn_out").reshape(B, T, H * hd)
+    return splash_attention(q, k, v, mask, rules=rules, interpret=impl == "splash_interpret")
+
+
+def _splash_block(n: int) -> int:
+    return next(b for b in (512, 256, 128) if n % b == 0)
+
+
+def splash_attention(q: Array, k: Array, v: Array, mask: Array, *, rules=None, interpret: bool = False) -> Array:
+    """Causal self-attention through the Pallas TPU splash kernel (``jax.experimental.pallas.ops.tpu``).
+
+    The kernel takes a static mask (causal) plus per-token segment ids; padding becomes segment 0 and real
+    tokens segment 1, read off the diagonal of ``mask`` (a token attends to itself iff it is real), so a real
+    query sees exactly the real keys before it. Padding queries see the padding before them (never an empty
+    row, which the kernel requires). The sequence is padded to a multiple of 128 (the kernel's lane width) and
+    q is pre-scaled by ``1/sqrt(hd)`` (the kernel does not scale). Mosaic kernels are not partitioned by
+    GSPMD, so under a mesh the kernel runs in ``shard_map`` with the batch over the axes ``rules`` give
+    ``act_batch`` and the heads over ``model`` when it divides the kv heads (GQA groups stay whole); inside
+    ``vmap(..., spmd_axis_name="variant")`` jax adds the variant axis itself.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+    from jax.sharding import PartitionSpec as P
+
+    B, T, H, hd = q.shape
+    K = k.shape[2]
+    real = jnp.diagonal(mask, axis1=1, axis2=2).astype(jnp.int32)                # [B, T]
+    Tp = -(-T // 128) * 128
+    qt = (q * (1.0 / np.sqrt(hd)).astype(q.dtype)).transpose(0, 2, 1, 3)          # [B, H, T, hd]
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)                       # [B, K, T, hd]
+    if Tp != T:
+        pad = ((0, 0), (0, 0), (0, Tp - T), (0, 0))
+        qt, kt, vt = jnp.pad(qt, pad), jnp.pad(kt, pad), jnp.pad(vt, pad)
+        real = jnp.pad(real, ((0, 0), (0, Tp - T)))
+    qt, kt, vt = checkpoint_name(qt, "q"), checkpoint_name(kt, "k"), checkpoint_name(vt, "v")
+
+    batch_spec, head_axis = None, None
+    if rules is not None:
+        batch_spec = rules.spec(("act_batch",), (B,))
+        batch_spec = batch_spec[0] if len(batch_spec) else None
+        sizes = dict(rules.sizes)
+        if sizes.get("model", 1) > 1 and K % sizes["model"] == 0:
+            head_axis = "model"
+    n_head_shards = dict(rules.sizes).get("model", 1) if head_axis else 1
+    blk = _splash_block(Tp)
+    bs = sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
+                       block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
+    kernel = sk.make_splash_mha(sm.MultiHeadMask([sm.CausalMask((Tp, Tp))] * (H // n_head_shards)),
+                                block_sizes=bs, head_shards=1, q_seq_shards=1,
+                                residual_checkpoint_name="attn_out", interpret=interpret)
+
+    def run(qt, kt, vt, real):
+        return jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=sk.SegmentIds(s, s)))(qt, kt, vt, real)
+
+    if rules is not None and (batch_spec is not None or head_axis is not None):
+        qkv = P(batch_spec, head_axis)
+        run = jax.shard_map(run, mesh=jax.sharding.get_abstract_mesh(), in_specs=(qkv, qkv, qkv, P(batch_spec)),
+                            out_specs=qkv, check_vma=False)
+    out = run(qt, kt, vt, real)[:, :, :T]                                          # [B, H, T, hd]
+    return out.transpose(0, 2, 1, 3).reshape(B, T, H * hd)
+
+
+# ---- attention over a KV cache ---------------------------------------------------------------------------------
+def decode_block(S: int) -> int:
+    """KV block of :func:`cached_attention` for a cache of S slots: about S/8, a power of two in [16, 256]."""
+    b = 1 << max(0, (-(-S // 8) - 1).bit_length())
+    return int(min(S, max(16, min(256, b))))
+
+
+def cached_attention(q: Array, ck: Array, cv: Array, layer, mask: Array, filled, block: int | None = None) -> Array:
+    """:func:`attention` of q [B, T, H, hd] over layer ``layer`` of a KV cache ck/cv [L, B, S, K, hd] with
+    ``mask`` [B, T, S], reading only slots ``[0, filled)`` (``filled`` may be traced: generation's slot + T).
+
+    The cache is read ``block`` slots at a time in a loop whose trip count is ``ceil(filled / block)``, with an
+    online softmax (fp32 running max, sum and output), so a decode step costs the filled length, not the
+    cache's. A last block that would run past S starts at ``S - block`` instead, and the slots it shares with
+    the block before are masked out, as are slots past ``filled`` that the last block spans (their values are
+    zeroed, so whatever an unfilled slot holds never reaches the output). Masked scores are ``finfo.min`` as in :func:`attention`, so every row
+    stays finite; rows with a real key equal :func:`attention`'s.
+    """
+    B, T, H, hd = q.shape
+    S, K = ck.shape[2], ck.shape[3]
+    G = H // K
+    block = decode_block(S) if block is None else min(block, S)
+    f32, neg = jnp.float32, jnp.finfo(jnp.float32).min
+    qg = q.reshape(B, T, K, G, hd)
+    filled = jnp.asarray(filled, jnp.int32)
+    n = (filled + block - 1) // block
+
+    def body(j, carry):
+        m, l, acc = carry
+        start = jnp.minimum(j * block, S - block)
+        at, size = (layer, 0, start, 0, 0), (1, B, block, K, hd)
+        kb, vb = jax.lax.dynamic_slice(ck, at, size)[0], jax.lax.dynamic_slice(cv, at, size)[0]   # [B, block, K, hd]
+        slots = start + jnp.arange(block)
+        fresh = (slots >= j * block) & (slots < filled)            # slots of this block, not of the one before
+        mb = jax.lax.dynamic_slice_in_dim(mask, start, block, 2) & fresh
+        vb = jnp.where(fresh[None, :, None, None], vb, 0)           # unfilled slots may hold anything
+        s = jnp.einsum("btkgd,bskd->bkgts", qg, kb.astype(q.dtype)).astype(f32) / np.sqrt(hd)
+        s = jnp.where(mb[:, None, None], s, neg)
+        m_new = jnp.maximum(m, s.max(-1))
+        alpha = jnp.exp(m - m_new)
+        p = jnp.exp(s - m_new[..., None])
+        l = l * alpha + p.sum(-1)
+        pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(q.dtype), vb.astype(q.dtype)).astype(f32)
+        acc = acc * alpha[..., None] + pv
+        return m_new, l, acc
+
+    init = (jnp.full((B, K, G, T), neg, f32), jnp.zeros((B, K, G, T), f32), jnp.zeros((B, K, G, T, hd), f32))
+    m, l, acc = jax.lax.fori_loop(0, n, body, init)
+    out = (acc / l[..., None]).astype(q.dtype)                                      # [B, K, G, T, hd]
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)

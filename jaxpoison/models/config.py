@@ -28,6 +28,10 @@ from typing import Any, Optional
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 
+# How a sequence attends to itself (:func:`jaxpoison.models.attention.self_attention`; ``auto`` picks by backend).
+# A runtime choice, not part of the model: ``to_json`` leaves it out, so run folders compare equal across it.
+ATTENTION_IMPLEMENTATIONS = ("auto", "blocked", "xla", "cudnn", "splash", "splash_interpret")
+
 # Every linear module a LoRA adapter may target, in the order they are applied.
 LINEAR_MODULES = ("q", "k", "v", "o", "gate", "up", "down")
 # HF / PEFT names of the same modules.
@@ -67,12 +71,16 @@ class ModelConfig:
     eos_token_id: tuple = ()
     pad_token_id: Optional[int] = None
     name: str = ""
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"unsupported model_type {self.model_type!r}: jaxpoison supports {', '.join(SUPPORTED_MODEL_TYPES)} "
                 "(Llama-2/3/3.x, SmolLM2, Qwen2/2.5, Qwen3)")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"unknown attention implementation {self.attention!r}: use one of "
+                             f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
 
@@ -98,6 +106,7 @@ class ModelConfig:
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d["eos_token_id"] = list(self.eos_token_id)
+        del d["attention"]
         return d
 
     @classmethod
