@@ -24,6 +24,8 @@ def study_module(name: str):
 
 
 def cmd_run(args) -> int:
+    from jaxpoison import distributed
+    distributed.initialize(args)        # first: joins a multi-host job (SLURM, TPU slice, flags); else nothing
     from jaxpoison.configs import load_config
     cfg = load_config(args.config, args.set or ())
     return study_module(cfg.study).run(cfg, pathlib.Path(args.out), resume=not args.restart)
@@ -46,6 +48,8 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="run folder (results, checkpoints, plots, report)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
     p.add_argument("--restart", action="store_true", help="ignore existing checkpoints in --out")
+    from jaxpoison.distributed import add_args as add_distributed_args
+    add_distributed_args(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("report", help="rebuild a run's report from its saved results (no training)",
