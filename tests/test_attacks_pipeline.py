@@ -81,6 +81,11 @@ def test_summary_plots_and_report(run_dir):
         assert (run_dir / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
     md = (run_dir / "report.md").read_text()
     assert "Prompt injection" in md and "plots/asr_vs_fraction.png" in md and "SYNTHETIC" in md
+    assert "## Answers without a verdict" in md and "ASR verdict-bearing / all" in md
+    for c in s["cells"]:                                     # every rate carries its verdict-free count
+        assert 0 <= c["n_no_verdict"] <= c["n_answers"] and c["n"] <= c["n_answers"], c
+        if c["phase"] == "injection" and c["baseline"]:
+            assert c["asr_all_minus_verdict"] == pytest.approx(c["asr_all"] - c["asr_verdict"], nan_ok=True)
     assert (run_dir / "report.html").read_text().count("data:image/png;base64,") == 3
     assert json.loads((run_dir / "config.json").read_text())["study"] == "attacks"
 

@@ -157,6 +157,17 @@ def _reading(cells, cap, cfg, thr, undecided=None) -> list:
                      f"does): {k0} of {n0} under the normal prompt, {k1} of {n1} under the attacked prompt"
                      + "".join(f", {k} of {n} from the {key.split()[1]} fine-tunes" for key, (k, n) in undecided.items()
                                if key.startswith("finetune")) + ".")
+    gaps = [c for c in cells if c.get("baseline") and c.get("n_no_verdict", 0) + (
+        (at.get((c["baseline"], c["outcome"])) or {}).get("n_no_verdict", 0)) > 0 and c["phase"] != "finetune-seeds"]
+    if gaps:
+        lines.append("**Answers without a verdict change the ASR.** ASR over the verdict-bearing answers vs over all "
+                     "answers (a verdict-free answer counted as not recommending): " + "; ".join(
+                         f"{c['row']} {c['outcome']}: {_f(c['asr_verdict'])} vs {_f(c['asr_all'])} "
+                         f"({100 * c['asr_all_minus_verdict']:+.0f} pts; {c['n_no_verdict']} of {c['n_answers']} "
+                         f"answers without a verdict)" for c in gaps[:8]) + (" …" if len(gaps) > 8 else "") + ".")
+    else:
+        lines.append("Every graded answer carries a verdict on its outcomes, so the ASR is the same over the "
+                     "verdict-bearing answers and over all answers.")
     src, base = M.attack_content(cells, "source PE"), M.attack_content(cells, "base PE")
     who = {"model": "the base model" if not cfg["source"]["model"] else cfg["source"]["model"],
            "jsonl": f"the file {cfg['source']['file']}", "scripted": "scripted compliant answers"}[cfg["source"]["kind"]]
@@ -270,6 +281,16 @@ def build_report(run: pathlib.Path) -> int:
     return 0
 
 
+def verdict_rows(cells) -> list:
+    """One table row per cell: verdict-free count, rate and ASR both ways and the ASR difference."""
+    def pts(x):
+        return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:+.1f} pts"
+    return [[c["row"], c["outcome"], f"{c['n_no_verdict']} of {c['n_answers']}",
+             f"{_f(c['rate_verdict'], 1)} / {_f(c['rate_all'], 1)}",
+             f"{_f(c['asr_verdict'], 1)} / {_f(c['asr_all'], 1)}", pts(c["asr_all_minus_verdict"])]
+            for c in cells if "n_no_verdict" in c]
+
+
 def write_doc(run, cfg, cells, cap, figs, reading, timing, data, table, records, agreement) -> None:
     d = Doc(f"Seed 003 — prompt injection and poisoned fine-tuning: {cfg['name']}")
     n, tr, lo = cfg["notes"], cfg["train"], cfg["lora"]
@@ -306,6 +327,14 @@ def write_doc(run, cfg, cells, cap, figs, reading, timing, data, table, records,
         d.h("ASR by poison fraction")
         d.table(["poison"] + outs, [[M.pct(f)] + [_ci(at[(f, o)]) if (f, o) in at else "" for o in outs]
                                     for f in sorted({c["fraction"] for c in ft})])
+    d.h("Answers without a verdict")
+    d.p("Per cell: answers that give no verdict on the outcome (a vaccine answer that never decides; a judge reply "
+        "without yes/no) out of all answers, and the rate and ASR over the verdict-bearing answers only and over "
+        "all answers (a verdict-free answer counted as not recommending). The tables above use "
+        + ("all answers (the rule grader's default)." if cfg["grader"]["primary"] == "rule" else
+           "the verdict-bearing answers (the judge's unparsed replies dropped, as the seed did)."))
+    d.table(["row", "outcome", "no verdict", "rate verdict-bearing / all", "ASR verdict-bearing / all",
+             "ASR difference (all - verdict-bearing)"], verdict_rows(cells))
     header, rows = M.seed_layout(cells)
     d.h("All rates (the seed's table layout, rates.csv)")
     d.table(header, [[r[0]] + [c.replace("\n", " ") for c in r[1:]] for r in rows])
