@@ -79,3 +79,28 @@ def test_bfloat16_params_and_compute_track_fp32(tiny_dir):
     a = np.asarray(sequence_logprobs(f32.params, t, m, cfg=f32.cfg))
     b = np.asarray(sequence_logprobs(b16.params, t, m, cfg=b16.cfg, dtype=jnp.bfloat16))
     assert b.dtype == np.float32 and np.abs(a - b).max() < 0.1
+
+
+def test_cached_decode_equals_full_recompute(tiny_dir):
+    """Greedy decoding through the KV cache (decode attention reads the filled slots only, in blocks of 16 over
+    a 26-slot cache, the last block clamped) picks, at every step, the argmax of a full forward pass without a
+    cache over the prompt and the tokens generated so far."""
+    from jaxpoison.models.attention import decode_block
+    from jaxpoison.models.decoder import Decoder
+    from jaxpoison.models.generate import generate_tokens, left_pad
+    from jaxpoison.models.heads import logits as head_logits
+    lm = load_model(str(tiny_dir), tokenizer=False)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, lm.cfg.vocab_size, n).tolist() for n in (5, 16, 9)]
+    P, N = 16, 10
+    assert decode_block(P + N) == 16
+    toks, mask = left_pad(prompts, 0, P)
+    out, _ = generate_tokens(lm.params, jnp.asarray(toks), jnp.asarray(mask), jnp.zeros(2, jnp.uint32),
+                             cfg=lm.cfg, max_new_tokens=N, eos_ids=(), pad_id=0)
+    out = np.asarray(out)
+    assert len({tuple(r) for r in out}) == 3
+    full = np.concatenate([toks, out], axis=1)
+    full_mask = np.concatenate([mask, np.ones_like(out, bool)], axis=1)
+    hidden, _ = Decoder(lm.cfg).apply({"params": lm.params}, jnp.asarray(full), jnp.asarray(full_mask))
+    picks = np.asarray(jnp.argmax(head_logits(lm.params, lm.cfg, hidden[:, P - 1:P + N - 1]), -1))
+    np.testing.assert_array_equal(picks, out)
