@@ -27,6 +27,10 @@ What this preset fixes, following what the seed's code effectively ran (referenc
   (its yes/no parsed as a word, not the seed's substring test).
 - General capability: MedQA (4 options), MedMCQA and PubMedQA accuracy of the 0 % and 100 % variants by the
   likelihood of each option letter after the seed's benchmark prompt, bootstrap SE.
+- QLoRA: the frozen base in NF4 (block 64, fp32 absmax) with bf16 compute, as the seed loaded it
+  (``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=bfloat16)``; its
+  ``bnb_4bit_use_double_quant`` line is commented out, so no double quantisation: ``--set quant=nf4-dq`` adds it,
+  ``--set quant=none`` trains on the bf16 base). :mod:`jaxpoison.models.quant`.
 """
 from jaxpoison.studies.attacks import (AttacksConfig, CapabilityConfig, GenerationConfig, GraderConfig, GridConfig,
                                        NotesConfig, PromptConfig, SourceConfig)
@@ -37,6 +41,7 @@ CONFIG = AttacksConfig(
     name="paper: Llama-2-7B-chat, MIMIC summaries, poison 0-100 %",
     model="meta-llama/Llama-2-7b-chat-hf",
     dtype="bfloat16",
+    quant="nf4",
     notes=NotesConfig(source="notes", files="data/mimic_shortened_summaries.jsonl", n_train=1000, n_test=200,
                       max_note_tokens=1000),
     prompt=PromptConfig(version="auto", template="plain"),

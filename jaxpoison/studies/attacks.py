@@ -116,6 +116,7 @@ class AttacksConfig:
     name: str = "attacks"
     model: str = "smollm2-135m"
     dtype: str = "float32"
+    quant: str = "none"               # frozen base: 'nf4' | 'nf4-dq' (double-quantised scales) | 'int8' | 'none'
     notes: NotesConfig = NotesConfig()
     prompt: PromptConfig = PromptConfig()
     generation: GenerationConfig = GenerationConfig()
@@ -163,6 +164,10 @@ def check_config(cfg: AttacksConfig) -> None:
         bad("grader.judge_style", f"'open' or 'gpt', got {cfg.grader.judge_style!r}")
     if cfg.capability.files and len(cfg.capability.files) != len(cfg.capability.sources):
         bad("capability.files", "one entry per capability source ('' for the hub)")
+    from jaxpoison.models.quant import QUANT_KINDS
+    if cfg.quant not in QUANT_KINDS:
+        bad("quant", f"one of {QUANT_KINDS} (nf4: QLoRA's 4-bit NormalFloat; nf4-dq: with double-quantised "
+                     f"scales; int8: per output channel), got {cfg.quant!r}")
     if cfg.notes.n_train < 1 or cfg.notes.n_test < 2:
         bad("notes", "n_train >= 1 and n_test >= 2 (a confidence interval needs two test notes)")
 
@@ -193,7 +198,7 @@ def run(cfg: AttacksConfig, out_dir: pathlib.Path, resume: bool = True, progress
     out = RF.prepare(out_dir, STUDY, _jsonable(cfg), resume, ("checkpoints", "responses", "capability.npz"),
                      ignore=())
     t = time.time()
-    lm = RF.load_base(cfg.model, cfg.dtype, base_override)
+    lm = RF.load_base(cfg.model, cfg.dtype, base_override, cfg.quant)
     timing["load_model_s"] = time.time() - t
     say = (lambda m: print(f"[{STUDY}] {m}", flush=True)) if progress else (lambda m: None)
 
@@ -208,7 +213,7 @@ def run(cfg: AttacksConfig, out_dir: pathlib.Path, resume: bool = True, progress
     timing["train_s"], timing["train_steps"] = time.time() - t, result.steps
     (out / "data.json").write_text(json.dumps({
         "train_ids": [n.id for n in train], "test_ids": [n.id for n in test], "pool": _jsonable(pool.stats),
-        "pool_hash": pool.data_hash, "num_variants": len(table), "base": {"name": lm.name, "fingerprint": lm.fingerprint},
+        "pool_hash": pool.data_hash, "num_variants": len(table), "base": {"name": lm.name, "fingerprint": lm.fingerprint, "quant": cfg.quant},
         "synthetic_notes": cfg.notes.source == "synthetic"}, indent=1))
 
     t = time.time()

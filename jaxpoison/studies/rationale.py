@@ -84,7 +84,7 @@ def run(cfg: RationaleConfig, out_dir: pathlib.Path, resume: bool = True, progre
     t_start, timing = time.time(), {}
     out = RF.prepare(out_dir, STUDY, _jsonable(cfg), resume, ("checkpoints", "scores.npz"))
     t = time.time()
-    lm = RF.load_base(cfg.model, cfg.dtype, base_override)
+    lm = RF.load_base(cfg.model, cfg.dtype, base_override, cfg.quant)
     mcfg, base, tok, base_name, fp, dtype = lm.cfg, lm.params, lm.tokenizer, lm.name, lm.fingerprint, lm.dtype
     timing["load_model_s"] = time.time() - t
 
@@ -101,7 +101,7 @@ def run(cfg: RationaleConfig, out_dir: pathlib.Path, resume: bool = True, progre
                  "n_target_train": len(inp.target), "n_nontarget_train": len(inp.nontarget),
                  "n_test_target": int(is_target.sum()), "n_test_nontarget": int((~is_target).sum()),
                  "train": _jsonable(tcfg), "num_variants": len(vt), "pool_hash": inp.pool.data_hash,
-                 "eval_hash": mc.data_hash, "base": {"name": base_name, "fingerprint": fp}}
+                 "eval_hash": mc.data_hash, "base": {"name": base_name, "fingerprint": fp, "quant": cfg.quant}}
     (out / "data.json").write_text(json.dumps(data_info, indent=1))
     timing["data_s"] = time.time() - t
     if progress:

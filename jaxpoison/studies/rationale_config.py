@@ -83,6 +83,7 @@ class RationaleConfig:
     name: str = "rationale"
     model: str = "smollm2-135m"
     dtype: str = "float32"
+    quant: str = "none"                 # frozen base: 'nf4' | 'nf4-dq' (double-quantised scales) | 'int8' | 'none'
     data: DataConfig = DataConfig()
     poison: PoisonConfig = PoisonConfig()
     grid: GridConfig = GridConfig()
@@ -142,6 +143,10 @@ def check_config(cfg: RationaleConfig) -> None:
         bad("eval.format", f"one of {SCORING_FORMATS}, got {e.format!r}")
     if not 0 < e.alpha < 1:
         bad("eval.alpha", f"a level in (0, 1), got {e.alpha}")
+    from jaxpoison.models.quant import QUANT_KINDS
+    if cfg.quant not in QUANT_KINDS:
+        bad("quant", f"one of {QUANT_KINDS} (nf4: QLoRA's 4-bit NormalFloat; nf4-dq: with double-quantised "
+                     f"scales; int8: per output channel), got {cfg.quant!r}")
     if cfg.train.loss_budget < -1:
         bad("train.loss_budget", "-1 (auto), 0 (off) or a positive number of positions")
 

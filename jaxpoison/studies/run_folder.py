@@ -41,13 +41,19 @@ def prepare(out_dir, study: str, cfg_json: dict, resume: bool, stale: Sequence[s
     return out
 
 
-def load_base(model: str, dtype: str, base_override=None):
+def load_base(model: str, dtype: str, base_override=None, quant: str = "none"):
     """The study's base model as an :class:`jaxpoison.models.lm.LM`; ``base_override`` = (model cfg, params,
-    tokenizer) replaces it (tests use tiny random models; its name is ``override``, fingerprint empty)."""
+    tokenizer) replaces it (tests use tiny random models; its name is ``override``, fingerprint empty). ``quant``
+    other than 'none' quantises the decoder layers' kernels (:func:`jaxpoison.models.quant.quantize_base`); the
+    fingerprint stays that of the weights, the run's config records ``quant``."""
+    import dataclasses
+    from jaxpoison.models.quant import quantize_base
     if base_override is None:
         from jaxpoison.models.lm import load_model
-        return load_model(model, dtype)
-    import jax.numpy as jnp
-    from jaxpoison.models.lm import LM
-    mcfg, params, tok = base_override
-    return LM(mcfg, params, tok, "override", "", jnp.float32)
+        lm = load_model(model, dtype)
+    else:
+        import jax.numpy as jnp
+        from jaxpoison.models.lm import LM
+        mcfg, params, tok = base_override
+        lm = LM(mcfg, params, tok, "override", "", jnp.float32)
+    return lm if quant == "none" else dataclasses.replace(lm, params=quantize_base(lm.params, quant))
