@@ -75,12 +75,18 @@ def _expected():
     return (x.astype(np.float64) @ x.T.astype(np.float64)).sum(axis=1)
 
 
-@pytest.mark.parametrize("launcher", ["flags-env", "slurm"])
+@pytest.mark.parametrize("launcher", ["local_multiprocess.sh", "slurm"])
 def test_two_processes_join_compute_the_single_process_answer_and_check_inputs(tmp_path, launcher):
-    envs = _explicit() if launcher == "flags-env" else _slurm()
-    procs = _start("sum", tmp_path, envs)
-    outs = _finish(procs)
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    if launcher == "slurm":
+        procs = _start("sum", tmp_path, _slurm())
+        outs = _finish(procs)
+        assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    else:       # the launcher sets JAXPOISON_* and 4 devices per process over the caller's 8
+        env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=8", LOG_DIR=tmp_path / "logs",
+                   DEVICES_PER_PROCESS=4)
+        p = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", "--exec", sys.executable, str(JOB), "sum",
+                            str(tmp_path)], cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=LIMIT)
+        assert p.returncode == 0, p.stderr[-3000:] + (tmp_path / "logs" / "p1.log").read_text()[-3000:]
     recs = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)]
     for i, r in enumerate(recs):
         assert r["process_index"] == i and r["process_count"] == 2
