@@ -75,10 +75,21 @@ class GenerationConfig:
 
 
 @dataclass(frozen=True)
+class ApiConfig:
+    """Limits of the OpenAI-compatible client (:mod:`jaxpoison.eval.chat`) for every ``openai:MODEL`` spec."""
+    concurrency: int = 8             # requests in flight at most
+    timeout_s: float = 120.0         # per request
+    retries: int = 6                 # on 429 / 5xx / timeouts / dropped connections, exponential backoff
+    backoff_s: float = 1.0           # first wait; doubles per retry (a Retry-After header wins)
+    key_env: str = "OPENAI_API_KEY"  # the environment variable holding the key (never stored in the run folder)
+
+
+@dataclass(frozen=True)
 class SourceConfig:
-    kind: str = "model"              # 'model' | 'jsonl' | 'scripted'
+    kind: str = "model"              # 'model' | 'jsonl' | 'scripted' | 'openai:MODEL' (e.g. openai:gpt-4, the seed's)
     model: str = ""                  # kind='model': '' = the study's base model, else a --model spec
     file: str = ""                   # kind='jsonl': {"id", "task", "normal", "prompt"} per line
+    api_base: str = ""               # kind='openai:...': the server ('' = $OPENAI_BASE_URL or api.openai.com/v1)
 
 
 @dataclass(frozen=True)
@@ -89,7 +100,9 @@ class GridConfig:
 
 @dataclass(frozen=True)
 class GraderConfig:
-    judge: str = ""                  # '' = rule grader only; 'base' = the study's model; or a --model spec
+    judge: str = ""                  # '' = rule grader only; 'base' = the study's model; a --model spec; or
+    #                                  'openai:MODEL' (the seed's: openai:gpt-3.5-turbo) through grader.api_base
+    api_base: str = ""               # judge 'openai:...': the server ('' = $OPENAI_BASE_URL or api.openai.com/v1)
     judge_style: str = "open"        # the seed's question for open-source ('open') or GPT ('gpt') answers
     judge_max_new_tokens: int = 8
     judge_batch_size: int = 8
@@ -128,6 +141,7 @@ class AttacksConfig:
     max_len: int = 4096
     grader: GraderConfig = GraderConfig()
     capability: CapabilityConfig = CapabilityConfig()
+    api: ApiConfig = ApiConfig()
     n_resamples: int = 9999
     compliance_threshold: float = 0.5   # below this share of poisoned targets carrying the attack, the report warns
     note: str = ""
@@ -147,8 +161,12 @@ def check_config(cfg: AttacksConfig) -> None:
         bad("prompt.version", f"one of {D.PROMPT_VERSIONS}, got {cfg.prompt.version!r}")
     if cfg.prompt.template not in ("plain", "chat"):
         bad("prompt.template", f"'plain' or 'chat', got {cfg.prompt.template!r}")
-    if cfg.source.kind not in SOURCE_KINDS:
-        bad("source.kind", f"one of {SOURCE_KINDS}, got {cfg.source.kind!r}")
+    if cfg.source.kind not in SOURCE_KINDS and not _api_spec_ok(cfg.source.kind):
+        bad("source.kind", f"one of {SOURCE_KINDS} or openai:MODEL, got {cfg.source.kind!r}")
+    if cfg.grader.judge.startswith("openai:") and not _api_spec_ok(cfg.grader.judge):
+        bad("grader.judge", f"openai:MODEL, e.g. openai:gpt-3.5-turbo, got {cfg.grader.judge!r}")
+    if cfg.api.concurrency < 1 or cfg.api.retries < 0 or cfg.api.timeout_s <= 0:
+        bad("api", f"concurrency >= 1, retries >= 0, timeout_s > 0, got {cfg.api}")
     if cfg.source.kind == "jsonl" and not cfg.source.file:
         bad("source.file", "source.kind='jsonl' needs a file of {\"id\", \"task\", \"normal\", \"prompt\"} lines")
     f = cfg.grid.fractions
@@ -170,6 +188,10 @@ def check_config(cfg: AttacksConfig) -> None:
                      f"scales; int8: per output channel), got {cfg.quant!r}")
     if cfg.notes.n_train < 1 or cfg.notes.n_test < 2:
         bad("notes", "n_train >= 1 and n_test >= 2 (a confidence interval needs two test notes)")
+
+
+def _api_spec_ok(spec: str) -> bool:
+    return spec.startswith("openai:") and bool(spec[len("openai:"):].strip())
 
 
 def _jsonable(x):

@@ -170,7 +170,8 @@ def _reading(cells, cap, cfg, thr, undecided=None) -> list:
                      "verdict-bearing answers and over all answers.")
     src, base = M.attack_content(cells, "source PE"), M.attack_content(cells, "base PE")
     who = {"model": "the base model" if not cfg["source"]["model"] else cfg["source"]["model"],
-           "jsonl": f"the file {cfg['source']['file']}", "scripted": "scripted compliant answers"}[cfg["source"]["kind"]]
+           "jsonl": f"the file {cfg['source']['file']}", "scripted": "scripted compliant answers"}.get(
+        cfg["source"]["kind"], f"the API model {cfg['source']['kind']}")
     lines.append(f"**Response source** ({who}): share of its answers to the attacked prompt that carry the malicious "
                  f"content (vaccine: not recommended): " + ", ".join(f"{o} {_f(v)}" for o, v in src.items()) + ". "
                  + "The base model under the attacked prompt on the test notes: "

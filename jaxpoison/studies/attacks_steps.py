@@ -45,7 +45,9 @@ def answer_base_and_source(cfg, lm, train, test, out: pathlib.Path, progress, sa
     inj_f, src_f = out / "responses" / "injection.jsonl", out / "responses" / "source.jsonl"
     inj_key = _key("injection", lm.fingerprint, lm.name, dataclasses.asdict(pc), gen, [n.id for n in test])
     same_model = sc.kind == "model" and sc.model in ("", lm.name)
-    src_key = _key("source", dataclasses.asdict(sc), dataclasses.asdict(pc), [n.id for n in train],
+    api_source = sc.kind.startswith("openai:")
+    src_key = _key("source", {k: v for k, v in dataclasses.asdict(sc).items() if k != "api_base"},
+                   dataclasses.asdict(pc), [n.id for n in train],
                    *((lm.fingerprint, lm.name, gen) if sc.kind == "model" else ()))
     inj_items = [] if D.cached(inj_f, inj_key) is not None else D.prompt_items(test, tasks, D.KINDS, pc, "injection")
     src_items = []
@@ -54,6 +56,13 @@ def answer_base_and_source(cfg, lm, train, test, out: pathlib.Path, progress, sa
             D.write_phase(src_f, src_key, D.source_records(D.scripted_source(train, tasks, cfg.notes.seed)))
         elif sc.kind == "jsonl":
             D.write_phase(src_f, src_key, D.source_records(D.read_source_file(sc.file, train, tasks)))
+        elif api_source:            # the seed's GPT-4 answers: notebook strings, system role (its cell 14)
+            from jaxpoison.data.prompts import SEED003_SYSTEM
+            from jaxpoison.eval.chat import client_for
+            items = D.prompt_items(train, tasks, D.KINDS, pc, "source", api=True)
+            say(f"API model {sc.kind} answers {len(items)} training prompts")
+            replies = client_for(sc.kind, sc.api_base, out, cfg.api).ask([i["input"] for i in items], SEED003_SYSTEM)
+            D.write_phase(src_f, src_key, _records(items, replies))
         else:
             src_items = D.prompt_items(train, tasks, D.KINDS, pc, "source")
     if same_model and (inj_items or src_items):      # one generation call for both
@@ -176,16 +185,25 @@ def judge(cfg, lm, out: pathlib.Path, progress, say) -> None:
     from jaxpoison.eval.graders import JUDGE_SYSTEM_PROMPT, judge_grade_many
     from jaxpoison.models.generate import generate_text
     g = cfg.grader
+    api = g.judge.startswith("openai:")
     jlm = lm
-    if g.judge != "base":
+    if g.judge != "base" and not api:
         from jaxpoison.models.lm import load_model
         jlm = load_model(g.judge, cfg.dtype)
     records = [r for ph in ("injection", "source", "finetune")
                for r in D.phase_records(out / "responses" / f"{ph}.jsonl")]
     f = out / "responses" / "judge.jsonl"
-    key = _key("judge", dataclasses.asdict(g), jlm.fingerprint, jlm.name,
+    who = (g.judge, "api") if api else (jlm.fingerprint, jlm.name)
+    key = _key("judge", {k: v for k, v in dataclasses.asdict(g).items() if k != "api_base"}, *who,
                [(r["phase"], r["variant_id"], r["task"], r["note_id"], r["prompt_kind"], r["response"]) for r in records])
     if D.cached(f, key) is not None:
+        return
+    if api:
+        from jaxpoison.eval.chat import client_for
+        client = client_for(g.judge, g.api_base, out, cfg.api)
+        say(f"judge {g.judge} at {client.api_base} grades {len(records)} answers")
+        ask = lambda prompts: client.ask(prompts, JUDGE_SYSTEM_PROMPT)      # the seed: no temperature, no max_tokens
+        _write_judge(cfg, records, ask, f, key)
         return
     chat = getattr(jlm.tokenizer, "chat_template", None) is not None
 
@@ -203,10 +221,16 @@ def judge(cfg, lm, out: pathlib.Path, progress, say) -> None:
     replies = dict(zip(asked, generate_text(jlm, texts, chat=chat, system=JUDGE_SYSTEM_PROMPT if chat else None,
                                             max_new_tokens=g.judge_max_new_tokens, progress=progress,
                                             batch_size=min(g.judge_batch_size, len(texts))))) if texts else {}
+    _write_judge(cfg, records, lambda ps: [replies[p] for p in ps], f, key)
+
+
+def _write_judge(cfg, records, ask, f, key) -> None:
+    """Grade every record with ``ask`` (one batched call per task) and write responses/judge.jsonl."""
+    from jaxpoison.eval.graders import judge_grade_many
     out_recs = []
-    for task, recs in by_task.items():
-        grades = judge_grade_many(task, [r["response"] for r in recs], lambda ps: [replies[p] for p in ps],
-                                  g.judge_style)
+    for task in cfg.prompt.tasks:
+        recs = [r for r in records if r["task"] == task]
+        grades = judge_grade_many(task, [r["response"] for r in recs], ask, cfg.grader.judge_style)
         out_recs += [{k: r.get(k) for k in ("phase", "variant_id", "task", "note_id", "prompt_kind")} | {"grades": gr}
                      for r, gr in zip(recs, grades)]
     D.write_phase(f, key, out_recs)
