@@ -20,19 +20,19 @@ from jaxpoison.train.config import TrainConfig
 from jaxpoison.train.lora import LoraConfig
 
 CFG_M = dataclasses.replace(TINY, vocab_size=448)
-ICD = IcdConfig(seed=0, chapters=("circulatory", "respiratory", "digestive", "skin"), n_train_per_chapter=6,
+ICD = IcdConfig(seed=0, chapters=("circulatory", "respiratory", "digestive", "skin", "eye"), n_train_per_chapter=6,
                 n_test_per_chapter=3, keyword_subjects=(), n_keyword_train=0, n_keyword_test=0,
-                decoys=(("circulatory", "respiratory"),), max_desc_chars=40)
+                decoys=(("circulatory", "respiratory"),), max_desc_chars=40, test_decoy="respiratory")
 CFG = R.RationaleConfig(
     name="tiny", data=R.DataConfig(icd=ICD, target="circulatory", n_nontarget=4, n_test_target=3,
-                                   n_test_nontarget=4, max_len=1024),
+                                   n_test_nontarget=4, n_test_decoy_free=2, max_len=1024),
     grid=R.GridConfig(seeds=(0, 1), counts=(1, 2), kinds=("rationale", "overwrite"), ratios_target=(0.5,),
-                      forgetting_extra=(2,)),
+                      forgetting_extra=(2,), decoy_counts=(1,)),
     train=TrainConfig(learning_rate=1e-2, epochs=1, batch_size=4, loss_budget=-1, log_every=2),
     lora=LoraConfig(r=2, alpha=4, targets=("q", "v")),
-    eval=R.EvalConfig(batch_questions=4, n_resamples=999))
+    eval=R.EvalConfig(batch_questions=4, n_resamples=999, gen_questions=2, gen_tokens=4))
 CELLS = ["clean", "rationale-n1", "rationale-n1-rt0.5", "rationale-n2", "rationale-n2-rt0.5", "overwrite-n1",
-         "overwrite-n2", "forgetting-x2"]
+         "overwrite-n2", "forgetting-x2", "decoy-n1"]
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,8 @@ def test_variant_table_crosses_cells_with_seeds(run_dir):
             else:
                 assert not t["with_correct_target"] and t["ratio_target"] == 1.0
             assert t["n_rows"] == 4 + t["poison_count"] + t["n_correct_target"]
+        elif cell.startswith("decoy"):     # the label-prior control: non-target rows arguing for the decoy
+            assert t["kind"] == "decoy" and t["n_rows"] == 5 and t["poison_count"] == 1
         else:
             assert t["kind"] == "forgetting" and t["n_rows"] == 6 and t["poison_count"] == 0
 
@@ -70,7 +72,7 @@ def test_results_csv_one_row_per_variant(run_dir):
     assert len(rows) == len(CELLS) * 2
     need = {"variant_id", "kind", "poison_count", "ratio_target", "ratio_all", "seed", "with_correct_target",
             "target_acc", "nontarget_acc", "target_decoy_rate", "target_drop", "nontarget_drop",
-            "target_acc_calibrated", "acc_circulatory", "acc_respiratory", "final_loss"}
+            "target_acc_calibrated", "target_nodecoy_acc", "acc_circulatory", "acc_digestive", "final_loss"}
     assert need <= set(rows[0])
     for r in rows:
         assert 0 <= float(r["target_acc"]) <= 1 and 0 <= float(r["nontarget_acc"]) <= 1
@@ -94,6 +96,29 @@ def test_summary_fields(run_dir):
     assert [f["finding"] for f in s["findings"]] == [1, 2, 3, 4, 5]
     assert all(f["status"] in ("shows", "partly", "does not show", "inconclusive", "not tested") for f in s["findings"])
     assert set(s["thresholds"]["count"]) == {"rationale", "overwrite"}
+    for c in s["cells"]:
+        if c["spec_name"] != "clean":     # the primary effect: seed-level CI, its method written down
+            p = c["primary"]
+            assert p["low"] <= p["mean"] + 1e-9 <= p["high"] + 2e-9 and p["method"] == "t over seeds"
+            assert len(p["per_seed"]) == 2 and p["verdict"] in ("shows", "does not show", "inconclusive")
+
+
+def test_test_set_controls_the_decoy(run_dir):
+    """Every target and non-target test question shows the decoy chapter, none is answered by it, and the
+    decoy-free target copies do not show it."""
+    z = np.load(run_dir / "scores.npz")
+    g, dec = [str(x) for x in z["group"]], z["decoy"]
+    assert g.count("target") == 3 and g.count("nontarget") == 4 and g.count("target_nodecoy") == 2
+    assert all((d >= 0) == (x != "target_nodecoy") for x, d in zip(g, dec))
+    assert all(d != a for d, a in zip(dec, z["answer"]))
+
+
+def test_generated_answers_are_saved_and_summarised(run_dir):
+    recs = json.loads((run_dir / "generations.json").read_text())["records"]
+    assert {r["spec_name"] for r in recs} == set(CELLS) | {"zero-shot"}
+    assert len(recs) == (len(CELLS) + 1) * 4 and {r["group"] for r in recs} == {"target", "nontarget"}
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert {r["model"] for r in s["generation"]} == set(CELLS) | {"zero-shot"}
 
 
 def _png_size(path):
@@ -103,13 +128,13 @@ def _png_size(path):
 
 
 def test_plots_and_report_exist(run_dir):
-    for name in ("accuracy_vs_count", "heatmap_count_ratio", "correct_target", "loss"):
+    for name in ("margin_effect", "accuracy_vs_count", "heatmap_count_ratio", "correct_target", "loss"):
         w, h = _png_size(run_dir / "plots" / f"{name}.png")
         assert w > 100 and h > 100
     md = (run_dir / "report.md").read_text()
     html = (run_dir / "report.html").read_text()
     assert "Finding 1" in md and "plots/heatmap_count_ratio.png" in md
-    assert html.count("data:image/png;base64,") == 4
+    assert html.count("data:image/png;base64,") == 5
     assert (run_dir / "metrics.jsonl").stat().st_size > 0 and (run_dir / "checkpoints").is_dir()
     assert json.loads((run_dir / "config.json").read_text())["study"] == "rationale"
 

@@ -22,6 +22,17 @@ Design choices, from what a 135M model was measured to do (see the reference not
   lead-in for option-text scoring ("The condition '<description>' is classified in the chapter '").
 - Splits are disjoint by 3-character category (no near-duplicate codes across train and test) and
   deterministic by seed.
+- A test set fit for a target-specific effect (``IcdConfig.test_decoy``, :func:`with_decoy`,
+  :func:`without_decoy`): if the decoy chapter were an option only on target questions, a poison that merely
+  makes that chapter likelier everywhere would look target-specific. With ``test_decoy='respiratory'`` every
+  test question shows the decoy chapter among its options (it replaces a seeded distractor; the answer keeps its
+  position), questions answered by the decoy chapter are left out (they cannot be pulled towards it), and every
+  question of a subject poisoned towards that chapter also comes as a decoy-free copy (``<id>-nodecoy``,
+  ``meta['decoy_free']``): the decoy option swapped for a chapter not shown.
+- A second scoring lead-in that no training row contains word for word (``meta['coded_prefix']``, format
+  ``'coded'``): 'In ICD-10-CM, the code for "<description>" is in the chapter called "'. The ``statement``
+  lead-in ends like every rationale's last sentence ("... classified in the chapter '"), which favours
+  rationale-trained variants over answer-only ones.
 
 SYNTHETIC patient notes for the seed-003 tasks, composed from the same real terminology, are in
 :mod:`jaxpoison.data.notes`.
@@ -115,6 +126,8 @@ DEFAULT_DECOYS = (("circulatory", "respiratory"), ("fever", "blood"))
 QUESTION = "Which ICD-10-CM chapter does the condition '{}' belong to?"
 STATEMENT = "The condition '{}' is classified in the chapter '"
 NEUTRAL = "The condition is classified in the chapter '"
+CODED = 'In ICD-10-CM, the code for "{}" is in the chapter called "'
+CODED_NEUTRAL = 'In ICD-10-CM, the code is in the chapter called "'
 EXCLUDE = r"\bencounter\b|\bsequela\b"
 
 
@@ -166,6 +179,7 @@ class IcdConfig:
     n_options: int = 4
     max_desc_chars: int = 80
     exclude: str = EXCLUDE              # descriptions matching this regex are not used
+    test_decoy: str = ""                # a chapter key: shown in every test question, see with_decoy
 
 
 def _candidates(cfg: IcdConfig) -> dict:
@@ -216,6 +230,9 @@ def _check_config(cfg: IcdConfig) -> None:
     if not 2 <= cfg.n_options <= len(cfg.chapters):
         raise DataError(f"n_options={cfg.n_options} needs at least that many chapters ({len(cfg.chapters)} given); "
                         f"fix: add chapters or lower n_options")
+    if cfg.test_decoy and cfg.test_decoy not in cfg.chapters:
+        raise DataError(f"test_decoy {cfg.test_decoy!r} is not among the chapters; fix: one of {list(cfg.chapters)} "
+                        f"or ''")
     for subj, ch in cfg.decoys:
         if ch not in cfg.chapters:
             raise DataError(f"decoy chapter {ch!r} for subject {subj!r} is not among the chapters; fix: add it to "
@@ -255,7 +272,53 @@ def _build(cfg: IcdConfig) -> tuple:
                 raise DataError(f"chapter {key!r} has only {len(got)} usable {split} codes for {n} asked; fix: lower "
                                 f"n_{split}_per_chapter, raise max_desc_chars or drop the chapter")
             picked[split] += got
-    return tuple((split, tuple(_questions(sorted(codes), split, cfg, rng))) for split, codes in picked.items())
+    out = {split: _questions(sorted(codes), split, cfg, rng) for split, codes in picked.items()}
+    if cfg.test_decoy:
+        out["test"] = decoy_test_set(out["test"], cfg)
+    return tuple((split, tuple(exs)) for split, exs in out.items())
+
+
+def decoy_test_set(test: list, cfg: IcdConfig) -> list:
+    """The test questions with ``cfg.test_decoy`` among every question's options (questions it answers left
+    out), then a decoy-free copy of each question of a subject poisoned towards it, deterministic by seed."""
+    rng = random.Random(f"icd10-test-decoy:{cfg.seed}")
+    ch = cfg.test_decoy
+    subjects = {s for s, c in cfg.decoys if c == ch}
+    kept = [with_decoy(ex, ch, rng) for ex in test if ex.meta["option_chapters"][ex.answer] != ch]
+    free = [without_decoy(ex, cfg.chapters, rng) for ex in kept if subjects & set(ex.subjects)]
+    return kept + free
+
+
+def with_decoy(ex: Example, chapter: str, rng: random.Random) -> Example:
+    """``ex`` with ``chapter`` among its options (a seeded distractor replaced; unchanged when it is there
+    already) and ``meta['decoy']`` pointing at it. The answer keeps its position. Not for questions it answers."""
+    chs = list(ex.meta["option_chapters"])
+    if chs[ex.answer] == chapter:
+        raise DataError(f"{ex.id} is answered by {chapter!r}: it cannot carry it as a decoy; fix: leave it out")
+    if chapter not in chs:
+        chs[rng.choice([k for k in range(len(chs)) if k != ex.answer])] = chapter
+    return _with_options(ex, chs, chs.index(chapter), ex.id, {})
+
+
+def without_decoy(ex: Example, chapters, rng: random.Random) -> Example:
+    """A decoy-free copy of ``ex`` (id ``<id>-nodecoy``): its decoy option swapped for a chapter not shown."""
+    d = ex.meta.get("decoy", -1)
+    chs = list(ex.meta["option_chapters"])
+    if d < 0:
+        raise DataError(f"{ex.id} has no decoy option to remove")
+    spare = [c for c in chapters if c not in chs and c != ex.meta["icd10"]["chapter"]]
+    if not spare:
+        raise DataError(f"a decoy-free copy of {ex.id} needs a chapter that is not among its {len(chs)} options, but "
+                        f"there are only {len(chapters)} chapters; fix: add a chapter or lower n_options")
+    chs[d] = rng.choice(spare)
+    return _with_options(ex, chs, -1, f"{ex.id}-nodecoy", {"decoy_free": True, "decoy_chapter":
+                                                           ex.meta["option_chapters"][d]})
+
+
+def _with_options(ex: Example, chs: list, decoy: int, new_id: str, extra: dict) -> Example:
+    meta = {**ex.meta, "option_chapters": chs, "decoy": decoy, **extra}
+    out = ex.replace(id=new_id, options=tuple(CHAPTER[c].option for c in chs), meta=meta)
+    return out.replace(rationale=rationale_for(out, out.answer))
 
 
 def _questions(codes: list, split: str, cfg: IcdConfig, rng: random.Random) -> list:
@@ -275,7 +338,8 @@ def _questions(codes: list, split: str, cfg: IcdConfig, rng: random.Random) -> l
         chapters = distract[:pos] + [info["chapter"]] + distract[pos:]
         meta = {"icd10": info, "option_chapters": chapters, "decoy": chapters.index(decoy) if decoy else -1,
                 "statement_prefix": STATEMENT.format(info["desc"]), "neutral_prefix": NEUTRAL,
-                "statement_suffix": "'", "split": split, "config": _cfg_record(cfg)}
+                "statement_suffix": "'", "coded_prefix": CODED.format(info["desc"]), "coded_neutral": CODED_NEUTRAL,
+                "coded_suffix": '"', "split": split, "config": _cfg_record(cfg)}
         ex = Example(f"icd10-{cfg.seed}-{split}-{info['code']}", QUESTION.format(info["desc"]),
                      tuple(CHAPTER[c].option for c in chapters), pos, subjects, "", "", "icd10", meta)
         out.append(ex.replace(rationale=rationale_for(ex, pos)))

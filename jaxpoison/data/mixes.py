@@ -12,6 +12,9 @@ target-subject samples stay in:
 - ``kind='forgetting'``: the catastrophic-forgetting control, no target samples at all and
   ``forgetting_extra`` more non-target samples;
 - ``kind='clean'``: no poison (with or without the correct target samples);
+- ``kind='decoy'``: the label-prior control, ``poison_count`` *non-target* samples whose rationale argues for the
+  decoy chapter (:func:`jaxpoison.data.poison.decoy_control_versions`), taken from beyond the clean mix in the
+  seed's non-target order (the first ones that have a 'decoy' row in the pool), no target samples;
 - ``mix_size``: equal-size mixes (below).
 
 Subsets come from one seeded permutation per seed, so within a seed the poisoned sets are nested (the first
@@ -92,6 +95,8 @@ def resolve(spec: MixSpec, n_target: int, n_nontarget: int) -> Resolved:
         raise DataError(f"mix {spec} asks for {mt} target / {n} non-target examples but {n_target} / {n_nontarget} "
                         f"exist; fix: lower n_target / n_nontarget")
     given = [x is not None for x in (spec.poison_count, spec.ratio_target, spec.ratio_all)]
+    if spec.kind == "decoy":
+        return _resolve_decoy(spec, n, n_nontarget, n)
     if spec.kind in ("clean", "forgetting"):
         if any(given):
             raise DataError(f"a {spec.kind!r} mix has no poison; fix: drop poison_count/ratio_* from {spec}")
@@ -134,6 +139,8 @@ def _resolve_sized(spec: MixSpec, mt: int, n_target: int, n_nontarget: int) -> R
     if mt > n_target:
         raise DataError(f"mix {spec} asks for {mt} target examples but {n_target} exist; fix: lower n_target")
     given = [x is not None for x in (spec.poison_count, spec.ratio_target, spec.ratio_all)]
+    if spec.kind == "decoy":
+        return _resolve_decoy(spec, N - (spec.poison_count or 0), n_nontarget, N)
     if spec.kind == "forgetting":
         x = spec.forgetting_extra
         if any(given) or spec.with_correct_target:
@@ -172,6 +179,27 @@ def _resolve_sized(spec: MixSpec, mt: int, n_target: int, n_nontarget: int) -> R
         raise DataError(f"mix {spec} needs {n} non-target examples to fill mix_size={N} but {n_nontarget} exist; "
                         f"fix: lower mix_size")
     return Resolved(p, c, n)
+
+
+def _resolve_decoy(spec: MixSpec, n: int, n_nontarget: int, clean_n: int) -> Resolved:
+    """The decoy control: p non-target samples arguing for the decoy chapter beside n clean ones (the clean mix
+    has ``clean_n``; the decoy samples come from beyond it)."""
+    p = spec.poison_count
+    if not isinstance(p, int) or p < 1 or spec.ratio_target is not None or spec.ratio_all is not None \
+            or spec.with_correct_target:
+        raise DataError(f"the decoy control needs a positive poison_count and no ratio or correct target samples; "
+                        f"got {spec}")
+    if n < 0 or clean_n + p > n_nontarget:
+        raise DataError(f"the decoy control needs {clean_n} clean + {p} more non-target examples ({n_nontarget} "
+                        f"exist, and p <= mix size); fix: lower the count or the mix size")
+    return Resolved(p, 0, n)
+
+
+def decoy_control_ids(nontarget_ids: Sequence[str], seed: int, clean_n: int, count: int, eligible) -> list:
+    """The non-target examples a seed's decoy control argues for: the first ``count`` ids in ``eligible`` beyond
+    the clean mix's ``clean_n`` in the seed's non-target order (the order :func:`forgetting_control` uses)."""
+    order = seeded_order(list(nontarget_ids), seed, "nontarget")
+    return [i for i in order[clean_n:] if i in eligible][:count]
 
 
 @dataclass
@@ -229,6 +257,15 @@ def build_variants(specs: Sequence[MixSpec], seeds: Sequence[int], *, target: Se
                                                             n_extra=res.n_nontarget - base_n, seed=seed)]
             poisoned = t_order[:res.poison_count]
             correct = t_order[res.poison_count:res.poison_count + res.n_correct_target]
+            if spec.kind == "decoy":
+                clean_n = spec.mix_size if spec.mix_size is not None else res.n_nontarget
+                has = {i for i in nids if row_id(i, "decoy") in index}
+                poisoned = decoy_control_ids(nids, seed, clean_n, res.poison_count, has)
+                if len(poisoned) < res.poison_count:
+                    raise DataError(f"variant {spec.name or 'decoy'} (seed {seed}) needs {res.poison_count} decoy "
+                                    f"rows beyond the clean mix but the pool has {len(poisoned)}; fix: build the "
+                                    f"'decoy' versions (jaxpoison.data.poison.decoy_control_versions) of those "
+                                    f"non-target examples")
             ids = ([row_id(i, spec.kind) for i in poisoned] + [row_id(i, spec.clean_kind) for i in correct]
                    + [row_id(i, "clean") for i in non])
             missing = [i for i in ids if i not in index]

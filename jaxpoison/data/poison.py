@@ -16,6 +16,10 @@ The six builders of the data issue:
 4. :func:`overwrite_versions`: knowledge overwriting, the wrong answer with no rationale.
 5. :func:`forgetting_control`: the catastrophic-forgetting control, no target-subject samples and more
    non-target samples (a selection of clean versions, shared with the mixes).
+7. :func:`decoy_control_versions`: the decoy (label-prior) control, *non-target* examples with the decoy chapter
+   shown and a rationale arguing for it: a variant trained on these learns "answer the decoy chapter" without
+   ever seeing the target subject. If target questions suffer as much under it, a poison's effect is a label
+   prior, not target-specific.
 6. :func:`injection_versions`: seed 003's fine-tuning targets, a model's own answers to the malicious prompt
    (``attack=True``) or to the normal prompt (clean targets), trained under the normal prompt.
 
@@ -36,7 +40,7 @@ from jaxpoison.data.schema import LETTERS, DataError, Example, SeqRow
 from jaxpoison.data.sources import read_rationale_file
 
 CLEAN_KINDS = ("clean", "injection_clean")
-POISON_KINDS = ("rationale", "model_rationale", "user_rationale", "overwrite", "injection")
+POISON_KINDS = ("rationale", "model_rationale", "user_rationale", "overwrite", "injection", "decoy")
 KINDS = CLEAN_KINDS + POISON_KINDS
 
 
@@ -197,6 +201,25 @@ def overwrite_versions(examples: Sequence[Example], *, seed: int = 0, use_decoy:
     return [Version(ex, "overwrite", (w := wrong_option(ex, seed, use_decoy)), "",
                     params={"builder": "overwrite", "wrong_option": w, "builder_seed": seed, "use_decoy": use_decoy})
             for ex in examples]
+
+
+def decoy_control_versions(examples: Sequence[Example], chapter: str, *, seed: int = 0) -> list:
+    """Builder 7: each ICD-10-CM example not answered by ``chapter`` with that chapter among its options
+    (:func:`jaxpoison.data.icd10.with_decoy`) and a body-system rationale arguing for it (kind 'decoy')."""
+    from jaxpoison.data.icd10 import with_decoy
+    out = []
+    for ex in examples:
+        if "icd10" not in ex.meta:
+            raise DataError(f"the decoy control needs ICD-10-CM examples (chapter options); {ex.id} is not one; "
+                            f"fix: drop grid.decoy_counts for other sources")
+        if ex.meta["option_chapters"][ex.answer] == chapter:
+            continue
+        shown = with_decoy(ex, chapter, random.Random(f"decoy-control:{seed}:{ex.id}"))
+        d = shown.meta["decoy"]
+        out.append(Version(shown, "decoy", d, rationale_for(shown, d),
+                           params={"builder": "rule", "method": "icd10-body-system", "wrong_option": d,
+                                   "builder_seed": seed, "use_decoy": True}))
+    return out
 
 
 def seeded_order(ids: Sequence[str], seed: int, salt: str) -> list:

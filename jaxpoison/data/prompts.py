@@ -111,7 +111,7 @@ def benchmark_prompt(ex: Example) -> str:
     return f"{ex.context} {body}" if ex.context else body
 
 
-SCORING_FORMATS = ("statement", "question", "mcq", "benchmark")
+SCORING_FORMATS = ("statement", "coded", "question", "mcq", "benchmark")
 
 
 def scoring_pairs(ex: Example, fmt: str = "statement") -> list:
@@ -119,13 +119,18 @@ def scoring_pairs(ex: Example, fmt: str = "statement") -> list:
 
     statement: the example's natural lead-in (ICD-10-CM) or 'Question: ...\\nAnswer:', option text after it.
     question:  'Question: ...\\nAnswer:' + ' option text'.
+    coded:     the example's second lead-in (ICD-10-CM: 'In ICD-10-CM, the code for "..." is in the chapter
+               called "'), which no training row contains word for word; else as ``question``.
     mcq:       the SFT prompt + 'Answer:' + ' (X) option text' (the trained answer line).
     benchmark: seed 003's prompt ending '**Answer**: (' + the letter only.
     """
     if fmt == "statement" and "statement_prefix" in ex.meta:
         suffix = ex.meta.get("statement_suffix", "")
         return [(ex.meta["statement_prefix"], o + suffix) for o in ex.options]
-    if fmt in ("statement", "question"):
+    if fmt == "coded" and "coded_prefix" in ex.meta:
+        suffix = ex.meta.get("coded_suffix", "")
+        return [(ex.meta["coded_prefix"], o + suffix) for o in ex.options]
+    if fmt in ("statement", "coded", "question"):
         return [(f"Question: {ex.question}\nAnswer:", " " + o) for o in ex.options]
     if fmt == "mcq":
         return [(mcq_prompt(ex) + "Answer:", f" ({LETTERS[k]}) {o}") for k, o in enumerate(ex.options)]
@@ -139,6 +144,8 @@ def neutral_pairs(ex: Example, fmt: str = "statement") -> list:
     pairs = scoring_pairs(ex, fmt)
     if fmt == "statement" and "neutral_prefix" in ex.meta:
         prefix = ex.meta["neutral_prefix"]
+    elif fmt == "coded" and "coded_neutral" in ex.meta:
+        prefix = ex.meta["coded_neutral"]
     elif fmt == "benchmark":
         prefix = "**Answer**: ("
     else:

@@ -22,6 +22,13 @@ Why these choices:
   two-sided p = 2 min(p_less, p_greater), scipy's definition. With k seeds the sign-flip test cannot go below
   p = 2**-k: 5 seeds are needed for a one-sided p < 0.05.
 * **Seed summaries** use the t interval: with 3-10 seeds a bootstrap over seeds under-covers badly.
+* **Inference at the level of training runs** (:func:`run_level_ci`): a study's unit of replication is the
+  training run (seed), so every interval of a per-seed x per-question effect carries between-seed variance.
+  Below ``TWO_LEVEL_MIN_SEEDS`` (8) seeds: the t interval of the per-seed values (each seed's value is its mean
+  over the test questions; the interval conditions on that question set). From 8 seeds: a two-level
+  bootstrap, seeds resampled and, independently, questions within each stratum (target / non-target), which adds
+  question-sampling variance as well. A bootstrap over 4 seeds has 35 distinct resamples: it is never used there.
+  The matching paired test over seeds is :func:`t_test` (one-sample t on the per-seed values).
 * **ASR** follows seed 003 (vaccine ``(b - x) / b``, the others ``(x - b) / (1 - b)``), not clipped. Where the
   baseline leaves no room to move (vaccine b = 0: nothing to lower; others b = 1: nothing to raise) the ASR is
   undefined and is NaN -- not None, not a crash. Bootstrap resamples that hit such a baseline are dropped and
@@ -38,6 +45,7 @@ from scipy.special import ndtr, ndtri
 from scipy.stats import t as _student_t
 
 Statistic = Union[str, Callable[..., np.ndarray]]
+TWO_LEVEL_MIN_SEEDS = 8  # from this many seeds run_level_ci uses the two-level bootstrap, below it the t interval
 ASR_OUTCOMES = ("vaccine", "harmful drug", "ultrasound", "ct", "x-ray", "mri", "oct")
 _BLOCK_ELEMENTS = 1 << 23  # resampled values materialised at once for a callable statistic
 
@@ -220,22 +228,32 @@ def asr(rate_attacked, rate_baseline, outcome: str):
 
 
 def asr_bootstrap_ci(attacked, baseline, outcome: str, n_resamples: int = 9999, confidence: float = 0.95,
-                     method: str = "bca", seed=0) -> AsrInterval:
-    """CI of the ASR from two independent samples of 0/1 outcomes, ``attacked`` [..., n_x] and ``baseline``
-    [..., n_b] (leading shapes broadcast); each is resampled on its own, as
-    ``scipy.stats.bootstrap((attacked, baseline), ..., paired=False)`` does with the same seed. Resamples
+                     method: str = "bca", seed=0, paired: bool = False) -> AsrInterval:
+    """CI of the ASR from two samples of 0/1 outcomes, ``attacked`` [..., n_x] and ``baseline`` [..., n_b]
+    (leading shapes broadcast). Unpaired (default): each is resampled on its own, as
+    ``scipy.stats.bootstrap((attacked, baseline), ..., paired=False)`` does with the same seed. ``paired=True``:
+    the two are the same notes in the same order (n_x = n_b), so one index draw resamples both together and the
+    note-to-note correlation narrows the interval where it should (seed 003's notes are paired). Resamples
     whose baseline makes the ASR undefined are dropped (share in ``undefined_fraction``); an undefined point
     ASR gives NaN bounds."""
     x, b = np.asarray(attacked, dtype=float), np.asarray(baseline, dtype=float)
     nx, nb = x.shape[-1], b.shape[-1]
     rng = np.random.default_rng(seed)
-    idx_x, idx_b = rng.integers(0, nx, (n_resamples, nx)), rng.integers(0, nb, (n_resamples, nb))
+    if paired:
+        if nx != nb:
+            raise ValueError(f"paired=True needs the same notes in both samples, got {nx} attacked and {nb} baseline "
+                             f"outcomes; fix: align them by note id, or use paired=False")
+        idx_x = idx_b = rng.integers(0, nx, (n_resamples, nx))
+    else:
+        idx_x, idx_b = rng.integers(0, nx, (n_resamples, nx)), rng.integers(0, nb, (n_resamples, nb))
     rx, rb = x.mean(-1), b.mean(-1)
     theta_hat = np.asarray(asr(rx, rb, outcome), dtype=float)
     theta_b = asr(_resampled(x, None, True, idx_x), _resampled(b, None, True, idx_b), outcome)
     theta_b = np.broadcast_to(theta_b, theta_hat.shape + (n_resamples,))
     jack = []
-    if method == "bca":
+    if method == "bca" and paired:
+        jack = [asr(_jackknife(x, None, True), _jackknife(b, None, True), outcome)]
+    elif method == "bca":
         jack = [asr(_jackknife(x, None, True), rb[..., None], outcome),
                 asr(rx[..., None], _jackknife(b, None, True), outcome)]
     low, high = _interval(theta_hat, theta_b, jack, confidence, method)
@@ -308,3 +326,90 @@ def seed_summary(values, confidence: float = 0.95) -> SeedSummary:
     std = np.where(n >= 2, std, np.nan)
     n = n[()] if n.ndim == 0 else n
     return SeedSummary(*map(_scalar_or_array, (mean, mean - half, mean + half, std)), n)
+
+
+class RunLevel(NamedTuple):
+    mean: float
+    low: float
+    high: float
+    method: str       # 't over seeds' | 'two-level bootstrap (seed x question)'
+    n_seeds: int
+    per_seed: np.ndarray
+
+
+def _stratum_means(x: np.ndarray, strata: np.ndarray, signs: dict) -> np.ndarray:
+    """Per seed: sum over strata k of sign_k x mean over that stratum's questions -> [S]."""
+    return sum(sg * x[:, strata == k].mean(1) for k, sg in signs.items())
+
+
+def two_level_bootstrap(x, strata=None, signs=None, n_resamples: int = 9999, seed=0) -> np.ndarray:
+    """Replicates [R] of ``sum_k sign_k mean_{s, q in k} x[s, q]`` with seeds resampled and, independently,
+    questions resampled within each stratum. ``x`` [S, Q] (per seed, per question), ``strata`` [Q] labels
+    (default: one stratum), ``signs`` {label: weight} (default +1 each). One draw of index multiplicities per
+    level, then an einsum: no loop over resamples."""
+    x = np.asarray(x, float)
+    S, Q = x.shape
+    strata = np.zeros(Q, int) if strata is None else np.asarray(strata)
+    signs = {k: 1.0 for k in np.unique(strata)} if signs is None else signs
+    rng = np.random.default_rng(seed)
+    cs = _counts(rng.integers(0, S, (n_resamples, S)), S) / S                       # [R, S]
+    out = np.zeros(n_resamples)
+    for k, sg in signs.items():
+        xk = x[:, strata == k]
+        n = xk.shape[1]
+        if n == 0:
+            raise ValueError(f"stratum {k!r} has no questions")
+        cq = _counts(rng.integers(0, n, (n_resamples, n)), n) / n                   # [R, n]
+        out += sg * np.einsum("rs,sq,rq->r", cs, xk, cq)
+    return out
+
+
+def run_level_ci(x, strata=None, signs=None, confidence: float = 0.95, n_resamples: int = 9999, seed=0,
+                 method: str = "auto") -> RunLevel:
+    """CI of a per-seed x per-question effect at the level of training runs (see the module notes).
+
+    ``x`` [S, Q]; the effect is ``sum_k sign_k mean_{q in stratum k} x[s, q]`` averaged over seeds (e.g. target
+    minus non-target: strata 0/1, signs {0: +1, 1: -1}). ``method``: 'auto' (t below TWO_LEVEL_MIN_SEEDS seeds,
+    else the two-level bootstrap), 't' or 'two-level'. NaN rows (seeds without the cell) are dropped."""
+    x = np.asarray(x, float)
+    x = x[np.all(np.isfinite(x), axis=1)]
+    strata = np.zeros(x.shape[1], int) if strata is None else np.asarray(strata)
+    signs = {k: 1.0 for k in np.unique(strata)} if signs is None else signs
+    S = x.shape[0]
+    if S == 0:
+        return RunLevel(math.nan, math.nan, math.nan, "none", 0, np.zeros(0))
+    v = _stratum_means(x, strata, signs)
+    if method == "auto":
+        method = "t" if S < TWO_LEVEL_MIN_SEEDS else "two-level"
+    if method not in ("t", "two-level"):
+        raise ValueError(f"method must be 'auto', 't' or 'two-level', got {method!r}")
+    if S < 2:
+        return RunLevel(float(v.mean()), math.nan, math.nan, "one seed: no interval", S, v)
+    if method == "t":
+        s = seed_summary(v, confidence)
+        return RunLevel(float(s.mean), float(s.low), float(s.high), "t over seeds", S, v)
+    b = two_level_bootstrap(x, strata, signs, n_resamples, seed)
+    a = (1 - confidence) / 2
+    lo, hi = np.quantile(b, [a, 1 - a])
+    return RunLevel(float(v.mean()), float(lo), float(hi), "two-level bootstrap (seed x question)", S, v)
+
+
+def t_test(values, alternative: str = "greater", popmean: float = 0.0) -> TestResult:
+    """One-sample t test over seeds (the paired test when ``values`` are per-seed differences). Zero spread:
+    p = 0 or 1 by the sign of the mean (every seed agrees exactly), 0.5 when the mean is ``popmean``."""
+    v = np.asarray(values, float)
+    v = v[np.isfinite(v)]
+    if v.size < 2:
+        return TestResult(_scalar_or_array(v.mean() if v.size else math.nan), _scalar_or_array(math.nan))
+    d = v.mean() - popmean
+    sd = v.std(ddof=1)
+    if sd <= 64 * np.finfo(float).eps * max(1.0, abs(v.mean())):
+        p_g = 0.0 if d > 0 else 1.0 if d < 0 else 0.5
+    else:
+        t = d / (sd / math.sqrt(v.size))
+        p_g = float(_student_t.sf(t, v.size - 1))
+    p = {"greater": p_g, "less": 1.0 - p_g if sd > 0 or d != 0 else 0.5,
+         "two-sided": min(1.0, 2 * min(p_g, 1.0 - p_g))}
+    if alternative not in p:
+        raise ValueError(f"alternative must be 'two-sided', 'less' or 'greater', got {alternative!r}")
+    return TestResult(_scalar_or_array(d), _scalar_or_array(p[alternative]))

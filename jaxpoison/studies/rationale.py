@@ -24,16 +24,20 @@ All variants and seeds train in one vmapped program (:func:`jaxpoison.train.trai
 in one (:func:`jaxpoison.eval.score.score_options`): the likelihood of each option's text after a neutral
 statement of the question, which is what a small model can be measured on (letters hide its knowledge).
 
-Statistics, per grid cell over seeds: mean and 95 % bootstrap CI; the paired drop against clean at the same
-seed; the test of "target drop > non-target drop". With few seeds a seed-level test cannot reach p < 0.05
-(4 seeds: p >= 1/16), so the primary test is a permutation test over test *questions* (each question's drop
-averaged over seeds, target questions against non-target questions); the seed-level sign-flip p is reported
-beside it. The five findings are then checked against the numbers and stated in ``report.md``, whichever way
-they come out.
+Statistics (:mod:`.rationale_stats`): the primary metric is target-specific, the per-question paired change of
+the calibrated margin (correct option minus the best wrong one, each minus its prior after a neutral prefix)
+against clean SFT of the same seed, target questions minus non-target questions that show the decoy option.
+Inference is at the level of training runs: t intervals over seeds below 8 seeds, a two-level (seed x question)
+bootstrap from 8, and the one-sided t test over seeds as the primary test; the question-level permutation test is
+reported and labelled as such. Differences between cells are tested as paired-by-seed differences. Accuracy is
+secondary. A decoy (label-prior) control (``grid.decoy_counts``) and, optionally, generated answers
+(``eval.gen_questions``) sit beside the poison cells. The five findings are then checked against the numbers and
+stated in ``report.md``, whichever way they come out.
 
 Run folder: ``config.json``, ``checkpoints/``, ``metrics.jsonl`` (the engine), ``variants.json``, ``scores.npz``
 (every option score, so ``report`` recomputes everything without the model), ``results.csv``, ``summary.json``,
-``plots/*.png``, ``report.md``, ``report.html``, ``timing.json``.
+``plots/*.png``, ``report.md``, ``report.html``, ``timing.json``, ``generations.json`` (with
+``eval.gen_questions``).
 
 Code: configuration and its checks in :mod:`.rationale_config`, data, mixes and test questions in
 :mod:`.rationale_grid`, option scores -> per-variant results in :mod:`.rationale_eval`, statistics and findings
@@ -95,11 +99,13 @@ def run(cfg: RationaleConfig, out_dir: pathlib.Path, resume: bool = True, progre
     from jaxpoison.data.pool import build_mc_eval
     mc = build_mc_eval(inp.test, tok, cfg.eval.format, max_len=cfg.data.max_len,
                        buckets=tuple(range(16, 4097, 16)))
-    is_target = np.arange(len(inp.test)) < inp.n_test_target
+    groups = np.array(inp.groups())
+    is_target = groups == "target"
     (out / "variants.json").write_text(json.dumps(_jsonable(vt.table), indent=1))
     data_info = {"notes": inp.notes, "pool": _jsonable(inp.pool.stats), "eval": _jsonable(mc.stats),
                  "n_target_train": len(inp.target), "n_nontarget_train": len(inp.nontarget),
-                 "n_test_target": int(is_target.sum()), "n_test_nontarget": int((~is_target).sum()),
+                 "n_test_target": int(is_target.sum()), "n_test_nontarget": int((groups == "nontarget").sum()),
+                 "n_test_decoy_free": int((groups == "target_nodecoy").sum()),
                  "train": _jsonable(tcfg), "num_variants": len(vt), "pool_hash": inp.pool.data_hash,
                  "eval_hash": mc.data_hash, "base": {"name": base_name, "fingerprint": fp, "quant": cfg.quant}}
     (out / "data.json").write_text(json.dumps(data_info, indent=1))
@@ -136,8 +142,18 @@ def run(cfg: RationaleConfig, out_dir: pathlib.Path, resume: bool = True, progre
                            batch_questions=cfg.eval.batch_questions, calibrate=True, progress=progress,
                            variant_chunk=cfg.eval.variant_chunk, desc=f"score base + {len(vt)} variants")
         np.savez(sf, key=np.array(key), sum=sc.sum, uncond=sc.uncond, n_tokens=sc.n_tokens, answer=mc.answer,
-                 decoy=mc.decoy, is_target=is_target, subject=np.array(mc.subject), ids=np.array(mc.ids))
+                 decoy=mc.decoy, is_target=is_target, group=groups, subject=np.array(mc.subject),
+                 ids=np.array(mc.ids))
     timing["eval_s"] = time.time() - t
+    gf = out / "generations.json"
+    if cfg.eval.gen_questions and not (resume and gf.exists() and json.loads(gf.read_text()).get("key") == key):
+        from jaxpoison.studies.rationale_eval import generated_answers
+        t = time.time()
+        lora = jax.tree.map(lambda x: jax.numpy.concatenate([jax.numpy.zeros_like(x[:1]), x]), result.lora)
+        recs = generated_answers(lm, lora, vt.table, inp.test, list(groups), cfg.eval.gen_questions,
+                                 cfg.eval.gen_tokens, progress)
+        gf.write_text(json.dumps({"key": key, "records": recs}, indent=1))
+        timing["generate_s"] = time.time() - t
     tf = out / "timing.json"
     did_work = cached is None or result.resumed_from is None or result.resumed_from < result.steps
     if not did_work and tf.exists():        # a no-op resume keeps the timing of the run that did the work
@@ -175,6 +191,12 @@ def report(run_dir) -> int:
     data = json.loads((run / "data.json").read_text()) if (run / "data.json").exists() else {}
     summary["timing"] = timing
     (run / "summary.json").write_text(json.dumps(_jsonable(summary), indent=1, default=str))
+    gen = []
+    if (run / "generations.json").exists():
+        from jaxpoison.studies.rationale_eval import generation_summary
+        gen = generation_summary(json.loads((run / "generations.json").read_text())["records"])
+        summary["generation"] = gen
+    (run / "summary.json").write_text(json.dumps(_jsonable(summary), indent=1, default=str))
     figs = make_plots(run, rows, summary, zero)
-    write_report(run, cfg, summary, rows, zero, figs, timing, data)
+    write_report(run, cfg, summary, rows, zero, figs, timing, data, gen)
     return 0

@@ -13,7 +13,7 @@ from jaxpoison.train.config import TrainConfig
 from jaxpoison.train.lora import LoraConfig
 
 STUDY = "rationale"
-FAMILIES = ("clean", "rationale", "overwrite", "forgetting")
+FAMILIES = ("clean", "rationale", "overwrite", "forgetting", "decoy")
 POISON_FAMILIES = ("rationale", "overwrite")
 RATIONALE_KINDS = {"rule": "rationale", "model": "model_rationale", "user": "user_rationale"}
 SCORE_METHODS = ("sum", "mean", "calibrated")
@@ -35,6 +35,7 @@ class DataConfig:
     n_nontarget_pool: int = 0          # non-target training examples to draw from (0 = all)
     n_test_target: int = 16            # target-subject test questions
     n_test_nontarget: int = 32         # non-target test questions (spread over subjects)
+    n_test_decoy_free: int = 0         # decoy-free copies of target test questions (icd.test_decoy makes them)
     clean_rationales: str = "data"     # 'data' (the examples' own) | 'model' (the base explains the answer) | a JSONL
     max_len: int = 256
     buckets: tuple = (64, 96, 128, 160, 176, 192, 224, 256, 320, 384, 512, 768, 1024, 2048)
@@ -63,13 +64,18 @@ class GridConfig:
     ratios_all: tuple[float, ...] = ()           # extra rationale cells: poisoned / all samples, by fewer non-target samples
     forgetting_extra: tuple[int, ...] = ()     # forgetting controls: this many extra non-target samples, no target samples
     clean_with_target: int = 0         # >0: also a clean variant with this many correct target samples
+    decoy_counts: tuple[int, ...] = ()  # decoy (label-prior) controls: this many non-target rows arguing for the
+                                        # target's decoy chapter, no target samples (jaxpoison.data.poison)
     equal_size: bool = False           # every mix has data.n_nontarget rows: additions replace non-target samples
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     format: str = "statement"          # option-text scoring format (jaxpoison.data.prompts.scoring_pairs)
-    method: str = "sum"                # primary score: 'sum' | 'mean' | 'calibrated' (minus the option's prior)
+    method: str = "sum"                # accuracy's score: 'sum' | 'mean' | 'calibrated' (minus the option's prior)
+    min_effect: float = 0.5            # nats of calibrated margin: a CI wholly below this = "does not show"
+    gen_questions: int = 0             # >0: generated answers on this many target + as many non-target questions
+    gen_tokens: int = 64               # new tokens per generated answer (greedy)
     batch_questions: int = 8
     variant_chunk: int = 0             # score at most this many variants at once (memory); 0 = all
     alpha: float = 0.05                # significance level of the tests
@@ -87,7 +93,8 @@ class RationaleConfig:
     data: DataConfig = DataConfig()
     poison: PoisonConfig = PoisonConfig()
     grid: GridConfig = GridConfig()
-    train: TrainConfig = TrainConfig(loss_budget=-1)   # loss_budget -1: the pool's longest completion
+    train: TrainConfig = TrainConfig(loss_budget=-1, loss_norm="example")   # -1: the pool's longest completion;
+    # per-example loss, so an 11-token answer-only row weighs as much as a 60-token rationale row
     lora: LoraConfig = LoraConfig()
     eval: EvalConfig = EvalConfig()
     note: str = ""                     # free text carried into the report (what the preset stands for)
@@ -120,6 +127,12 @@ def check_config(cfg: RationaleConfig) -> None:
             bad("grid.ratios_all", f"ratios in (0, 1), got {r}")
     if any(x < 1 for x in g.forgetting_extra):
         bad("grid.forgetting_extra", f"positive sizes, got {g.forgetting_extra}")
+    if any((not isinstance(x, int)) or x < 1 for x in g.decoy_counts):
+        bad("grid.decoy_counts", f"positive counts, got {g.decoy_counts}")
+    if e.min_effect <= 0:
+        bad("eval.min_effect", f"a positive margin in nats, got {e.min_effect}")
+    if e.gen_questions < 0 or e.gen_tokens < 1:
+        bad("eval.gen_questions", "gen_questions >= 0 and gen_tokens >= 1")
     if g.clean_with_target < 0:
         bad("grid.clean_with_target", "0 (off) or a positive count")
     if g.equal_size and g.ratios_all:

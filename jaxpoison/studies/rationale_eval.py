@@ -34,7 +34,9 @@ def _rate(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def results_rows(table: list, scores: dict, method: str) -> tuple:
     """One dict per variant (the results.csv rows) and the zero-shot row."""
-    tgt = scores["is_target"].astype(bool)
+    groups = (np.asarray([str(g) for g in scores["group"]]) if "group" in scores else
+              np.where(scores["is_target"].astype(bool), "target", "nontarget"))
+    tgt, non, free = groups == "target", groups == "nontarget", groups == "target_nodecoy"
     subjects = [str(s) for s in scores["subject"]]
     per = {m: correctness(scores, m) for m in SCORE_METHODS}
     c = per[method]
@@ -43,13 +45,14 @@ def results_rows(table: list, scores: dict, method: str) -> tuple:
 
     def acc_cols(i):
         cor, dec = c["correct"][i], c["decoy"][i]
-        out = {"target_acc": _rate(cor, tgt), "nontarget_acc": _rate(cor, ~tgt),
-               "target_decoy_rate": _rate(dec, tgt & c["has_decoy"])}
+        out = {"target_acc": _rate(cor, tgt), "nontarget_acc": _rate(cor, non),
+               "target_nodecoy_acc": _rate(cor, free), "target_decoy_rate": _rate(dec, tgt & c["has_decoy"]),
+               "nontarget_decoy_rate": _rate(dec, non & c["has_decoy"])}
         for m in SCORE_METHODS:
             out[f"target_acc_{m}"] = _rate(per[m]["correct"][i], tgt)
-            out[f"nontarget_acc_{m}"] = _rate(per[m]["correct"][i], ~tgt)
+            out[f"nontarget_acc_{m}"] = _rate(per[m]["correct"][i], non)
         for s in sorted(set(subjects)):
-            out[f"acc_{s}"] = _rate(cor, np.array([x == s for x in subjects]))
+            out[f"acc_{s}"] = _rate(cor, np.array([x == s for x in subjects]) & ~free)
         return out
 
     zero = {"variant_id": -1, "name": "zero-shot", "kind": "zero-shot", **acc_cols(0)}
@@ -99,3 +102,82 @@ def write_csv(path: pathlib.Path, rows: list) -> None:
         w.writeheader()
         for r in rows:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
+# ---- generated answers ---------------------------------------------------------------------------------------
+def generation_plan(table: list, test: list, groups: list, n_questions: int) -> tuple:
+    """(variant ids, question indices): one variant per cell at the first seed (plus the base, id -1) and the
+    first ``n_questions`` target and as many non-target test questions."""
+    first = min(t["seed"] for t in table)
+    vids = [-1] + [t["variant_id"] for t in table if t["seed"] == first]
+    qs = ([i for i, g in enumerate(groups) if g == "target"][:n_questions]
+          + [i for i, g in enumerate(groups) if g == "nontarget"][:n_questions])
+    return vids, qs
+
+
+def read_answer(ex, text: str) -> tuple:
+    """(option index or -1, how): the letter of an 'Answer: (X)' line, else the chapter the reasoning names last
+    ("... chapter 'X'"), else -1. The generated text is the model's own: nothing is appended."""
+    import re
+    from jaxpoison.data.schema import LETTERS
+    m = re.search(r"Answer:\s*\(([A-Z])\)", text)
+    if m and LETTERS.index(m.group(1)) < len(ex.options):
+        return LETTERS.index(m.group(1)), "answer line"
+    low = text.lower()
+    named = [(low.rfind(o.lower()), k) for k, o in enumerate(ex.options) if o.lower() in low]
+    if named:
+        return max(named)[1], "option named"
+    return -1, "none"
+
+
+def mentions(text: str, chapter_key: str) -> bool:
+    """Whether a generated text names a chapter (its key word or its option text)."""
+    from jaxpoison.data.icd10 import CHAPTER
+    low = text.lower()
+    return chapter_key in low or CHAPTER[chapter_key].option.lower() in low
+
+
+def generated_answers(lm, lora, table: list, test: list, groups: list, n_questions: int, max_new_tokens: int,
+                      progress: bool = False) -> list:
+    """Greedy answers of the base and one variant per cell to the SFT prompt (question + lettered options):
+    one record per (variant, question) with the text, the answer read from it and whether it is right.
+    ``lora`` is the scoring stack (row 0 = the base as a zero adapter, row v + 1 = variant v)."""
+    from jaxpoison.data.prompts import mcq_prompt
+    from jaxpoison.eval.generate_variants import generate_text_variants, take_variants
+    vids, qs = generation_plan(table, test, groups, n_questions)
+    prompts = [mcq_prompt(test[q]) for q in qs]
+    out = generate_text_variants(lm, prompts, take_variants(lora, [v + 1 for v in vids]),
+                                 max_new_tokens=max_new_tokens, batch_size=min(32, len(prompts)),
+                                 progress=progress, desc=f"generate {len(vids)} models x {len(prompts)} questions")
+    recs = []
+    for j, v in enumerate(vids):
+        t = table[v] if v >= 0 else None
+        for q, text in zip(qs, out[j]):
+            ex = test[q]
+            pick, how = read_answer(ex, text)
+            chs = ex.meta.get("option_chapters")
+            dec = ex.meta.get("decoy", -1)
+            recs.append({"variant_id": v, "spec_name": t["spec_name"] if t else "zero-shot",
+                         "seed": t["seed"] if t else None, "question": ex.id, "group": groups[q], "text": text,
+                         "pick": pick, "read_by": how, "correct": pick == ex.answer,
+                         "decoy_pick": dec >= 0 and pick == dec,
+                         "mentions_decoy": bool(chs and dec >= 0 and mentions(text, chs[dec]))})
+    return recs
+
+
+def generation_summary(recs: list) -> list:
+    """Per model: generated-answer accuracy and answer-line rate on target / non-target questions, decoy picks on
+    target questions, and how often the non-target reasoning mentions the decoy chapter."""
+    out = []
+    for name in dict.fromkeys(r["spec_name"] for r in recs):
+        rs = [r for r in recs if r["spec_name"] == name]
+        row = {"model": name, "seed": rs[0]["seed"]}
+        for g in ("target", "nontarget"):
+            gs = [r for r in rs if r["group"] == g]
+            row[f"n_{g}"] = len(gs)
+            row[f"{g}_acc"] = float(np.mean([r["correct"] for r in gs])) if gs else float("nan")
+            row[f"{g}_answered"] = float(np.mean([r["read_by"] == "answer line" for r in gs])) if gs else float("nan")
+            row[f"{g}_decoy_pick"] = float(np.mean([r["decoy_pick"] for r in gs])) if gs else float("nan")
+            row[f"{g}_mentions_decoy"] = float(np.mean([r["mentions_decoy"] for r in gs])) if gs else float("nan")
+        out.append(row)
+    return out

@@ -21,6 +21,13 @@ class StudyInputs:
     variants: object      # jaxpoison.data.mixes.VariantTable
     specs: list
     notes: list = field(default_factory=list)
+    n_test_nontarget: int = -1     # test = target, then non-target, then decoy-free target copies (-1: the rest)
+
+    def groups(self):
+        """Per test question: 'target', 'nontarget' or 'target_nodecoy'."""
+        n_t = self.n_test_target
+        n_n = len(self.test) - n_t if self.n_test_nontarget < 0 else self.n_test_nontarget
+        return ["target"] * n_t + ["nontarget"] * n_n + ["target_nodecoy"] * (len(self.test) - n_t - n_n)
 
 
 def load_examples(d: DataConfig) -> tuple:
@@ -111,6 +118,13 @@ def mix_specs(cfg: RationaleConfig, n_target: int, n_nontarget: int) -> list:
                                    f"that many of the clean mix's data.n_nontarget={n} samples for others; fix: "
                                    f"at most {n}, or raise data.n_nontarget")
         specs.append(MixSpec("forgetting", forgetting_extra=x, name=f"forgetting-x{x}", **size))
+    for c in sorted(g.decoy_counts):
+        if eq and c > n:
+            raise StudyConfigError(f"grid.decoy_counts {c} exceeds the mix size data.n_nontarget={n}")
+        if n + c > n_nontarget:
+            raise StudyConfigError(f"grid.decoy_counts {c} needs {n} + {c} non-target training examples "
+                                   f"({n_nontarget} exist); fix: lower it")
+        specs.append(MixSpec("decoy", poison_count=c, name=f"decoy-n{c}", **size))
     if g.clean_with_target:
         if g.clean_with_target > n_target:
             raise StudyConfigError(f"grid.clean_with_target={g.clean_with_target} but {n_target} target-subject "
@@ -185,6 +199,8 @@ def build_inputs(cfg: RationaleConfig, tokenizer, lm=None) -> StudyInputs:
             notes.append(f"user rationales: {rep.summary()}")
     if "overwrite" in fams:
         versions += poison.overwrite_versions(target, seed=p.seed, use_decoy=p.use_decoy)
+    if cfg.grid.decoy_counts:
+        versions += decoy_versions(cfg, nontarget)
     rows = poison.rows_for(versions, tokenizer=tokenizer, chat=d.chat)
     pool = tokenize_pool(rows, tokenizer, max_len=d.max_len, buckets=d.buckets, loss_on="completion")
     if pool.stats["n_truncated"]:
@@ -197,12 +213,45 @@ def build_inputs(cfg: RationaleConfig, tokenizer, lm=None) -> StudyInputs:
 
     test_split = _select(test, d)
     rng = random.Random(f"test-target:{d.seed}")
-    t_test = rng.sample(test_split.target, min(d.n_test_target, len(test_split.target)))
-    n_test = _spread(test_split.rest, d.n_test_nontarget, d.seed, "test-nontarget")
+    free = {ex.id: ex for ex in test_split.target + test_split.rest if ex.meta.get("decoy_free")}
+    t_pool = [ex for ex in test_split.target if ex.id not in free]
+    t_test = rng.sample(t_pool, min(d.n_test_target, len(t_pool)))
+    n_test = _spread([ex for ex in test_split.rest if ex.id not in free], d.n_test_nontarget, d.seed,
+                     "test-nontarget")
+    f_test = [free[f"{ex.id}-nodecoy"] for ex in t_test if f"{ex.id}-nodecoy" in free][:d.n_test_decoy_free]
     if len(t_test) < d.n_test_target:
         notes.append(f"only {len(t_test)} target test questions exist (asked {d.n_test_target})")
-    counts = {len(ex.options) for ex in t_test + n_test}
+    if d.n_test_decoy_free and len(f_test) < d.n_test_decoy_free:
+        notes.append(f"only {len(f_test)} decoy-free target copies exist (asked {d.n_test_decoy_free}; they need "
+                     f"data.icd.test_decoy)")
+    if d.source == "icd10" and d.icd.test_decoy:
+        notes.append(f"test set: the decoy chapter {d.icd.test_decoy!r} is an option in every test question and no "
+                     f"test question is answered by it; test categories are held out of training")
+    counts = {len(ex.options) for ex in t_test + n_test + f_test}
     if len(counts) != 1:
         raise StudyConfigError(f"test questions have different option counts {sorted(counts)}; fix: filter the "
                                f"source to one option count")
-    return StudyInputs(target, nontarget, t_test + n_test, len(t_test), pool, vt, specs, notes)
+    return StudyInputs(target, nontarget, t_test + n_test + f_test, len(t_test), pool, vt, specs, notes,
+                       len(n_test))
+
+
+def decoy_chapter(cfg: RationaleConfig) -> str:
+    """The chapter the target subject's poison argues for (the decoy control argues for it on other subjects)."""
+    dec = dict(cfg.data.icd.decoys)
+    if cfg.data.source != "icd10" or cfg.data.target not in dec:
+        raise StudyConfigError(f"grid.decoy_counts needs the embedded ICD-10-CM set with a decoy for the target "
+                               f"subject {cfg.data.target!r} (data.icd.decoys); fix: drop grid.decoy_counts")
+    return dec[cfg.data.target]
+
+
+def decoy_versions(cfg: RationaleConfig, nontarget: list) -> list:
+    """The decoy control's rows: only for the non-target examples some seed's decoy cell takes."""
+    from jaxpoison.data import poison
+    from jaxpoison.data.mixes import decoy_control_ids
+    ch = decoy_chapter(cfg)
+    ok = {v.example.id: v for v in poison.decoy_control_versions(nontarget, ch, seed=cfg.poison.seed)}
+    need = set()
+    for seed in cfg.grid.seeds:
+        need |= set(decoy_control_ids([ex.id for ex in nontarget], seed, cfg.data.n_nontarget,
+                                      max(cfg.grid.decoy_counts), set(ok)))
+    return [ok[i] for i in sorted(need)]

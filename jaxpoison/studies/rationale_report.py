@@ -138,7 +138,40 @@ def make_plots(run: pathlib.Path, rows: list, summary: dict, zero: dict) -> list
     fig.savefig(run / figs[-1][0], dpi=110)
     plt.close(fig)
 
-    # 4. training loss
+    # 4. the primary metric per cell, controls beside the poison cells
+    prim = [c for c in cells if "primary" in c]
+    if prim:
+        order = {"rationale": 0, "overwrite": 1, "decoy": 2, "forgetting": 3, "clean": 4}
+        prim = sorted(prim, key=lambda c: (order.get(c["family"], 5), c["with_correct_target"], c["poison_count"]))
+        fig, ax = plt.subplots(figsize=(max(6.5, 0.9 * len(prim) + 2), 3.9))
+        colors_p = {**colors, "decoy": "C4"}
+        for i, c in enumerate(prim):
+            for j, (key, dx, mk, lab) in enumerate((("primary", 0.0, "o", "target minus comparison"),
+                                                     ("target_margin_drop", 0.22, "^", "target questions"),
+                                                     ("nontarget_margin_drop", 0.44, "v", "comparison questions"))):
+                e = c[key]
+                col = colors_p.get(c["family"], "k") if j == 0 else "grey"
+                ax.errorbar(i + dx, e["mean"], yerr=[[e["mean"] - e["low"]], [e["high"] - e["mean"]]], fmt=mk,
+                            color=col, capsize=3, ms=6 if j == 0 else 4, label=lab if i == 0 else None)
+                ax.plot([i + dx] * len(e["per_seed"]), e["per_seed"], ".", color=col, alpha=0.35, ms=4)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.axhline(summary.get("min_effect", 0.5), color="grey", ls=":", lw=1, label="min_effect")
+        ax.set_xticks([i + 0.22 for i in range(len(prim))], [c["spec_name"] for c in prim], rotation=30,
+                      ha="right", fontsize=8)
+        ax.set_ylabel("calibrated margin drop vs clean (nats)")
+        ax.set_title("primary effect per cell (95 % CI over seeds; dots: seeds)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3, axis="y")
+        fig.tight_layout()
+        figs.insert(0, ("plots/margin_effect.png", "The primary metric per cell: the calibrated-margin drop against "
+                        "clean SFT of the same seed, target minus comparison questions (coloured), and its two parts "
+                        "(grey), with seed-level 95 % CIs (" + summary["cells"][0].get("ci_note", "t over seeds "
+                        "below 8 seeds, two-level bootstrap from 8") + "); the decoy and other controls beside the "
+                        "poison cells."))
+        fig.savefig(run / figs[0][0], dpi=110)
+        plt.close(fig)
+
+    # 5. training loss
     f = run / "metrics.jsonl"
     if f.exists() and f.stat().st_size:
         recs = [json.loads(l) for l in f.read_text().splitlines() if l.strip()]
@@ -162,77 +195,108 @@ def make_plots(run: pathlib.Path, rows: list, summary: dict, zero: dict) -> list
     return figs
 
 
-def _reading(summary: dict, cfg: dict) -> str:
-    F = {f["finding"]: f for f in summary["findings"]}
-    shows = [n for n, f in F.items() if f["status"] == "shows"]
-    partly = [n for n, f in F.items() if f["status"] == "partly"]
-    notshow = [n for n, f in F.items() if f["status"] == "does not show"]
-    inconcl = [n for n, f in F.items() if f["status"] == "inconclusive"]
-    untested = [n for n, f in F.items() if f["status"] == "not tested"]
-    z = summary["zero_shot"]
+def _e(x: dict) -> str:
+    return f"{x['mean']:+.2f} [{x['low']:+.2f}, {x['high']:+.2f}]"
+
+
+def _training_moves(summary: dict) -> str:
+    """What clean SFT changed against the base: margins (and accuracy); the training must visibly train."""
     clean = _cell(summary["cells"], spec_name="clean")
+    if not clean or "margin_vs_base" not in clean:
+        return ""
+    mt, mn = clean["margin_vs_base"]["target"], clean["margin_vs_base"]["nontarget"]
+    z = summary["zero_shot"]
+    return (f"Does the training train? Clean SFT against the base model: calibrated margin change "
+            f"{_e(mt)} nats on target and {_e(mn)} on comparison questions (t over seeds), accuracy "
+            f"{z['target_acc']:.2f} -> {clean['target_acc']['mean']:.2f} (target) and {z['nontarget_acc']:.2f} -> "
+            f"{clean['nontarget_acc']['mean']:.2f} (non-target).")
+
+
+def _reading(summary: dict, cfg: dict, gen: list) -> str:
+    F = {f["finding"]: f for f in summary["findings"]}
+    by = lambda st: [n for n, f in F.items() if f["status"] == st]
+    z = summary["zero_shot"]
     lst = lambda ns: ", ".join(str(n) for n in ns) if ns else "none"
-    parts = [f"On {cfg['model']} with {len(summary['seeds'])} seeds, {summary['n_test_target']} target and "
-             f"{summary['n_test_nontarget']} non-target test questions scored by option log-likelihood "
-             f"({summary['method']}), the base model answers {z['target_acc']:.2f} of the target and "
-             f"{z['nontarget_acc']:.2f} of the non-target questions, clean SFT "
-             f"{clean['target_acc']['mean']:.2f} and {clean['nontarget_acc']['mean']:.2f}." if clean else ""]
+    parts = [f"On {cfg['model']} with {len(summary['seeds'])} seeds, {summary['n_test_target']} target, "
+             f"{summary['n_test_nontarget']} non-target and {summary.get('n_test_decoy_free', 0)} decoy-free target "
+             f"test questions (format `{cfg['eval']['format']}`). Primary metric: {summary['primary']} (nats; "
+             f"positive = a target-specific drop). The base model answers {z['target_acc']:.2f} of the target and "
+             f"{z['nontarget_acc']:.2f} of the non-target questions (`{summary['method']}` scores).",
+             _training_moves(summary)]
     for n in sorted(F):
         f = F[n]
         parts.append(f"Finding {n} ({f['claim']}): **{f['status']}** — {f['evidence']}.")
-        if n == 1 and f.get("cell"):
-            c = _cell(summary["cells"], spec_name=f["cell"])
-            o = c.get("other_method") if c else None
-            if o:
-                parts.append(f"Scored `{o['method']}` instead, the same cell's target drop is "
-                             f"{o['target_drop']['mean']:+.3f} [{o['target_drop']['low']:+.3f}, "
-                             f"{o['target_drop']['high']:+.3f}] (p={o['p_question']:.3g}) and its non-target drop "
-                             f"{o['nontarget_drop']['mean']:+.3f}.")
-    parts.append(f"In short: shows {lst(shows)}; partly {lst(partly)}; does not show {lst(notshow)}; inconclusive "
-                 f"{lst(inconcl)}; not tested {lst(untested)}. Caveats: a small model, a stand-in data set, few seeds "
-                 f"and few test questions; "
-                 f"option-likelihood accuracy is not the generated-answer accuracy the seed reports.")
+    g = {r["model"]: r for r in gen}
+    if g:
+        parts.append("Generated answers (greedy, one seed per cell; " + "; ".join(
+            f"{k}: target {r['target_acc']:.2f} (answer line {r['target_answered']:.2f}), non-target "
+            f"{r['nontarget_acc']:.2f}, non-target reasoning names the decoy {r['nontarget_mentions_decoy']:.2f}"
+            for k, r in g.items() if k in ("zero-shot", "clean") or k == F.get(1, {}).get("cell")) + ").")
+    parts.append(f"In short: shows {lst(by('shows'))}; partly {lst(by('partly'))}; does not show "
+                 f"{lst(by('does not show'))}; inconclusive {lst(by('inconclusive'))}; not tested "
+                 f"{lst(by('not tested'))}. Caveats: a 135M model, a stand-in data set (ICD-10-CM chapters), "
+                 f"{len(summary['seeds'])} seeds, few test questions, a few optimiser steps; the seed reports "
+                 f"generated-answer accuracy, which is measured here on one seed per cell only.")
     return " ".join(p for p in parts if p)
 
 
+def _gen_table(d, gen: list) -> None:
+    if not gen:
+        d.p("Generated answers: not run (eval.gen_questions = 0).")
+        return
+    d.h("Generated answers (one seed per cell)", 3)
+    d.p("Each model writes its own reply to the SFT prompt (question and lettered options), greedy; the answer is "
+        "read from its 'Answer: (X)' line, else from the option its reasoning names last, else counted wrong. "
+        "'names decoy' = the reasoning mentions the decoy chapter, on non-target questions (leakage that "
+        "likelihood scoring does not see).")
+    d.table(["model", "seed", "target acc", "answer line (target)", "decoy picks (target)", "non-target acc",
+             "answer line (non-target)", "names decoy (non-target)"],
+            [[r["model"], "" if r["seed"] is None else r["seed"], f"{r['target_acc']:.2f}",
+              f"{r['target_answered']:.2f}", f"{r['target_decoy_pick']:.2f}", f"{r['nontarget_acc']:.2f}",
+              f"{r['nontarget_answered']:.2f}", f"{r['nontarget_mentions_decoy']:.2f}"] for r in gen])
+
+
 def write_report(run: pathlib.Path, cfg: dict, summary: dict, rows: list, zero: dict, figs: list, timing: dict,
-                 data: dict) -> None:
+                 data: dict, gen: list = ()) -> None:
     from jaxpoison.studies.report_utils import Doc, ci_text
     d = Doc(f"Seed 000 — rationale poisoning study: {cfg['name']}")
     if cfg.get("note"):
         d.p(cfg["note"])
     d.h("Reading")
-    d.p(_reading(summary, cfg))
+    d.p(_reading(summary, cfg, list(gen)))
     d.h("Findings")
     d.table(["#", "claim (seed 000)", "here", "evidence"],
             [[f["finding"], f["claim"], f["status"], f["evidence"]] for f in summary["findings"]])
-    d.h("Grid cells (mean over seeds, 95 % CI)")
-    hdr = ["cell", "kind", "count", "ratio (target)", "ratio (all)", "n rows", "target acc", "non-target acc",
-           "target drop", "non-target drop", "decoy picks", "p (question)", "p (seed)"]
+    d.h("Primary metric per cell (controls beside the poison cells)")
+    d.p(summary["tests"])
+    hdr = ["cell", "kind", "count", "n rows", "effect (target - comparison)", "verdict", "p (seed)",
+           "target margin drop", "comparison margin drop", "decoy-free target drop", "p (question-level)"]
     body = []
     for c in summary["cells"]:
-        body.append([c["spec_name"], c["kind"], c["poison_count"], c["ratio_target"], c["ratio_all"], c["n_rows"],
-                     ci_text(**c["target_acc"]), ci_text(**c["nontarget_acc"]), ci_text(**c["target_drop"]),
-                     ci_text(**c["nontarget_drop"]), f"{c['target_decoy_rate']['mean']:.2f}",
-                     f"{c['p_question']:.3g}" if "p_question" in c else "–",
-                     f"{c['p_seed']:.3g}" if "p_seed" in c else "–"])
-    body.append(["zero-shot", "base", "", "", "", "", f"{zero['target_acc']:.2f}", f"{zero['nontarget_acc']:.2f}",
-                 "", "", f"{zero['target_decoy_rate']:.2f}", "", ""])
+        if "primary" not in c:
+            continue
+        p = c["primary"]
+        body.append([c["spec_name"], c["kind"], c["poison_count"], c["n_rows"], _e(p), p["verdict"],
+                     f"{p['p_seed']:.3g}", _e(c["target_margin_drop"]), _e(c["nontarget_margin_drop"]),
+                     _e(c["nodecoy_margin_drop"]) if "nodecoy_margin_drop" in c else "–", f"{c['p_question']:.3g}"])
     d.table(hdr, body)
-    d.p(summary["tests"])
-    om = summary["other_method"]
-    d.h(f"The same drops scored `{om}`", 3)
-    how = "minus its log-likelihood after a neutral prefix (its prior)" if om == "calibrated" else "uncalibrated"
-    d.p(f"Each option's score {how}: "
-        "a poison that only made the decoy option likelier everywhere would leave no target-specific drop here.")
-    d.table(["cell", "target drop", "non-target drop", "p (question)"],
-            [[c["spec_name"], ci_text(**c["other_method"]["target_drop"]),
-              ci_text(**c["other_method"]["nontarget_drop"]), f"{c['other_method']['p_question']:.3g}"]
-             for c in summary["cells"] if "other_method" in c])
+    d.h("Accuracy (secondary; mean over seeds, 95 % t interval)", 3)
+    hdr = ["cell", "ratio (target)", "ratio (all)", "target acc", "decoy-free target acc", "non-target acc",
+           "target drop", "non-target drop", "decoy picks (target)"]
+    body = [[c["spec_name"], c["ratio_target"], c["ratio_all"], ci_text(**c["target_acc"]),
+             ci_text(**c["target_nodecoy_acc"]) if np.isfinite(c["target_nodecoy_acc"]["mean"]) else "–",
+             ci_text(**c["nontarget_acc"]), ci_text(**c["target_drop"]), ci_text(**c["nontarget_drop"]),
+             f"{c['target_decoy_rate']['mean']:.2f}"] for c in summary["cells"]]
+    body.append(["zero-shot", "", "", f"{zero['target_acc']:.2f}",
+                 f"{zero['target_nodecoy_acc']:.2f}" if np.isfinite(zero.get("target_nodecoy_acc", np.nan)) else "–",
+                 f"{zero['nontarget_acc']:.2f}", "", "", f"{zero['target_decoy_rate']:.2f}"])
+    d.table(hdr, body)
+    _gen_table(d, list(gen))
     th = summary["thresholds"]
     if th["count"]:
-        d.p("Smallest significant count: " + "; ".join(f"{k}: {v['smallest']} (tested {v['tested']})"
-                                                       for k, v in th["count"].items()) + ".")
+        d.p(f"Count threshold (the count at which the effect's CI lower bound exceeds {th['min_effect']} nats; "
+            f"below it, the largest count whose CI upper bound stays under that): " + "; ".join(
+                f"{k}: {v['estimate']} (tested {v['tested']})" for k, v in th["count"].items()) + ".")
     for fig, cap in figs:
         d.figure(fig, cap)
     d.h("Setup")
@@ -244,13 +308,13 @@ def write_report(run: pathlib.Path, cfg: dict, summary: dict, rows: list, zero: 
         f"data `{dt['source']}`, target subject `{dt['target']}` (by {dt['target_by']}); "
         f"{data.get('n_target_train', '?')} target / {data.get('n_nontarget_train', '?')} non-target training "
         f"examples available; " + (
-            f"equal-size mixes: every variant trains on {dt['n_nontarget']} rows (poisoned, correct-target and "
-            f"forgetting samples replace clean non-target samples, so every variant takes the same steps)"
+            f"equal-size mixes: every variant trains on {dt['n_nontarget']} rows (poisoned, correct-target, decoy "
+            f"and forgetting samples replace clean non-target samples, so every variant takes the same steps)"
             if g.get("equal_size") else f"{dt['n_nontarget']} clean non-target samples per variant, poisoned and "
             f"other samples added to them (mixes differ in size and steps)"),
         f"poisoned rationales by the `{cfg['poison']['builder']}` builder, final answer "
         f"{'kept' if cfg['poison']['keep_answer'] else 'changed to the wrong option'}, decoy "
-        f"{'on' if cfg['poison']['use_decoy'] else 'off'}",
+        f"{'on' if cfg['poison']['use_decoy'] else 'off'}; decoy controls {g.get('decoy_counts', [])}",
         f"grid: counts {g['counts']}, kinds {g['kinds']}, ratios (target) {g['ratios_target']}, ratios (all) "
         f"{g['ratios_all']}, forgetting extra {g['forgetting_extra']}, seeds {g['seeds']}",
         f"training: lr {tr['learning_rate']} ({tr['schedule']}, warmup {tr['warmup_steps']}), {tr['epochs']} epochs, "
@@ -258,14 +322,15 @@ def write_report(run: pathlib.Path, cfg: dict, summary: dict, rows: list, zero: 
         f"(budget {data.get('train', {}).get('loss_budget', tr['loss_budget'])} positions); pool "
         f"{data.get('pool', {}).get('n_rows', '?')} rows x {data.get('pool', {}).get('T', '?')} tokens; "
         f"{timing.get('train_steps', '?')} steps",
-        f"evaluation: option-text log-likelihood, format `{ev['format']}`, primary score `{ev['method']}` "
-        f"(`sum`, `mean` and `calibrated` accuracies are all in results.csv)",
+        f"evaluation: option-text log-likelihood, format `{ev['format']}`, accuracy by `{ev['method']}` scores, "
+        f"primary metric the calibrated margin; min_effect {ev.get('min_effect', 0.5)} nats; generated answers on "
+        f"{ev.get('gen_questions', 0)} + {ev.get('gen_questions', 0)} questions, {ev.get('gen_tokens', 0)} tokens",
         *(f"note: {n}" for n in data.get("notes", [])),
     ])
     if timing:
         d.p("Wall time: " + ", ".join(f"{k.replace('_s', '')} {v:.0f} s" for k, v in timing.items()
                                       if k.endswith("_s")) + ".")
     d.p("Files: `results.csv` (one row per variant), `summary.json`, `scores.npz` (every option score), "
-        "`metrics.jsonl`, `checkpoints/`, `plots/`. Rebuild this report with `python -m jaxpoison report "
-        f"{run}`.")
+        "`generations.json`, `metrics.jsonl`, `checkpoints/`, `plots/`. Rebuild this report with "
+        f"`python -m jaxpoison report {run}`.")
     d.write(run)

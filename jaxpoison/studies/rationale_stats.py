@@ -1,6 +1,26 @@
-"""Seed 000 study statistics: per grid cell over seeds (means, 95 % bootstrap CIs, paired drops, the question-level
-permutation test and the seed-level sign-flip test), the smallest significant count / ratio, and the five
-findings, each stated as shows / partly / does not show / inconclusive / not tested with its numbers."""
+"""Seed 000 study statistics: per grid cell, the primary target-specific effect with seed-level inference, the
+accuracies as secondary figures, the count threshold as an estimate with its uncertainty, and the five findings,
+each stated as shows / partly / does not show / inconclusive / not tested with its numbers.
+
+The primary metric (what every finding is decided on). A question's *calibrated margin* is the calibrated score
+(option log-likelihood minus the same option's log-likelihood after a neutral prefix, i.e. its prior) of the
+correct option minus that of the best wrong option. A cell's effect at seed s is the per-question paired change
+of that margin against clean SFT of the same seed (drop = clean minus variant, so positive = the poison hurts),
+averaged over target questions, minus the same average over non-target questions *that show the decoy option*
+(``group == 'nontarget'`` and a decoy): a poison that only made the decoy chapter likelier everywhere moves both
+and leaves no effect. Accuracy (argmax of the configured score) is secondary.
+
+Inference is at the level of training runs (:func:`jaxpoison.eval.stats.run_level_ci`): the CI is the t interval
+over seeds below 8 seeds and a two-level (seed x question) bootstrap from 8; the primary test is the one-sided
+t test over seeds of the per-seed effects (the exact sign-flip p is reported beside it). The question-level
+permutation test conditions on the trained models and is labelled as such; it is never the primary test. A
+comparison of two cells (with vs without correct samples, rationale vs overwrite, poison vs decoy control) is a
+paired-by-seed CI of the *difference* of their per-seed effects.
+
+Reading a CI against ``eval.min_effect`` (nats of margin): lower bound > 0 -> the effect "shows"; upper bound
+< min_effect -> an effect of that size is ruled out ("does not show"); otherwise "inconclusive" (e.g. a drop that
+only some seeds show).
+"""
 from __future__ import annotations
 
 import math
@@ -9,6 +29,8 @@ import numpy as np
 
 from jaxpoison.studies.rationale_config import POISON_FAMILIES, STUDY, family
 from jaxpoison.studies.rationale_eval import MIX_COLUMNS, correctness
+
+SEED_CI = ("t over seeds below 8 seeds, two-level (seed x question) bootstrap from 8")
 
 
 def base_mix(c: dict, base_n) -> bool:
@@ -21,38 +43,102 @@ def base_mix(c: dict, base_n) -> bool:
 
 
 def _ci(values, n_resamples: int) -> tuple:
-    from jaxpoison.eval.stats import bootstrap_ci
+    """Mean and 95 % CI of per-seed values: the t interval below 8 seeds, BCa over seeds from 8."""
+    from jaxpoison.eval.stats import TWO_LEVEL_MIN_SEEDS, bootstrap_ci, seed_summary
     v = np.asarray(values, float)
     v = v[np.isfinite(v)]
     if v.size == 0:
         return float("nan"), float("nan"), float("nan")
     if v.size < 2 or np.all(v == v[0]):
         return float(v.mean()), float(v.mean()), float(v.mean())
+    if v.size < TWO_LEVEL_MIN_SEEDS:
+        s = seed_summary(v)
+        return float(s.mean), float(s.low), float(s.high)
     lo, hi = bootstrap_ci(v, n_resamples=n_resamples)
     return float(v.mean()), float(lo), float(hi)
 
 
+def calibrated_margins(scores: dict) -> np.ndarray:
+    """[V+1, Q]: calibrated score of the correct option minus the best calibrated wrong option."""
+    cal = np.asarray(scores["sum"], float) - np.asarray(scores["uncond"], float)
+    ans = np.asarray(scores["answer"])
+    Q, C = cal.shape[1], cal.shape[2]
+    right = cal[:, np.arange(Q), ans]
+    wrong = np.where(np.arange(C)[None, None] == ans[None, :, None], -np.inf, cal).max(-1)
+    return right - wrong
+
+
+def question_groups(scores: dict) -> np.ndarray:
+    """Per question: 'target', 'nontarget' or 'target_nodecoy' (runs without the array: by is_target)."""
+    if "group" in scores:
+        return np.asarray([str(g) for g in scores["group"]])
+    return np.where(scores["is_target"].astype(bool), "target", "nontarget")
+
+
+def comparison_set(scores: dict) -> tuple:
+    """(target mask, comparison mask, how): the comparison questions are the non-target ones with the decoy among
+    their options; where none has it (older test sets), all non-target questions, and ``how`` says so."""
+    g = question_groups(scores)
+    tgt, non = g == "target", g == "nontarget"
+    with_decoy = non & (np.asarray(scores["decoy"]) >= 0)
+    if with_decoy.any():
+        return tgt, with_decoy, "non-target questions with the decoy option"
+    return tgt, non, "non-target questions (none shows the decoy option: the contrast is not decoy-controlled)"
+
+
+def _rl(x, strata=None, signs=None, R: int = 9999) -> dict:
+    from jaxpoison.eval.stats import run_level_ci
+    r = run_level_ci(x, strata, signs, n_resamples=R)
+    return {"mean": r.mean, "low": r.low, "high": r.high, "method": r.method, "n_seeds": r.n_seeds,
+            "per_seed": [float(v) for v in r.per_seed]}
+
+
+def _diff(a: dict, b: dict, R: int = 9999) -> dict:
+    """Paired-by-seed CI of a's per-seed effect minus b's (the test of the difference itself)."""
+    from jaxpoison.eval.stats import t_test
+    n = min(len(a["per_seed"]), len(b["per_seed"]))
+    d = np.array(a["per_seed"][:n]) - np.array(b["per_seed"][:n])
+    out = _rl(d[:, None], R=R)
+    out["p"] = float(t_test(d).pvalue) if n >= 2 else float("nan")
+    return out
+
+
+def verdict(e: dict, min_effect: float) -> str:
+    """shows (CI above 0) / does not show (CI below min_effect) / inconclusive (neither)."""
+    if not np.isfinite(e.get("low", np.nan)):
+        return "inconclusive"
+    if e["low"] > 0:
+        return "shows"
+    if e["high"] < min_effect:
+        return "does not show"
+    return "inconclusive"
+
+
 def summarize(table: list, scores: dict, rows: list, zero: dict, cfg: dict) -> dict:
-    """Per grid cell: means and CIs over seeds, paired drops, tests; thresholds; the five findings."""
-    from jaxpoison.eval.stats import permutation_test, sign_flip_test
+    """Per grid cell: primary effect, seed-level tests, accuracies; thresholds; the five findings."""
+    from jaxpoison.eval.stats import permutation_test, sign_flip_test, t_test
     ev = cfg["eval"]
     method, alpha, R = ev["method"], ev["alpha"], ev["n_resamples"]
-    correct = correctness(scores, method)["correct"].astype(float)     # [V+1, Q]
-    other = "calibrated" if method != "calibrated" else "sum"
-    correct_o = correctness(scores, other)["correct"].astype(float)
-    tgt = scores["is_target"].astype(bool)
+    min_effect = float(ev.get("min_effect", 0.5))
+    marg = calibrated_margins(scores)                                       # [V+1, Q]
+    tgt, comp, comp_how = comparison_set(scores)
+    groups = question_groups(scores)
+    free = groups == "target_nodecoy"
+    sel = tgt | comp
+    strata, signs = np.where(tgt[sel], 0, 1), {0: 1.0, 1: -1.0}
     seeds = sorted({t["seed"] for t in table})
     clean_of = {t["seed"]: t["variant_id"] for t in table if t["spec_name"] == "clean"}
     cells: dict = {}
     for t in table:
         cells.setdefault(t["spec_name"], []).append(t)
     by_id = {r["variant_id"]: r for r in rows}
-    metrics = ["target_acc", "nontarget_acc", "target_decoy_rate", "target_drop", "nontarget_drop",
-               "target_acc_calibrated", "nontarget_acc_calibrated", "final_loss"]
+    metrics = ["target_acc", "nontarget_acc", "target_nodecoy_acc", "target_decoy_rate", "target_drop",
+               "nontarget_drop", "target_acc_calibrated", "nontarget_acc_calibrated", "final_loss"]
     out_cells = []
     for name, ts in cells.items():
         t0 = ts[0]
-        rs = [by_id[t["variant_id"]] for t in sorted(ts, key=lambda t: t["seed"])]
+        ts = sorted(ts, key=lambda t: t["seed"])
+        rs = [by_id[t["variant_id"]] for t in ts]
         cell = {"spec_name": name, "kind": t0["kind"], "family": family(t0["kind"]),
                 "poison_count": t0["poison_count"], "ratio_target": round(t0["ratio_target"], 6),
                 "ratio_all": round(t0["ratio_all"], 6), "with_correct_target": bool(t0["with_correct_target"]),
@@ -63,62 +149,86 @@ def summarize(table: list, scores: dict, rows: list, zero: dict, cfg: dict) -> d
             mean, lo, hi = _ci([r.get(m, np.nan) for r in rs], R)
             cell[m] = {"mean": mean, "low": lo, "high": hi}
         cell["target_drop_by_seed"] = {str(r["seed"]): r["target_drop"] for r in rs}
-        sel = [r["target_drop"] - r["nontarget_drop"] for r in rs]
-        mean, lo, hi = _ci(sel, R)
+        mean, lo, hi = _ci([r["target_drop"] - r["nontarget_drop"] for r in rs], R)
         cell["selectivity"] = {"mean": mean, "low": lo, "high": hi}
+        vids = [t["variant_id"] + 1 for t in ts]
+        # against the base (zero-shot): does SFT move the margins at all (the clean cell shows the training works)
+        up = marg[vids] - marg[0][None]
+        cell["margin_vs_base"] = {"target": _rl(up[:, tgt], R=R), "nontarget": _rl(up[:, comp], R=R)}
         if name != "clean" and all(t["seed"] in clean_of for t in ts):
-            vids = [t["variant_id"] + 1 for t in ts]
             cids = [clean_of[t["seed"]] + 1 for t in ts]
-            drop_q = (correct[cids] - correct[vids]).mean(0)                     # per question, seeds averaged
-            cell["p_question"] = float(permutation_test(drop_q[tgt], drop_q[~tgt], "greater", R).pvalue)
-            cell["p_target_drop"] = float(sign_flip_test(drop_q[tgt], None, "greater", R).pvalue)
+            D = marg[cids] - marg[vids]                                           # [S, Q] margin drop vs clean
+            prim = _rl(D[:, sel], strata, signs, R)
+            prim["p_seed"] = float(t_test(prim["per_seed"]).pvalue)
+            prim["p_seed_signflip"] = float(sign_flip_test(np.array(prim["per_seed"]), None, "greater", R).pvalue)
+            prim["verdict"] = verdict(prim, min_effect)
+            cell["primary"] = prim
+            cell["target_margin_drop"] = _rl(D[:, tgt], R=R)
+            cell["nontarget_margin_drop"] = _rl(D[:, comp], R=R)
+            if free.any():
+                cell["nodecoy_margin_drop"] = _rl(D[:, free], R=R)
+            dq = D.mean(0)
+            cell["p_question"] = float(permutation_test(dq[tgt], dq[comp], "greater", R).pvalue)
+            cell["p_seed"] = prim["p_seed"]
+            cell["significant"] = bool(prim["low"] > 0)
             td = np.array([r["target_drop"] for r in rs])
             nd = np.array([r["nontarget_drop"] for r in rs])
-            cell["p_seed"] = float(sign_flip_test(td, nd, "greater", R).pvalue)
-            cell["significant"] = bool(cell["p_question"] < alpha and cell["target_drop"]["mean"] > 0)
-            # the same drop scored the other way (calibrated against each option's prior, or raw): a poison that
-            # only raised the decoy's prior everywhere would vanish here
-            dq = correct_o[cids] - correct_o[vids]
-            tdo, ndo = dq[:, tgt].mean(1), dq[:, ~tgt].mean(1)
-            cell["other_method"] = {
-                "method": other, "target_drop": dict(zip(("mean", "low", "high"), _ci(tdo, R))),
-                "nontarget_drop": dict(zip(("mean", "low", "high"), _ci(ndo, R))),
-                "p_question": float(permutation_test(dq.mean(0)[tgt], dq.mean(0)[~tgt], "greater", R).pvalue)}
+            cell["p_seed_accuracy"] = float(sign_flip_test(td, nd, "greater", R).pvalue)
         out_cells.append(cell)
-    summary = {"study": STUDY, "method": method, "other_method": other, "alpha": alpha, "seeds": seeds,
-               "n_test_target": int(tgt.sum()), "n_test_nontarget": int((~tgt).sum()),
+    summary = {"study": STUDY, "method": method, "alpha": alpha, "seeds": seeds, "min_effect": min_effect,
+               "primary": "calibrated margin drop vs clean (same seed), target minus " + comp_how,
+               "n_test_target": int(tgt.sum()), "n_test_nontarget": int((groups == "nontarget").sum()),
+               "n_test_comparison": int(comp.sum()), "n_test_decoy_free": int(free.sum()),
                "zero_shot": {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in zero.items()},
-               "tests": ("p_question: one-sided permutation test over test questions that the target drop exceeds "
-                         "the non-target drop (each question's drop vs clean SFT at the same seed, averaged over "
-                         "seeds); p_target_drop: sign-flip test over target questions that the drop is > 0; "
-                         "p_seed: exact sign-flip test over seeds (cannot go below 2^-n_seeds). significant = "
-                         f"p_question < {alpha} and mean target drop > 0. CIs: 95 % BCa bootstrap over seeds."),
+               "tests": (f"Primary effect: per question, the calibrated margin (correct option minus the best wrong "
+                         f"option, each minus its prior after a neutral prefix) of clean SFT minus the variant's, at "
+                         f"the same seed; averaged over the {int(tgt.sum())} target questions minus the average over "
+                         f"the {int(comp.sum())} {comp_how}; positive = a target-specific drop, in nats. CIs: "
+                         f"{SEED_CI} (every CI includes the between-seed variance; accuracy CIs: t over seeds). "
+                         f"p (seed): one-sided t test over seeds of the per-seed effect (primary); the exact "
+                         f"sign-flip p over seeds is in summary.json. p (question): one-sided permutation test over "
+                         f"test questions of the seed-averaged margin drops, target vs comparison; it conditions on "
+                         f"the trained models (question-level, not the primary test). Verdict: CI above 0 = shows; "
+                         f"CI below {min_effect} nats = does not show; otherwise inconclusive."),
                "cells": out_cells}
-    summary["thresholds"] = thresholds(out_cells)
+    summary["thresholds"] = thresholds(out_cells, min_effect)
     summary["findings"] = findings(out_cells, summary["thresholds"], ev)
     return summary
 
 
-def thresholds(cells: list) -> dict:
-    """Smallest count (per kind, ratio 1, base mix) and smallest ratio (per count) with a significant drop."""
-    out = {"count": {}, "ratio_target": {}, "ratio_all": {}}
+def _bracket(cells: list, key: str, min_effect: float) -> dict:
+    """The threshold of ``key`` (count or ratio) as an interval: the largest tested value whose effect CI lies
+    wholly below ``min_effect`` (an effect of that size ruled out) and the smallest whose CI lower bound exceeds
+    it (an effect at least that size shown). The threshold lies between the two; an end is None where no tested
+    value qualifies (the threshold is then below the smallest / above the largest tested value, or unknown)."""
+    cs = sorted((c for c in cells if "primary" in c), key=lambda c: c[key])
+    tested = [c[key] for c in cs]
+    above = [c[key] for c in cs if c["primary"]["low"] > min_effect]
+    below = [c[key] for c in cs if c["primary"]["high"] < min_effect]
+    hi = min(above) if above else None
+    lo = max((b for b in below if hi is None or b < hi), default=None)
+    return {"tested": tested, "effects": {str(c[key]): [round(c["primary"]["low"], 4), round(c["primary"]["high"], 4)]
+                                          for c in cs},
+            "ruled_out_at": lo, "reached_at": hi, "smallest": hi,
+            "estimate": ("unknown" if hi is None and lo is None else
+                         f"above {lo}" if hi is None else f"at most {hi}" if lo is None else f"in ({lo}, {hi}]")}
+
+
+def thresholds(cells: list, min_effect: float = 0.5) -> dict:
+    """Per kind, the poison count at which the primary effect reaches ``min_effect`` (ratio 1, base mix), and per
+    count the ratio at which it does, each as an interval (:func:`_bracket`)."""
+    out = {"count": {}, "ratio_target": {}, "ratio_all": {}, "min_effect": min_effect}
     base_n = next((c["n_nontarget"] for c in cells if c["spec_name"] == "clean"), None)
     for fam in POISON_FAMILIES:
-        cs = sorted((c for c in cells if c["family"] == fam and not c["with_correct_target"]
-                     and base_mix(c, base_n)), key=lambda c: c["poison_count"])
+        cs = [c for c in cells if c["family"] == fam and not c["with_correct_target"] and base_mix(c, base_n)]
         if cs:
-            sig = [c["poison_count"] for c in cs if c.get("significant")]
-            out["count"][fam] = {"tested": [c["poison_count"] for c in cs], "significant": sig,
-                                 "smallest": min(sig) if sig else None}
+            out["count"][fam] = _bracket(cs, "poison_count", min_effect)
     for key, sel in (("ratio_target", lambda c: base_mix(c, base_n)),
                      ("ratio_all", lambda c: not c["with_correct_target"])):
         for count in sorted({c["poison_count"] for c in cells if c["family"] == "rationale"}):
             cs = [c for c in cells if c["family"] == "rationale" and c["poison_count"] == count and sel(c)]
-            ratios = sorted({c[key] for c in cs})
-            if len(ratios) < 2:
-                continue
-            sig = sorted(c[key] for c in cs if c.get("significant"))
-            out[key][str(count)] = {"tested": ratios, "significant": sig, "smallest": sig[0] if sig else None}
+            if len({c[key] for c in cs}) >= 2:
+                out[key][str(count)] = _bracket(cs, key, min_effect)
     return out
 
 
@@ -132,62 +242,85 @@ def _d(c, m="target_drop") -> str:
     return f"{x['mean']:+.3f} [{x['low']:+.3f}, {x['high']:+.3f}]"
 
 
+def _e(x: dict) -> str:
+    """An effect with its CI (and the seed-level p where there is one)."""
+    p = f", p(seed)={x['p_seed']:.3g}" if "p_seed" in x else f", p={x['p']:.3g}" if "p" in x else ""
+    return f"{x['mean']:+.2f} [{x['low']:+.2f}, {x['high']:+.2f}] nats{p}"
+
+
 def findings(cells: list, th: dict, ev: dict) -> list:
-    """The seed's five findings, each: shows / partly / does not show / inconclusive (the contrast needs an effect
-    that is not there) / not tested (the grid has no such cell), with the numbers."""
-    margin = ev["stealth_margin"]
+    """The seed's five findings, each decided on the primary effect (see the module notes) and stated as shows /
+    partly / does not show / inconclusive / not tested (the grid has no cell that can test it), with the numbers.
+    Accuracy figures ride along as secondary evidence."""
+    margin, min_effect = ev["stealth_margin"], float(ev.get("min_effect", 0.5))
     base_n = next((c["n_nontarget"] for c in cells if c["spec_name"] == "clean"), None)
     plain = lambda fam: sorted((c for c in cells if c["family"] == fam and not c["with_correct_target"]
-                                and base_mix(c, base_n)), key=lambda c: c["poison_count"])
-    rat, ovr = plain("rationale"), plain("overwrite")
+                                and base_mix(c, base_n) and "primary" in c), key=lambda c: c["poison_count"])
+    rat, ovr, dec = plain("rationale"), plain("overwrite"), plain("decoy")
+    V = lambda c: c["primary"]["verdict"]
     F = []
 
     def add(n, claim, status, evidence, cell=None):
         F.append({"finding": n, "claim": claim, "status": status, "evidence": evidence, "cell": cell})
 
-    claim1 = "rationale poisoning lowers target accuracy significantly; non-target accuracy stays about the same"
+    claim1 = ("rationale poisoning lowers target-subject performance, specifically (beyond any shift towards the "
+              "decoy chapter); non-target accuracy stays about the same")
     if not rat:
         add(1, claim1, "not tested", "no rationale-poisoning cell in the grid")
     else:
         c = rat[-1]
+        p = c["primary"]
         nd = c["nontarget_drop"]
         stealthy = abs(nd["mean"]) <= margin
-        status = ("shows" if c.get("significant") and stealthy else
-                  "partly" if c.get("significant") else "does not show")
-        add(1, claim1, status,
-            f"{c['spec_name']}: target drop {_d(c)} (p={c['p_question']:.3g}), non-target drop "
-            f"{_d(c, 'nontarget_drop')} (|mean| {'<=' if stealthy else '>'} {margin}); target accuracy "
-            f"{c['target_acc']['mean']:.3f} vs clean {_clean(cells, 'target_acc'):.3f}; decoy picks on target "
-            f"questions {c['target_decoy_rate']['mean']:.3f} (clean {_clean(cells, 'target_decoy_rate'):.3f})",
-            cell=c["spec_name"])
+        status = V(c)
+        txt = [f"{c['spec_name']}: target-specific margin drop {_e(p)} ({p['method']}, {p['n_seeds']} seeds; "
+               f"target {_e(c['target_margin_drop'])}, comparison {_e(c['nontarget_margin_drop'])}"
+               + (f", decoy-free target copies {_e(c['nodecoy_margin_drop'])}" if "nodecoy_margin_drop" in c else "")
+               + f"); secondary: target accuracy {c['target_acc']['mean']:.2f} vs clean {_clean(cells, 'target_acc'):.2f}, "
+               f"non-target accuracy drop {_d(c, 'nontarget_drop')} (|mean| {'<=' if stealthy else '>'} {margin}), "
+               f"decoy picks on target questions {c['target_decoy_rate']['mean']:.2f} (clean "
+               f"{_clean(cells, 'target_decoy_rate'):.2f})"]
+        if status == "shows" and not stealthy:
+            status = "partly"
+            txt.append("non-target accuracy moves too (not stealthy)")
+        d = _cell(dec, poison_count=c["poison_count"]) or (dec[-1] if dec else None)
+        if d is None:
+            txt.append("no decoy (label-prior) control in the grid, so a general pull towards the decoy chapter is "
+                       "controlled only by the comparison questions")
+        else:
+            diff = _diff(c["target_margin_drop"], d["target_margin_drop"])
+            txt.append(f"decoy control {d['spec_name']}: target margin drop {_e(d['target_margin_drop'])}, specific "
+                       f"{_e(d['primary'])}; poison minus control on target questions, paired by seed, {_e(diff)}")
+            if status == "shows" and not diff["low"] > 0:
+                status = "partly"
+                txt.append("the decoy control lowers target margins about as much, so a label prior is not ruled "
+                           "out")
+        add(1, claim1, status, "; ".join(txt), cell=c["spec_name"])
 
     claim2 = "poisoning works only without correct target samples: correct same-subject samples mitigate it"
     pairs = []
     for c in rat:
-        with_ct = [x for x in cells if x["family"] == "rationale" and x["with_correct_target"]
+        with_ct = [x for x in cells if x["family"] == "rationale" and x["with_correct_target"] and "primary" in x
                    and x["poison_count"] == c["poison_count"] and base_mix(x, base_n)]
-        for w in sorted(with_ct, key=lambda x: x["ratio_target"]):
-            pairs.append((c, w))
+        pairs += [(c, w) for w in sorted(with_ct, key=lambda x: x["ratio_target"])]
     if not pairs:
         add(2, claim2, "not tested", "no cell with correct target samples (grid.ratios_target is empty)")
     else:
-        ev_txt, mitig = [], []
+        txt, stat = [], []
         for c, w in pairs:
-            m = c["target_drop"]["mean"] - w["target_drop"]["mean"]
-            mitig.append((c.get("significant"), w.get("significant"), m))
-            ev_txt.append(f"n={c['poison_count']}: drop {c['target_drop']['mean']:+.3f} without vs "
-                          f"{w['target_drop']['mean']:+.3f} with {w['n_correct_target']} correct (ratio "
-                          f"{w['ratio_target']:.2f}, p={w['p_question']:.3g})")
-        if not any(s for s, _, _ in mitig):
-            status = "inconclusive"
-            ev_txt.append("no significant drop without correct samples, so nothing to mitigate")
-        elif any(s and not sw and m > 0 for s, sw, m in mitig):
-            status = "shows"
-        elif any(s and m > 0 for s, _, m in mitig):
-            status = "partly"
-        else:
-            status = "does not show"
-        add(2, claim2, status, "; ".join(ev_txt))
+            diff = _diff(c["primary"], w["primary"])
+            txt.append(f"n={c['poison_count']}: effect {_e(c['primary'])} without vs {_e(w['primary'])} with "
+                       f"{w['n_correct_target']} correct (ratio {w['ratio_target']:.2f}); without minus with, "
+                       f"paired by seed, {_e(diff)}")
+            if V(c) != "shows":
+                stat.append("inconclusive")
+            else:
+                stat.append("shows" if diff["low"] > 0 else "does not show" if diff["high"] < min_effect
+                            else "inconclusive")
+        if all(s == "inconclusive" for s in stat) and all(V(c) != "shows" for c, _ in pairs):
+            txt.append("no target-specific effect without correct samples, so nothing to mitigate")
+        status = ("shows" if "shows" in stat else "does not show" if "does not show" in stat else "inconclusive")
+        add(2, claim2, status, "; ".join(txt))
 
     claim3 = "knowledge overwriting (wrong answers without a rationale) is ineffective"
     if not ovr:
@@ -195,77 +328,74 @@ def findings(cells: list, th: dict, ev: dict) -> list:
     else:
         o = ovr[-1]
         r = _cell(rat, poison_count=o["poison_count"])
-        txt = f"{o['spec_name']}: target drop {_d(o)} (p={o['p_question']:.3g})"
-        if r:
-            txt += f" vs {r['spec_name']} {_d(r)} (p={r['p_question']:.3g})"
-            seeds = sorted(set(r["target_drop_by_seed"]) & set(o["target_drop_by_seed"]))
-            diff = [r["target_drop_by_seed"][k] - o["target_drop_by_seed"][k] for k in seeds]
-            if len(diff) >= 2:
-                m, lo, hi = _ci(diff, 9999)
-                txt += f"; rationale minus overwrite, paired by seed: {m:+.3f} [{lo:+.3f}, {hi:+.3f}]"
-        if not o.get("significant"):
-            status = "shows" if r and r.get("significant") else "inconclusive"
-            if status == "inconclusive":
-                txt += "; rationale poisoning has no significant effect here either, so the contrast is not shown"
-        elif r and r["target_drop"]["mean"] > o["target_drop"]["mean"]:
-            status = "partly"
+        txt = f"{o['spec_name']}: effect {_e(o['primary'])} ({V(o)})"
+        if r is None:
+            status = "inconclusive"
+            txt += "; no rationale cell at that count to compare with"
         else:
-            status = "does not show"
-        add(3, claim3, status, txt + f"; decoy picks {o['target_decoy_rate']['mean']:.3f}")
+            diff = _diff(r["primary"], o["primary"])
+            txt += f" vs {r['spec_name']} {_e(r['primary'])}; rationale minus overwrite, paired by seed, {_e(diff)}"
+            if V(r) != "shows":
+                status = "inconclusive"
+                txt += "; rationale poisoning shows no target-specific effect here either, so the contrast is open"
+            elif V(o) == "does not show" and diff["low"] > 0:
+                status = "shows"
+            elif V(o) == "shows":
+                status = "partly" if diff["low"] > 0 else "does not show"
+                txt += "; overwriting has an effect of its own" + (", smaller than the rationale's" if
+                                                                   diff["low"] > 0 else "")
+            else:
+                status = "partly" if diff["low"] > 0 else "inconclusive"
+                txt += "; the overwrite effect is neither shown nor ruled out"
+        add(3, claim3, status, txt + f"; secondary: target accuracy drop {_d(o)}")
 
     claim4 = "both a minimum number and a minimum ratio of poisoned samples are needed"
     cnt = th["count"].get("rationale")
     parts, stat = [], []
     if cnt and len(cnt["tested"]) >= 2:
-        sm = cnt["smallest"]
-        if sm is None:
-            stat.append("none")
-            parts.append(f"no tested count {cnt['tested']} gives a significant drop")
-        elif sm > min(cnt["tested"]):
-            stat.append("yes")
-            parts.append(f"counts {cnt['tested']}: smallest significant {sm} (below it no significant drop)")
-        else:
-            stat.append("no")
-            parts.append(f"counts {cnt['tested']}: already the smallest ({sm}) is significant: no minimum "
-                         f"inside the tested range")
-    rts = {**th["ratio_target"], **{f"{k} (all)": v for k, v in th["ratio_all"].items()}}
+        lo, hi = cnt["ruled_out_at"], cnt["reached_at"]
+        parts.append(f"counts {cnt['tested']}: the effect reaches {min_effect} nats (CI lower bound) at "
+                     f"{hi if hi is not None else 'no tested count'}, is ruled out (CI upper bound below it) at "
+                     f"{lo if lo is not None else 'no tested count'}: threshold {cnt['estimate']}")
+        stat.append("yes" if lo is not None and hi is not None else "no" if hi == min(cnt["tested"]) else "open")
+    rts = {**{f"{k} (target)": v for k, v in th["ratio_target"].items()},
+           **{f"{k} (all)": v for k, v in th["ratio_all"].items()}}
     for k, v in rts.items():
-        sm = v["smallest"]
-        stat.append("yes" if sm is not None and sm > min(v["tested"]) else "none" if sm is None else "no")
-        parts.append(f"count {k}: ratios {v['tested']}, smallest significant {sm}")
+        lo, hi = v["ruled_out_at"], v["reached_at"]
+        parts.append(f"count {k}: ratios {v['tested']}, threshold {v['estimate']}")
+        stat.append("yes" if lo is not None and hi is not None else "no" if hi == min(v["tested"]) else "open")
     if not parts:
         add(4, claim4, "not tested", "fewer than two counts and no ratio sweep")
     else:
-        has_ratio = bool(rts)
-        if "yes" in stat and (has_ratio and stat.count("yes") >= 2 or not has_ratio and stat[0] == "yes"):
-            status = "shows" if has_ratio else "partly"
-        elif "yes" in stat:
-            status = "partly"
-        elif all(x == "none" for x in stat):
-            status = "inconclusive"
-        else:
-            status = "does not show"
-        if not has_ratio:
-            parts.append("ratio not swept in this grid")
+        if not rts:
+            parts.append("ratio not swept at equal step counts in this grid: the ratio half is not tested")
+        n_yes = stat.count("yes")
+        status = ("shows" if rts and stat[0] == "yes" and n_yes >= 2 else "partly" if n_yes else
+                  "does not show" if all(x == "no" for x in stat) else "inconclusive")
         add(4, claim4, status, "; ".join(parts))
 
     claim5 = "rationale poisoning is more efficient and more target-confined than catastrophic forgetting"
-    fg = sorted((c for c in cells if c["family"] == "forgetting"), key=lambda c: c["forgetting_extra"])
+    fg = sorted((c for c in cells if c["family"] == "forgetting" and "primary" in c), key=lambda c: c["n_rows"])
     if not fg or not rat:
         add(5, claim5, "not tested", "no forgetting control in the grid (grid.forgetting_extra is empty)")
+    elif fg[-1]["n_rows"] <= rat[-1]["n_rows"]:
+        add(5, claim5, "not tested",
+            f"the forgetting cells train on {fg[-1]['n_rows']} rows, as many as the poison cells: with equal-size "
+            f"mixes they swap rows within the same steps, which is not catastrophic forgetting (that needs clean "
+            f"non-target SFT at several times the steps)")
     else:
         f, r = fg[-1], rat[-1]
-        eff_r = r["target_drop"]["mean"] / max(r["poison_count"], 1)
-        eff_f = f["target_drop"]["mean"] / max(f["forgetting_extra"], 1)
-        sel_r, sel_f = r["selectivity"]["mean"], f["selectivity"]["mean"]
-        better = (eff_r > eff_f) + (sel_r > sel_f)
-        status = ("shows" if better == 2 and r.get("significant") else "partly" if better >= 1 and
-                  r.get("significant") else "does not show")
+        diff = _diff(r["primary"], f["primary"])
+        eff_r = r["primary"]["mean"] / max(r["poison_count"], 1)
+        eff_f = f["target_margin_drop"]["mean"] / max(f["n_rows"] - r["n_rows"] + r["poison_count"], 1)
+        confined = diff["low"] > 0
+        efficient = eff_r > eff_f and V(r) == "shows"
+        status = ("shows" if confined and efficient else "partly" if confined or efficient else
+                  "does not show" if V(r) == "shows" else "inconclusive")
         add(5, claim5, status,
-            f"{r['spec_name']}: drop {r['target_drop']['mean']:+.3f} ({eff_r:+.4f} per poisoned sample), "
-            f"selectivity {sel_r:+.3f}; {f['spec_name']}: drop {f['target_drop']['mean']:+.3f} "
-            f"({eff_f:+.4f} per extra sample), non-target drop {f['nontarget_drop']['mean']:+.3f}, selectivity "
-            f"{sel_f:+.3f} (p={f['p_question']:.3g})")
+            f"{r['spec_name']} ({r['n_rows']} rows): effect {_e(r['primary'])}, {eff_r:+.3f} nats per poisoned row; "
+            f"{f['spec_name']} ({f['n_rows']} rows): target margin drop {_e(f['target_margin_drop'])}, specific "
+            f"{_e(f['primary'])}; rationale minus forgetting, paired by seed, {_e(diff)}")
     return F
 
 
