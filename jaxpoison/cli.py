@@ -18,6 +18,7 @@ EPILOG = """examples:
   python -m jaxpoison export runs/demo --variant 3 --out adapters/v3
   python -m jaxpoison analyze runs/demo                                  # weight shift, detector, mitigation
   python -m jaxpoison bench forward --model smollm2-135m
+  python -m jaxpoison plan configs/rationale_paper.py --topology v5e-8   # fits? memory per chip, chip-hours
 
 --model takes 'smollm2-135m' (embedded, offline), a local HF directory, or a hub id (needs the hub)."""
 
@@ -113,8 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     from jaxpoison.data import show
     from jaxpoison.train import export
     from jaxpoison.analysis import run as analysis_run
+    from jaxpoison.plan import cli as plan_cli
 
     export.register(sub)
+    plan_cli.register(sub)
     analysis_run.register(sub)
     show.register(sub)
     bench_sub = bench_forward.register(sub)
@@ -123,7 +126,28 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def quiet_tpu_probe() -> None:
+    """libtpu is installed for the planner's ahead-of-time compiles; on a machine without a TPU, jax would still
+    probe for one at start-up (libtpu's warnings on stderr). Without TPU device files and without a CUDA plugin,
+    default JAX_PLATFORMS to cpu; an explicit JAX_PLATFORMS always wins."""
+    import glob
+    import importlib.util
+    import os
+    if "JAX_PLATFORMS" in os.environ or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return
+    try:
+        if importlib.util.find_spec("libtpu") is None:
+            return
+        if importlib.util.find_spec("jax_plugins") is not None and any(
+                importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (12, 13)):
+            return
+    except (ImportError, ValueError):
+        return
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
 def main(argv=None) -> int:
+    quiet_tpu_probe()
     ap = build_parser()
     args = ap.parse_args(argv)
     if not getattr(args, "func", None):

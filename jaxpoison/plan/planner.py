@@ -1,0 +1,222 @@
+"""The plan of one study on one target: memory per chip, FLOPs, study time, the largest chunk that fits, and
+what to change when it does not fit. :func:`make_plan` returns a plain dict (the ``--json`` line)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from .model import memory_model, step_flops, study_flops
+from .program import Compiled, compile_program, mesh_config, train_program
+from .shapes import StudyShape, chunk_steps
+from .targets import GiB, Target, abstract_devices
+
+GPU_NOTE = ("GPU figures are the analytic memory model: the CUDA plugin compiles only with a GPU attached, so "
+            "no XLA compile backs them; the model is checked against XLA:TPU compiles of the same program")
+
+
+def _mesh_dict(mc) -> dict:
+    return {f.name: getattr(mc, f.name) for f in dataclasses.fields(mc)}
+
+
+def chunk_candidates(V: int, n: int) -> list:
+    """Chunk sizes worth trying, largest first: the whole study, then the fewest chunks of near-equal size
+    (rounded up to a multiple of the chip count, so every chip holds the same number of variants)."""
+    out = []
+    for k in range(1, V + 1):
+        c = -(-V // k)
+        if c > n:
+            c = -(-c // n) * n
+        c = min(c, V)
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def analytic_fit(shape: StudyShape, target: Target, chunk: int) -> tuple[int, Optional[object]]:
+    """(analytic per-chip bytes, mesh) of a chunk, or (-1, None) when no mesh can hold it."""
+    try:
+        mc = mesh_config(shape, target.chips, chunk, target.usable_bytes)
+    except ValueError:
+        return -1, None
+    return memory_model(shape, mc, chunk).total, mc
+
+
+def largest_fitting_chunk(shape: StudyShape, target: Target) -> int:
+    """The largest chunk the analytic model fits in the target's usable memory (0: not even one variant)."""
+    for c in chunk_candidates(shape.variants, target.chips):
+        b, mc = analytic_fit(shape, target, c)
+        if mc is not None and 0 <= b <= target.usable_bytes:
+            return c
+    return 0
+
+
+def compile_chunk(shape: StudyShape, target: Target, chunk: int, devices=None) -> Compiled:
+    devices = devices if devices is not None else abstract_devices(target)
+    return compile_program(train_program(shape, devices, chunk, hbm_bytes=target.usable_bytes))
+
+
+def _suggest(shape: StudyShape, target: Target, best_chunk: int) -> list:
+    """Settings that make the study fit (analytic, chunk confirmed by compile where the caller did so)."""
+    out = []
+    if best_chunk and best_chunk < shape.chunk:
+        out.append(f"--set train.variant_chunk={best_chunk}")
+    if best_chunk:
+        return out
+    alt = []
+    if not shape.tcfg.remat:
+        alt.append(("--set train.remat=true", dataclasses.replace(shape, tcfg=dataclasses.replace(shape.tcfg, remat=True))))
+    if shape.tcfg.batch_size > 1:
+        b = max(shape.tcfg.batch_size // 2, 1)
+        g = shape.tcfg.grad_accum * (shape.tcfg.batch_size // b)
+        alt.append((f"--set train.batch_size={b} --set train.grad_accum={g}",
+                    dataclasses.replace(shape, tcfg=dataclasses.replace(shape.tcfg, batch_size=b, grad_accum=g))))
+    if not shape.quant:
+        alt.append(("--set quant=nf4", dataclasses.replace(shape, quant="nf4")))
+    for flag, s in alt:
+        c = largest_fitting_chunk(s, target)
+        if c:
+            out.append(f"{flag} --set train.variant_chunk={c}")
+    if target.platform == "tpu":
+        from .targets import tpu_target
+        kind = target.chip.name
+        for n in (4, 8, 16, 32, 64):
+            if n <= target.chips:
+                continue
+            try:
+                t2 = tpu_target(f"{kind}-{n * (2 if kind in ('v4', 'v5p') else 1)}")
+            except ValueError:
+                continue
+            c = largest_fitting_chunk(shape, t2)
+            if c:
+                out.append(f"--topology {t2.topology} --set train.variant_chunk={c}")
+                break
+        for kind in ("v5p", "v6e", "v4"):
+            if kind == target.chip.name:
+                continue
+            t2 = tpu_target(f"{kind}-{target.chips * (2 if kind in ('v4', 'v5p') else 1)}")
+            c = largest_fitting_chunk(shape, t2)
+            if c:
+                out.append(f"--topology {t2.topology} --set train.variant_chunk={c}")
+                break
+    if not out:
+        out.append("none found by the analytic model: shorten data.max_len / max_len or shard the base "
+                   "(mesh.model)")
+    return out
+
+
+def make_plan(shape: StudyShape, target: Target, mfu: float = 0.35, compile: bool = True,
+              grouped: bool = True, devices=None) -> dict:
+    """The plan as a dict. ``compile``: confirm with XLA (TPU targets only)."""
+    if not 0 < mfu <= 1:
+        raise ValueError(f"--mfu must be in (0, 1], got {mfu}")
+    chunk = shape.chunk
+    notes = []
+    analytic_bytes, mc = analytic_fit(shape, target, chunk)
+    if mc is None:
+        mc = mesh_config(shape, target.chips, chunk, target.usable_bytes)  # raises the message naming the setting
+    mm = memory_model(shape, mc, chunk)
+    rep = {"study_model": shape.model, "model_source": shape.source, "target": target.name,
+           "topology": target.topology or f"{target.chips}x {target.chip.name}", "platform": target.platform,
+           "chips": target.chips, "chip": target.chip.name, "hbm_bytes": target.chip.hbm_bytes,
+           "usable_bytes": target.usable_bytes, "mesh": _mesh_dict(mc), "variants": shape.variants,
+           "variant_chunk": chunk, "chunks": -(-shape.variants // chunk), "seq_len": shape.seq_len,
+           "batch_size": shape.tcfg.batch_size, "grad_accum": shape.tcfg.grad_accum, "remat": shape.tcfg.remat,
+           "dtype": shape.dtype, "quant": shape.quant or "none",
+           "analytic": {"arguments": mm.arguments, "temporaries": mm.temporaries, "total": mm.total}}
+    fits_analytic = 0 <= analytic_bytes <= target.usable_bytes
+    compiled = None
+    if target.platform == "tpu" and compile:
+        compiled = compile_chunk(shape, target, chunk, devices)
+        rep["method"] = "xla-compile"
+        rep["compile_seconds"] = round(compiled.seconds, 1)
+        if compiled.ok:
+            rep["per_chip"] = {"arguments": compiled.arguments, "temporaries": compiled.temporaries,
+                               "outputs": compiled.outputs, "aliased": compiled.aliased, "total": compiled.total}
+            rep["per_chip_bytes"] = compiled.total
+            fits = compiled.total <= target.chip.hbm_bytes
+        else:
+            rep["per_chip"] = None
+            rep["per_chip_bytes"] = None
+            rep["xla_error"] = compiled.error
+            fits = False
+    else:
+        rep["method"] = "analytic"
+        rep["per_chip"] = {"arguments": mm.arguments, "temporaries": mm.temporaries, "outputs": mm.state,
+                           "aliased": mm.state, "total": mm.total}
+        rep["per_chip_bytes"] = mm.total
+        fits = fits_analytic
+        if target.platform == "gpu":
+            notes.append(GPU_NOTE)
+            notes.append("usable memory counts 0.9 of the GPU: run with XLA_PYTHON_CLIENT_MEM_FRACTION=0.9")
+    rep["fits"] = bool(fits)
+    per_variant = step_flops(shape)
+    total, vsteps = study_flops(shape, chunk, grouped)
+    secs = total / (target.chips * target.chip.peak_flops * mfu)
+    steps = chunk_steps(shape.steps, chunk, grouped)
+    rep.update({"flops_per_variant_step": per_variant, "flops_per_step": per_variant * chunk,
+                "steps_per_variant": {"min": min(shape.steps), "max": max(shape.steps)},
+                "steps_per_chunk": steps, "program_steps": sum(steps), "variant_steps": vsteps,
+                "study_flops": total, "mfu": mfu, "study_hours": secs / 3600,
+                "chip_hours": secs * target.chips / 3600})
+    if compiled is not None and compiled.ok and compiled.flops_xla:
+        rep["xla_flops_scan_body_once"] = compiled.flops_xla
+    best = largest_fitting_chunk(shape, target)
+    rep["largest_chunk_analytic"] = best
+    if not fits:
+        if compile and target.platform == "tpu" and best:
+            best = confirm_chunk(shape, target, best, devices)
+            rep["largest_chunk_compiled"] = best
+        rep["suggestions"] = _suggest(shape, target, best)
+    if grouped and len(set(shape.steps)) > 1:
+        notes.append("variants run in chunks grouped by step count (a finished variant costs nothing)")
+    if shape.tcfg.loss_budget == 0:
+        notes.append("loss on every position (a budget of -1 is resolved from the data at run time: an upper bound)")
+    rep["notes"] = notes
+    return rep
+
+
+def confirm_chunk(shape: StudyShape, target: Target, chunk: int, devices=None, tries: int = 3) -> int:
+    """The largest chunk at or below ``chunk`` that XLA compiles within memory (a few compiles at most)."""
+    devices = devices if devices is not None else abstract_devices(target)
+    cands = [c for c in chunk_candidates(shape.variants, target.chips) if c <= chunk]
+    for c in cands[:tries]:
+        r = compile_chunk(shape, target, c, devices)
+        if r.ok and r.total <= target.chip.hbm_bytes:
+            return c
+    return 0
+
+
+def fmt_bytes(n) -> str:
+    return "-" if n is None else f"{n / GiB:.2f} GiB"
+
+
+def format_plan(rep: dict) -> str:
+    """The human-readable plan."""
+    L = []
+    ok = "FITS" if rep["fits"] else "DOES NOT FIT"
+    L.append(f"{rep['study_model']} on {rep['topology']} ({rep['chips']} x {rep['chip']}, "
+             f"{fmt_bytes(rep['hbm_bytes'])} each): {ok}  [{rep['method']}]")
+    L.append(f"  model config from {rep['model_source']}")
+    L.append(f"  mesh {rep['mesh']}; {rep['variants']} variants in {rep['chunks']} chunk(s) of "
+             f"{rep['variant_chunk']}; batch {rep['batch_size']} x accum {rep['grad_accum']}, T={rep['seq_len']}, "
+             f"{rep['dtype']}, quant {rep['quant']}, remat {rep['remat']}")
+    pc = rep.get("per_chip")
+    if pc:
+        L.append(f"  per chip: arguments {fmt_bytes(pc['arguments'])}, temporaries {fmt_bytes(pc['temporaries'])}, "
+                 f"outputs {fmt_bytes(pc['outputs'])} (aliased {fmt_bytes(pc['aliased'])}), total "
+                 f"{fmt_bytes(pc['total'])} of {fmt_bytes(rep['usable_bytes'])}")
+    if rep.get("xla_error"):
+        L.append(f"  XLA: {rep['xla_error']}")
+    a = rep["analytic"]
+    L.append(f"  analytic model: {fmt_bytes(a['total'])} per chip")
+    L.append(f"  FLOPs: {rep['flops_per_variant_step']:.3e} per variant step, {rep['flops_per_step']:.3e} per "
+             f"chunk step; {rep['variant_steps']} variant-steps ({rep['steps_per_variant']['min']}.."
+             f"{rep['steps_per_variant']['max']} per variant), {rep['study_flops']:.3e} in all")
+    L.append(f"  at MFU {rep['mfu']:.2f}: {rep['study_hours']:.2f} h of training, {rep['chip_hours']:.1f} chip-hours")
+    L.append(f"  largest chunk that fits (analytic): {rep['largest_chunk_analytic']}"
+             + (f"; confirmed by compile: {rep['largest_chunk_compiled']}" if "largest_chunk_compiled" in rep else ""))
+    for s in rep.get("suggestions", []):
+        L.append(f"  to fit: {s}")
+    for n in rep.get("notes", []):
+        L.append(f"  note: {n}")
+    return "\n".join(L)
