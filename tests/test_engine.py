@@ -53,7 +53,7 @@ def test_nonfinite_variant_is_frozen_others_unchanged():
     st = Static(TINY, TrainConfig(learning_rate=5e-3, epochs=3, batch_size=4, log_every=2, clip_norm=0.0),
                 LoraConfig(r=4, alpha=8, targets=("q", "v")))
     res = train_study(base, st, sd, progress=False)
-    frozen = np.asarray(res.state["frozen"])
+    frozen = np.asarray(res.state.frozen)
     assert frozen.tolist() == [False, True, False]
     assert res.metrics["frozen"][-1].tolist() == [False, True, False]
     for x in _leaves(res.lora):

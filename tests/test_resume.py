@@ -52,7 +52,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
     from resume_job import ST
     from tiny import tiny_base, tiny_study
     from jaxpoison.train.checkpoint import Checkpoints, abstract_like
-    from jaxpoison.train.engine import init_state
+    from jaxpoison.train.engine import init_program, variant_keys
     from jaxpoison.train.trainer import train_study
 
     sd = tiny_study(V=3)
@@ -63,8 +63,8 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
     for f in (ck / str(newest) / "state").rglob("*"):
         if f.is_file() and f.stat().st_size > 0:
             f.write_bytes(b"garbage")
-    st = init_state(jax.random.PRNGKey(0), sd.device_data(), ST)
+    st = init_program(ST)(variant_keys(jax.random.PRNGKey(0), sd.variants()))
     with pytest.warns(UserWarning, match="could not be restored"):
-        step, _, meta = Checkpoints(tmp_path / "run").restore(abstract_like(st))
+        step, _, meta = Checkpoints(tmp_path / "run").restore(abstract_like(st.to_dict()))
     assert step == 4 and meta["step"] == 4
     assert (ck / str(newest)).exists()      # nothing already saved is deleted

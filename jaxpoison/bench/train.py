@@ -25,7 +25,7 @@ def _study(lm, V, batch, seq, steps, targets, r, alpha, lr):
     import jax
 
     from jaxpoison.train.config import TrainConfig
-    from jaxpoison.train.engine import Static, compile_segment, init_state
+    from jaxpoison.train.engine import Static, init_program, segment_program, variant_keys
     from jaxpoison.train.lora import LoraConfig
     from jaxpoison.train.trainer import StudyData
 
@@ -37,14 +37,14 @@ def _study(lm, V, batch, seq, steps, targets, r, alpha, lr):
                    [{"variant_id": v, "seed": v} for v in range(V)])
     st = Static(lm.cfg, TrainConfig(learning_rate=lr, epochs=1, batch_size=batch, schedule="constant",
                                     clip_norm=1.0), LoraConfig(r=r, alpha=alpha, targets=targets))
-    data = sd.device_data()
-    root = jax.random.PRNGKey(0)
-    state = jax.jit(init_state, static_argnums=2)(root, data, st)
-    seg = compile_segment(st, steps)
+    pool, var = jax.tree.map(jax.numpy.asarray, (sd.pool(), sd.variants()))
+    keys = variant_keys(jax.random.PRNGKey(0), var)
+    state = init_program(st)(keys)
+    seg = segment_program(st, steps)
     holder = {"state": state}
 
     def run():
-        holder["state"], m = seg(holder["state"], np.int32(0), lm.params, data, root)
+        holder["state"], m = seg(holder["state"], np.int32(0), keys, lm.params, pool, var)
         jax.block_until_ready(m)
         return m
 

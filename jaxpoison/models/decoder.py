@@ -9,6 +9,10 @@ LoRA is an *argument*, not a parameter collection: ``lora`` is a pytree ``{modul
 undifferentiated input (``jax.grad`` w.r.t. ``lora`` only), and ``jax.vmap`` over adapters with the base
 unbatched is just ``in_axes=(0, None)``. The update is ``x @ W + s * dropout(x) @ A @ B``, never merged.
 
+Sharding is an argument too: with ``rules`` (:class:`jaxpoison.models.sharding.Rules`) every layer's hidden
+states are constrained to the activation spec, and each layer's weights to their gathered spec inside the
+scan, so a base stored over ``fsdp`` is all-gathered one layer at a time; without rules nothing changes.
+
 A KV cache (``init_cache``) is carried through the layer scan and written in place with
 ``dynamic_update_slice`` at a shared slot index, so generation has fixed shapes and compiles once.
 """
@@ -26,6 +30,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from .attention import attention, causal_attention  # noqa: F401  (re-exported)
 from .config import ModelConfig
+from .sharding import Rules, constrain, layer_kernel_axes
 from .quant import is_quantized, kernel_value
 
 Array = jax.Array
@@ -131,10 +136,14 @@ class Linear(nn.Module):
     dtype: Any = jnp.float32
     lora_scale: float = 1.0
     lora_dropout: float = 0.0
+    rules: Optional[Rules] = None
+    axes: tuple = ()                # logical names of the kernel [in, out] (sharding.layer_kernel_axes)
 
     @nn.compact
     def __call__(self, x, lora: Optional[dict] = None, deterministic: bool = True):
         kernel = _kernel_param(self, x.shape[-1], self.features)
+        if self.axes:       # this layer's weight (a quantised one still packed), gathered over fsdp
+            kernel = constrain(kernel, self.axes, self.rules, gathered=True)
         y = jnp.einsum("...i,io->...o", x, kernel_value(kernel, self.dtype))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
@@ -153,6 +162,7 @@ class Block(nn.Module):
     dtype: Any = jnp.float32
     lora_scale: float = 1.0
     lora_dropout: float = 0.0
+    rules: Optional[Rules] = None
 
     @nn.compact
     def __call__(self, carry, lora, layer, cos, sin, mask, slot, deterministic):
@@ -161,9 +171,12 @@ class Block(nn.Module):
         lora = lora or {}
         B, T, _ = x.shape
         H, K, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        rules = self.rules
+        x = constrain(x, ("act_batch", "act_length", "act_embed"), rules)
 
         def lin(name, feats, inp, bias=False):
-            return Linear(feats, bias, self.dtype, self.lora_scale, self.lora_dropout, name=name)(
+            axes = layer_kernel_axes(name) if rules is not None else ()
+            return Linear(feats, bias, self.dtype, self.lora_scale, self.lora_dropout, rules, axes, name=name)(
                 inp, lora.get(name), deterministic)
 
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="attn_norm")(x)
@@ -190,7 +203,8 @@ class Block(nn.Module):
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="mlp_norm")(x)
         g = checkpoint_name(lin("gate", cfg.intermediate_size, h), "gate")
         u = checkpoint_name(lin("up", cfg.intermediate_size, h), "up")
-        x = x + lin("down", cfg.hidden_size, nn.silu(g) * u)
+        mid = constrain(nn.silu(g) * u, ("act_batch", "act_length", "act_mlp"), rules)
+        x = x + lin("down", cfg.hidden_size, mid)
         return (x, cache), None
 
 
@@ -227,6 +241,7 @@ class Decoder(nn.Module):
     lora_scale: float = 1.0
     lora_dropout: float = 0.0
     remat: bool = False
+    rules: Optional[Rules] = None
 
     @nn.compact
     def __call__(self, tokens, attn_mask=None, positions=None, lora=None, cache=None, slot=0,
@@ -249,7 +264,7 @@ class Decoder(nn.Module):
             split_rngs={"params": True, "dropout": True},
             in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
-        )(cfg, self.dtype, self.lora_scale, self.lora_dropout, name="layers")
+        )(cfg, self.dtype, self.lora_scale, self.lora_dropout, self.rules, name="layers")
         layer_lora = {k: v for k, v in (lora or {}).items() if k != "lm_head"} or None
         (x, cache), _ = layers((x, cache), layer_lora, jnp.arange(cfg.num_layers), cos, sin, mask, slot,
                                deterministic)
@@ -284,15 +299,16 @@ def final_norm(base: dict, cfg: ModelConfig, x, dtype=jnp.float32) -> Array:
 
 def run_layers(base: dict, cfg: ModelConfig, x, lo: int, hi: int, cos, sin, mask, *, lora: Optional[dict] = None,
                cache: Optional[dict] = None, slot=0, dtype=jnp.float32, lora_scale: float = 1.0,
-               lora_dropout: float = 0.0, deterministic: bool = True, dropout_key=None, policy=False):
+               lora_dropout: float = 0.0, deterministic: bool = True, dropout_key=None, policy=False,
+               rules: Optional[Rules] = None):
     """Layers ``[lo, hi)`` of the decoder on hidden states x [B, T, D], functionally -> (x, cache).
 
     ``lora`` is a full-depth adapter tree (its rows ``lo:hi`` are used); ``cache`` holds ``hi - lo`` layers of
     its own (indexed from 0); (cos, sin, mask) come from :func:`layer_inputs`. ``policy`` other than False wraps
     each layer in ``jax.checkpoint`` with that save policy (None = recompute everything). LoRA dropout draws
-    layer ``i``'s mask from ``fold_in(dropout_key, i)``.
+    layer ``i``'s mask from ``fold_in(dropout_key, i)``. ``rules``: sharding constraints as in :class:`Decoder`.
     """
-    block = Block(cfg, dtype, lora_scale, lora_dropout)
+    block = Block(cfg, dtype, lora_scale, lora_dropout, rules)
     params = jax.tree.map(lambda w: w[lo:hi], base["layers"])
     lora_sl = {m: {n: w[lo:hi] for n, w in ab.items()} for m, ab in (lora or {}).items() if m != "lm_head"}
     det = deterministic or lora_dropout == 0
@@ -312,18 +328,19 @@ def run_layers(base: dict, cfg: ModelConfig, x, lo: int, hi: int, cos, sin, mask
 
 
 def lower_layers(base: dict, cfg: ModelConfig, tokens, upto: int, cos, sin, mask, *, cache: Optional[dict] = None,
-                 slot=0, dtype=jnp.float32):
+                 slot=0, dtype=jnp.float32, rules: Optional[Rules] = None):
     """Embedding, then layers ``[0, upto)`` without any adapter -> (layer ``upto``'s input, cache): the part of
     the decoder that every adapter trained with ``lora.layers_from = upto`` shares."""
     x = embed_tokens(base, cfg, tokens, dtype)
     if upto == 0:
         return x, cache
-    return run_layers(base, cfg, x, 0, upto, cos, sin, mask, cache=cache, slot=slot, dtype=dtype)
+    return run_layers(base, cfg, x, 0, upto, cos, sin, mask, cache=cache, slot=slot, dtype=dtype, rules=rules)
 
 
 def hidden_lora_from(base: dict, cfg: ModelConfig, tokens, attn_mask=None, positions=None, *, lora: dict,
                      lora_from: int, dtype=jnp.float32, lora_scale: float = 1.0, lora_dropout: float = 0.0,
-                     remat: bool = False, deterministic: bool = True, dropout_key=None, trunk=None) -> Array:
+                     remat: bool = False, deterministic: bool = True, dropout_key=None, trunk=None,
+                     rules: Optional[Rules] = None) -> Array:
     """Final-norm hidden states [B, T, D] of ``Decoder(...).apply`` (no cache) when the adapter acts only on
     layers ``>= lora_from``: the cheap path for training LoRA on the top layers. ``trunk`` [B, T, D]: layer
     ``lora_from``'s input already computed (:func:`pool_trunk`), so the lower layers do not run at all.
@@ -336,7 +353,7 @@ def hidden_lora_from(base: dict, cfg: ModelConfig, tokens, attn_mask=None, posit
     The base tree is the usual one (``base["layers"]`` stacked [L, ...]); positions, RoPE and masks are those of
     :func:`layer_inputs`. LoRA dropout draws layer ``i``'s mask from ``fold_in(dropout_key, i)`` (distinct per
     layer; not the same masks as the ``nn.scan`` of :class:`Decoder`). ``remat`` recomputes the top layers in
-    the backward pass.
+    the backward pass. ``rules``: sharding constraints as in :class:`Decoder`.
     """
     L = cfg.num_layers
     k = int(lora_from)
@@ -348,12 +365,12 @@ def hidden_lora_from(base: dict, cfg: ModelConfig, tokens, attn_mask=None, posit
     if trunk is not None:
         x = jax.lax.stop_gradient(trunk.astype(dtype))
     else:
-        x, _ = lower_layers(base, cfg, tokens, k, cos, sin, mask, dtype=dtype)
+        x, _ = lower_layers(base, cfg, tokens, k, cos, sin, mask, dtype=dtype, rules=rules)
         if k > 0:
             x = jax.lax.stop_gradient(x)
     x, _ = run_layers(base, cfg, x, k, L, cos, sin, mask, lora=lora, dtype=dtype, lora_scale=lora_scale,
                       lora_dropout=lora_dropout, deterministic=deterministic, dropout_key=dropout_key,
-                      policy=None if remat else SAVE_POLICY)
+                      policy=None if remat else SAVE_POLICY, rules=rules)
     return final_norm(base, cfg, x, dtype)
 
 

@@ -1,12 +1,23 @@
-"""Host side of a study's training: segments, progress, metrics JSONL, checkpoints, resume.
+"""Host side of a study's training: the mesh, variant chunks, segments, progress, metrics, checkpoints, resume.
 
-The compiled program is :mod:`.engine`; this file only feeds it and records what comes back. Metrics of a
-segment are read after the next segment has been dispatched, so the device is never idle waiting on the host.
+The maths is :mod:`.engine`; this file places its inputs, feeds it ``K`` steps at a time and records what comes
+back. Metrics of a segment are read after the next segment has been dispatched, so the device is never idle
+waiting on the host.
+
+Variant chunks (``TrainConfig.variant_chunk``): when not every variant's state fits on the devices at once,
+variants are sorted by their number of updates and cut into chunks; the state of every chunk lives in host
+memory (numpy), and each segment moves one chunk at a time onto the devices (split over the ``variant`` axis),
+runs it, and brings it back while the next chunk runs. A chunk whose variants have all finished is not run at
+all, so variants with fewer steps cost no compute. With one chunk the state never leaves the devices.
+Checkpoints hold every variant in the study's own order whatever the chunks or the mesh, so a run resumes onto
+another mesh or chunk size.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import signal
@@ -21,9 +32,10 @@ from jaxpoison.models.lm import parse_dtype
 
 from .checkpoint import Checkpoints, abstract_like, package_versions
 from .config import TrainConfig
-from .engine import POOL_KEYS, Static, compile_segment, init_state, make_data, num_steps
+from .engine import (Pool, Static, TrainState, Variants, init_program, make_pool, make_variants, num_steps,
+                     segment_program, total_updates, variant_keys)
 from .lora import LoraConfig
-from .mesh import MeshConfig, make_mesh, study_shardings
+from .mesh import MeshConfig, base_shardings, make_mesh, mesh_rules, resolve, variant_shardings
 from .tblog import StudyLog
 
 
@@ -43,16 +55,18 @@ class StudyData:
     def num_variants(self) -> int:
         return len(self.n_rows)
 
-    def device_data(self) -> dict:
+    def pool(self) -> Pool:
+        return make_pool(self.tokens, self.loss_mask, self.attn_mask)
+
+    def variants(self) -> Variants:
         ids = [int(t.get("variant_id", i)) for i, t in enumerate(self.table)]
         seeds = [int(t.get("seed", 0)) for t in self.table]
-        return make_data(self.tokens, self.loss_mask, self.attn_mask, self.rows, self.n_rows, ids, seeds,
-                         self.lr_scale)
+        return make_variants(self.rows, self.n_rows, ids, seeds, self.lr_scale)
 
 
 @dataclasses.dataclass
 class TrainResult:
-    state: Any                  # stacked per-variant state (lora, opt, frozen, updates)
+    state: TrainState           # stacked per-variant state [V, ...] (host numpy when variants ran in chunks)
     metrics: dict               # name -> np.ndarray [steps, V]
     steps: int
     seconds: float
@@ -60,7 +74,7 @@ class TrainResult:
 
     @property
     def lora(self):
-        return self.state["lora"]
+        return self.state.lora
 
 
 def run_metadata(st: Static, sd: StudyData, base_name: str, base_fingerprint: str, extra: Optional[dict]) -> dict:
@@ -72,7 +86,7 @@ def run_metadata(st: Static, sd: StudyData, base_name: str, base_fingerprint: st
     }
 
 
-_LOGGING_ONLY = ("tensorboard",)
+_SAME_RESULT = ("tensorboard", "variant_chunk")     # logging and placement switches: a run may resume across them
 
 
 def _same_run(old: dict, new: dict) -> list[str]:
@@ -85,43 +99,90 @@ def _same_run(old: dict, new: dict) -> list[str]:
         o, n = old.get(k), new.get(k)
         if k in defaults and isinstance(o, dict):
             o = {**json.loads(json.dumps(dataclasses.asdict(defaults[k]), default=str)), **o}
-        if k == "train" and isinstance(o, dict) and isinstance(n, dict):   # logging switches do not change a run
-            o, n = ({f: v for f, v in d.items() if f not in _LOGGING_ONLY} for d in (o, n))
+        if k == "train" and isinstance(o, dict) and isinstance(n, dict):
+            o, n = ({f: v for f, v in d.items() if f not in _SAME_RESULT} for d in (o, n))
         if json.dumps(o, sort_keys=True, default=str) != json.dumps(n, sort_keys=True, default=str):
             out.append(k)
     return out
 
 
+def variant_chunks(n_rows: np.ndarray, tcfg: TrainConfig) -> list[np.ndarray]:
+    """Variant indices per chunk: all variants in their own order when ``variant_chunk`` is 0 or covers them;
+    otherwise sorted by number of updates (most first, stable) and cut into chunks of ``variant_chunk``, so a
+    chunk's variants finish together."""
+    V, C = len(n_rows), tcfg.variant_chunk
+    if not C or C >= V:
+        return [np.arange(V)]
+    order = np.argsort(-np.asarray(total_updates(np.asarray(n_rows), tcfg)), kind="stable")
+    return [order[i:i + C] for i in range(0, V, C)]
+
+
+def tree_bytes(tree) -> int:
+    return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def study_mesh(mesh: MeshConfig, chunks: list, tcfg: TrainConfig, base) -> MeshConfig:
+    """The resolved mesh of a study (every chunk's variants must split over its ``variant`` axis)."""
+    per_chunk = math.gcd(*[len(c) for c in chunks])
+    return resolve(mesh, n_variants=per_chunk, batch_size=tcfg.batch_size, base_bytes=tree_bytes(base))
+
+
+def _take(tree, idx):
+    return jax.tree.map(lambda x: x[idx], tree)
+
+
+def _put_rows(tree, idx, part):
+    """Write a chunk's rows ``part`` into the host tree (in place)."""
+    def put(x, y):
+        x[idx] = y
+    jax.tree.map(put, tree, part)
+
+
 def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = None, mesh: MeshConfig = MeshConfig(),
                 resume: bool = True, progress: bool = True, base_name: str = "", base_fingerprint: str = "",
                 meta_extra: Optional[dict] = None, stop_after: Optional[int] = None) -> TrainResult:
-    """Train every variant of ``sd`` on ``base``. ``stop_after`` (steps) ends early, for tests of resume."""
+    """Train every variant of ``sd`` on ``base`` over ``mesh`` (``'auto'`` axes resolved by
+    :func:`.mesh.resolve`). ``stop_after`` (steps) ends early, for tests of resume."""
     tcfg = st.tcfg
+    V = sd.num_variants
     S = num_steps(sd.n_rows, tcfg)
     K = tcfg.save_every or min(tcfg.log_every, S)
     root = jax.random.PRNGKey(tcfg.seed)
-    data = sd.device_data()
-    if tcfg.trunk_cache and st.lora_from > 0:
-        # every pool row through the layers no adapter touches, once; steps gather these states (engine.loss_terms)
-        data["trunk"] = pool_trunk(base, st.cfg, sd.tokens, sd.attn_mask, st.lora_from, parse_dtype(tcfg.dtype))
+    pool, var = sd.pool(), sd.variants()
+    keys = np.asarray(variant_keys(root, var))
+    chunks = variant_chunks(sd.n_rows, tcfg)
+    chunk_steps = [int(np.max(np.asarray(total_updates(sd.n_rows[c], tcfg)))) for c in chunks]
     meta = run_metadata(st, sd, base_name, base_fingerprint, meta_extra)
     meta["num_steps"] = S
 
-    use_mesh = mesh.size > 1
-    if use_mesh and mesh.data > 1:
-        if tcfg.batch_size % mesh.data:
-            raise ValueError(f"batch_size {tcfg.batch_size} does not split over a data axis of {mesh.data}")
-        st = dataclasses.replace(st, data_axis="data")
-    jmesh = make_mesh(mesh) if use_mesh else None
-    state = jax.jit(init_state, static_argnums=2)(root, data, st)
-    shard = None
-    if use_mesh:
-        if sd.num_variants % mesh.variant:
-            raise ValueError(f"{sd.num_variants} variants do not split over a variant axis of {mesh.variant}")
-        shard = study_shardings(jmesh, mesh, state, base, data, POOL_KEYS)
-        state = jax.device_put(state, shard[0])
-        base = jax.device_put(base, shard[1])
-        data = jax.device_put(data, shard[2])
+    mc = study_mesh(mesh, chunks, tcfg, base)
+    jmesh = make_mesh(mc) if mc.size > 1 else None
+    if jmesh is not None:
+        st = dataclasses.replace(st, rules=mesh_rules(jmesh))
+        base = jax.device_put(base, base_shardings(jmesh, base, st.rules))
+    if tcfg.trunk_cache and st.lora_from > 0:
+        # every pool row through the layers no adapter touches, once; steps gather these states (engine.loss_terms)
+        pool = pool.replace(trunk=pool_trunk(base, st.cfg, sd.tokens, sd.attn_mask, st.lora_from,
+                                             parse_dtype(tcfg.dtype)))
+    if jmesh is not None:
+        pool = jax.device_put(pool, jax.sharding.NamedSharding(jmesh, jax.sharding.PartitionSpec()))
+    else:
+        pool = jax.tree.map(jax.numpy.asarray, pool)
+
+    def place(tree):        # per-variant arrays of one chunk onto the devices
+        return jax.device_put(tree, variant_shardings(jmesh, tree, st.rules)) if jmesh is not None else \
+            jax.tree.map(jax.numpy.asarray, tree)
+
+    resident = len(chunks) == 1         # the state stays on the devices between segments
+    init = init_program(st, jmesh)
+    chunk_in = [(place(keys[c]), place(var.take(c))) for c in chunks] if resident else None
+    if resident:
+        state = init(chunk_in[0][0])
+    else:
+        parts = [jax.device_get(init(place(keys[c]))) for c in chunks]
+        state = jax.tree.map(lambda *xs: np.zeros((V,) + xs[0].shape[1:], xs[0].dtype), *parts)
+        for c, part in zip(chunks, parts):
+            _put_rows(state, c, part)
 
     ckpt = Checkpoints(run_dir, tcfg.keep_last) if run_dir else None
     start, resumed = 0, None
@@ -131,11 +192,12 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
         if diff:
             raise ValueError(f"{run_dir} holds a run with a different {', '.join(diff)}: resume needs the same "
                              "command. Use another --out folder, or delete this one to start afresh.")
-        start, state, _ = ckpt.restore(abstract_like(state))
+        start, saved, _ = ckpt.restore(abstract_like(state.to_dict()) if resident else state.to_dict())
+        state = TrainState.from_dict(saved if resident else jax.tree.map(np.array, saved))   # writable copies
         resumed = start
     metrics_path = pathlib.Path(run_dir) / "metrics.jsonl" if run_dir else None
+    kept = []
     if metrics_path:
-        kept = []
         if resumed and metrics_path.exists():
             kept = [l for l in metrics_path.read_text().splitlines() if l and json.loads(l)["step"] < start]
         metrics_path.write_text("".join(l + "\n" for l in kept))
@@ -144,16 +206,40 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
         tb = StudyLog(pathlib.Path(run_dir) / "tensorboard", sd.table)
         tb.add_rows([json.loads(l) for l in kept])
 
-    seg = compile_segment(st, K, jmesh, "variant" if use_mesh else None, shard)
+    seg = segment_program(st, K, jmesh, base)
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=S, initial=min(start, S), desc=f"train {sd.num_variants} variants", unit="step")
+        bar = tqdm(total=S, initial=min(start, S), desc=f"train {V} variants", unit="step")
     history: dict = {}
     pending = None
     t0 = time.time()
-
     last_done = [time.time()]
+
+    def run_chunks(state, s):
+        """One segment of every chunk that still has steps at ``s``: host state in, host state out; one chunk
+        computes while the previous one comes back. Returns (state, metrics [K, V] on the host)."""
+        m_all = {"loss": np.full((K, V), np.nan, np.float32), "grad_norm": np.full((K, V), np.nan, np.float32),
+                 "lr": np.zeros((K, V), np.float32), "tokens": np.zeros((K, V), np.float32),
+                 "applied": np.zeros((K, V), bool), "frozen": np.repeat(state.frozen[None], K, 0)}
+        inflight = None
+
+        def land(inflight):
+            c, new, m = inflight
+            _put_rows(state, c, jax.device_get(new))
+            for k, v in jax.device_get(m).items():
+                m_all[k][:, c] = v
+
+        for c, steps_c in zip(chunks, chunk_steps):
+            if steps_c <= s:
+                continue                    # every variant of this chunk has finished: no compute
+            new, m = seg(place(_take(state, c)), np.int32(s), place(keys[c]), base, pool, place(var.take(c)))
+            if inflight:
+                land(inflight)
+            inflight = (c, new, m)
+        if inflight:
+            land(inflight)
+        return state, m_all
 
     def drain(pending):
         s0, m, t_disp = pending
@@ -176,23 +262,27 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
             bar.set_postfix(loss=f"{np.nanmean(m['loss'][:steps]):.3f}", tok_s=f"{tok_s:.0f}")
             bar.update(steps)
 
-    ctx = jax.set_mesh(jmesh) if use_mesh else _null()
-    with ctx:
+    def advance(state, s):
+        if resident:
+            return seg(state, np.int32(s), chunk_in[0][0], base, pool, chunk_in[0][1])
+        return run_chunks(state, s)
+
+    with (jax.set_mesh(jmesh) if jmesh is not None else contextlib.nullcontext()):
         s = start
         while s < S:
             if stop_after is not None and s >= stop_after:
                 break
-            state, m = seg(state, np.int32(s), base, data, root)
+            state, m = advance(state, s)
             if pending:
                 drain(pending)
             pending = (s, m, time.time())
             s += K
             if ckpt and (tcfg.save_every or s >= S):
                 meta["step"] = min(s, S)
-                ckpt.save(min(s, S), state, meta)
+                ckpt.save(min(s, S), state.to_dict(), meta)
                 if os.environ.get("JAXPOISON_TEST_SIGKILL_AFTER") == str(min(s, S)):
                     # test hook: die like a pre-empted job, with the next segment already dispatched
-                    state, m = seg(state, np.int32(s), base, data, root)
+                    state, m = advance(state, s)
                     os.kill(os.getpid(), signal.SIGKILL)
         if pending:
             drain(pending)
@@ -202,14 +292,6 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
         ckpt.close()
     metrics = {k: np.concatenate(v) for k, v in history.items()} if history else {}
     return TrainResult(state, metrics, S, time.time() - t0, resumed)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def study_static(cfg, tcfg: TrainConfig, lcfg: LoraConfig) -> Static:
