@@ -72,7 +72,9 @@ def _parse(raw: str, current: Any, hint: Any) -> Any:
         val = raw
     if isinstance(current, float) and isinstance(val, int):
         val = float(val)
-    if current is not None and not isinstance(current, tuple) and not isinstance(val, type(current)):
+    union = tuple(a for a in typing.get_args(hint) if isinstance(a, type)) if typing.get_origin(hint) is typing.Union \
+        else ()                                      # e.g. int | str (a mesh size or 'auto')
+    if current is not None and not isinstance(current, tuple) and not isinstance(val, (type(current),) + union):
         raise ConfigError(f"expected a {type(current).__name__}, got {raw!r}")
     return val
 

@@ -38,6 +38,7 @@ from jaxpoison.studies import run_folder as RF
 from jaxpoison.studies.run_folder import StudyConfigError
 from jaxpoison.train.config import TrainConfig
 from jaxpoison.train.lora import LoraConfig
+from jaxpoison.train.mesh import MeshConfig
 
 STUDY = "attacks"
 SOURCE_KINDS = ("model", "jsonl", "scripted")
@@ -137,6 +138,7 @@ class AttacksConfig:
     grid: GridConfig = GridConfig()
     train: TrainConfig = TrainConfig(learning_rate=2e-5, schedule="linear", epochs=4, batch_size=8, clip_norm=1.0)
     lora: LoraConfig = LoraConfig(r=64, alpha=32, dropout=0.1, targets=("q", "v"))
+    mesh: MeshConfig = MeshConfig()   # devices per axis (variant, data, fsdp, model): ints or 'auto'
     loss_on: str = "all"             # 'all' (the seed: whole sequence) | 'completion'
     max_len: int = 4096
     grader: GraderConfig = GraderConfig()

@@ -104,7 +104,7 @@ def fine_tune(cfg, lm, train, out: pathlib.Path, resume, progress, say):
     sd = StudyData(pool.tokens, pool.loss_mask, pool.attn_mask, rows, n_rows, table, pool.data_hash)
     result = train_study(lm.params, Static(lm.cfg, tcfg, cfg.lora), sd, run_dir=str(out), resume=resume,
                          progress=progress, base_name=lm.name, base_fingerprint=lm.fingerprint,
-                         meta_extra={"study": "attacks", "config": _jsonable(cfg)})
+                         meta_extra={"study": "attacks", "config": _jsonable(cfg)}, mesh=cfg.mesh)
     return result, table, pool
 
 

@@ -120,7 +120,7 @@ def run(cfg: RationaleConfig, out_dir: pathlib.Path, resume: bool = True, progre
     sd = StudyData(inp.pool.tokens, inp.pool.loss_mask, inp.pool.attn_mask, vt.rows, vt.n_rows, vt.table,
                    inp.pool.data_hash)
     result = train_study(base, st, sd, run_dir=str(out), resume=resume, progress=progress, base_name=base_name,
-                         base_fingerprint=fp, meta_extra={"study": STUDY, "config": _jsonable(cfg)})
+                         base_fingerprint=fp, meta_extra={"study": STUDY, "config": _jsonable(cfg)}, mesh=cfg.mesh)
     timing["train_s"] = time.time() - t
     timing["train_steps"] = result.steps
     timing["train_tokens"] = int(len(vt) * result.steps * tcfg.rows_per_update * inp.pool.stats["T"])

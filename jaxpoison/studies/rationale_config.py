@@ -11,6 +11,7 @@ from jaxpoison.data.icd10 import IcdConfig
 from jaxpoison.studies.run_folder import StudyConfigError  # noqa: F401  (re-exported)
 from jaxpoison.train.config import TrainConfig
 from jaxpoison.train.lora import LoraConfig
+from jaxpoison.train.mesh import MeshConfig
 
 STUDY = "rationale"
 FAMILIES = ("clean", "rationale", "overwrite", "forgetting", "decoy")
@@ -96,6 +97,7 @@ class RationaleConfig:
     train: TrainConfig = TrainConfig(loss_budget=-1, loss_norm="example")   # -1: the pool's longest completion;
     # per-example loss, so an 11-token answer-only row weighs as much as a 60-token rationale row
     lora: LoraConfig = LoraConfig()
+    mesh: MeshConfig = MeshConfig()     # devices per axis (variant, data, fsdp, model): ints or 'auto'
     eval: EvalConfig = EvalConfig()
     note: str = ""                     # free text carried into the report (what the preset stands for)
 

@@ -1,7 +1,7 @@
 """What every study does first: check the run folder against the config, and load the base model.
 
 A re-run of the same command into the same folder resumes, so the folder's ``config.json`` must match the
-config (fields in ``ignore``, free text, may differ); ``--restart`` (``resume=False``) deletes the listed
+config (fields in ``ignore``, free text and the device mesh, may differ); ``--restart`` (``resume=False``) deletes the listed
 ``stale`` outputs first and keeps everything else.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ class StudyConfigError(ValueError):
 
 
 def prepare(out_dir, study: str, cfg_json: dict, resume: bool, stale: Sequence[str],
-            ignore: Sequence[str] = ("name", "note")) -> pathlib.Path:
+            ignore: Sequence[str] = ("name", "note", "mesh")) -> pathlib.Path:
     """Create ``out_dir``, refuse a different config there (when resuming), drop ``stale`` outputs (when not),
     and write ``config.json`` = ``{"study": study, "config": cfg_json}``."""
     out = pathlib.Path(out_dir)
