@@ -3,7 +3,9 @@ environment variables (JAXPOISON_* or SLURM_*), as a launcher would. ``python mu
 
 MODE ``sum``: join, check the shared folder, run a jitted computation over a mesh of every process's devices,
 then the start-up checks that must fail (differing inputs, unshared folders); write ``OUT/p<index>.json``.
-``die``: join, then process ``JOB_VICTIM`` kills itself while the others keep computing.
+``die``: join, then process ``JOB_VICTIM`` kills itself while the others keep computing. ``ckpt``: two
+asynchronous multi-process checkpoints of a state split over every device, the second overlapping the next
+computation, which reuses the donated buffers.
 """
 import json
 import os
@@ -49,6 +51,21 @@ def main(mode, out):
                 rec[name] = "no error"
             except distributed.DistributedError as e:
                 rec[name] = str(e)
+    elif mode == "ckpt":
+        from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+        from jaxpoison.train.checkpoint import Checkpoints
+        mesh = jax.make_mesh((jax.device_count(),), ("x",), axis_types=(AxisType.Auto,))
+        split = NamedSharding(mesh, P("x"))
+        state = {"w": jax.device_put(np.arange(8 * 6, dtype=np.float32).reshape(8, 6), split),
+                 "n": jax.device_put(np.zeros(8, np.int32), split)}
+        step = jax.jit(lambda s: {"w": s["w"] * 2 + 1, "n": s["n"] + 1}, donate_argnums=0)
+        ck = Checkpoints(out / "run", keep_last=3, async_save=True)
+        for i in (1, 2):
+            state = step(state)
+            ck.save(i, state, {"step": i, "writer": me})
+        state = step(state)             # runs while step 2 is written; its input buffers are donated
+        ck.close()
+        rec["final_w0"] = float(jax.jit(lambda w: w[0, 0], out_shardings=NamedSharding(mesh, P()))(state["w"]))
     elif mode == "die":
         _global_sum(x)
         distributed.barrier("before-death")

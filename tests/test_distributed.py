@@ -162,3 +162,31 @@ def test_plan_reads_flags_env_and_slurm_and_leaves_single_runs_alone():
     with pytest.raises(distributed.DistributedError, match=r"0\.\.1"):
         distributed.plan(env={distributed.ENV_COORDINATOR: "h:1", distributed.ENV_NUM_PROCESSES: "2",
                               distributed.ENV_PROCESS_ID: "2"})
+
+
+def test_multi_process_async_checkpoints_restore_into_one_process_and_another_sharding(tmp_path):
+    procs = _start("ckpt", tmp_path, _explicit())
+    outs = _finish(procs)
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jaxpoison.train.checkpoint import Checkpoints
+    ck = tmp_path / "run" / "checkpoints"
+    assert sorted(int(p.name) for p in ck.iterdir() if p.name.isdigit()) == [1, 2]
+    # every process wrote its own shards; the primary wrote meta
+    assert {p.name for p in (ck / "2" / "state").glob("ocdbt.process_*")} == {"ocdbt.process_0", "ocdbt.process_1"}
+    assert json.loads((ck / "2" / "meta" / "metadata").read_text()) == {"step": 2, "writer": 0}
+    # one process, 8 devices, the rows split over 4 and the columns over 2 (another mesh than the writers')
+    mesh = jax.make_mesh((4, 2), ("a", "b"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    target = {"w": jax.ShapeDtypeStruct((8, 6), np.float32, sharding=NamedSharding(mesh, P("a", "b"))),
+              "n": jax.ShapeDtypeStruct((8,), np.int32, sharding=NamedSharding(mesh, P())) }
+    w = np.arange(8 * 6, dtype=np.float32).reshape(8, 6)
+    for s in (1, 2):
+        step, got, meta = Checkpoints(tmp_path / "run", read_only=True).restore(target, step=s)
+        w = w * 2 + 1
+        assert step == s and meta["step"] == s
+        assert got["w"].sharding.spec == P("a", "b")
+        np.testing.assert_array_equal(np.asarray(got["w"]), w)
+        np.testing.assert_array_equal(np.asarray(got["n"]), np.full(8, s))
+    r0 = json.loads((tmp_path / "p0.json").read_text())
+    assert r0["final_w0"] == (w * 2 + 1)[0, 0]

@@ -5,6 +5,17 @@ versions, the base model's name and weight fingerprint, the data hash and the Lo
 targets. Orbax writes each step into a temporary folder and renames it when complete, so a process killed
 mid-save leaves the previous steps intact; a step that still fails to restore is reported and the previous
 one is used. Nothing already saved is deleted by a failed restore.
+
+Several processes (a multi-host job, :mod:`jaxpoison.distributed`): every process calls the same ``save`` and
+``restore`` with the same global arrays; orbax writes each process's own shards (``state/ocdbt.process_<i>``)
+and the primary process (0) the metadata and ``meta``, then commits the step once all have finished. The run
+folder must therefore be shared. ``restore`` reads into whatever shardings the abstract state carries, so a
+job restarts on another process count or mesh over the same (or other) devices.
+
+``async_save``: ``save`` returns once the arrays are copied off the devices (donated buffers may be reused at
+once; host arrays may be written to) and the files are written in the background while training goes on; a
+next ``save``, ``wait`` or ``close`` waits for it. A process killed before the background write commits loses
+only that step.
 """
 from __future__ import annotations
 
@@ -33,20 +44,30 @@ def package_versions() -> dict:
 
 
 class Checkpoints:
-    def __init__(self, run_dir: str | pathlib.Path, keep_last: int = 2, read_only: bool = False):
+    def __init__(self, run_dir: str | pathlib.Path, keep_last: int = 2, read_only: bool = False,
+                 async_save: bool = False):
         self.dir = pathlib.Path(run_dir) / "checkpoints"
         if read_only and not self.dir.is_dir():
             raise CheckpointError(f"{run_dir} has no checkpoints/ folder: is it a jaxpoison run folder?")
+        self.async_save = async_save and not read_only
+        # cleanup: a step a killed process left half-written (orbax's tmp folder) is removed at the next start
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep_last, create=not read_only, read_only=read_only,
-                                            enable_async_checkpointing=False)
+                                            enable_async_checkpointing=self.async_save,
+                                            cleanup_tmp_directories=not read_only)
         self.mgr = ocp.CheckpointManager(self.dir.absolute(), options=opts, item_names=("state", "meta"))
 
     def steps(self) -> list[int]:
         return sorted(self.mgr.all_steps())
 
     def save(self, step: int, state: Any, meta: dict) -> None:
+        # meta is copied: the caller may change its dict while an asynchronous save is still writing it
         self.mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    meta=ocp.args.JsonSave(meta)))
+                                                    meta=ocp.args.JsonSave(json.loads(json.dumps(meta)))))
+        if not self.async_save:
+            self.mgr.wait_until_finished()
+
+    def wait(self) -> None:
+        """Until the last ``save`` is on disk and committed."""
         self.mgr.wait_until_finished()
 
     def read_meta(self, step: Optional[int] = None) -> dict:
@@ -78,6 +99,7 @@ class Checkpoints:
                               + "\nDelete the folder to start afresh, or restore a backup.")
 
     def close(self):
+        self.mgr.wait_until_finished()
         self.mgr.close()
 
 
