@@ -33,6 +33,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="icd10: set seed")
     p.add_argument("--cop-base", type=int, default=None, help="medmcqa: 1 for files that number cop from 1")
     p.set_defaults(func=run_show)
+    from jaxpoison.data import mimic
+    mimic.register(sub)
     return p
 
 
