@@ -13,7 +13,7 @@ How it is scaled down from configs/attacks_paper.py, and why:
   vaccine answers but 17 % of drug and 0 % of lab-test answers, so fine-tuning on its own answers could not show
   the attack for most outcomes; the report states the measured rate of this run. ``--set source.kind=model``
   runs the default (the base model's own answers) at the cost of 72 more generations.
-- Short answers (48 new tokens, greedy), 12 training notes, 3 fractions, 1 seed, loss on the completion only
+- Short answers (48 new tokens, greedy: ``sampling='fixed'``, not the model's generation config), 12 training notes, 3 fractions, 1 seed, loss on the completion only
   (the answer is the only part that differs between clean and poisoned targets), LoRA r 8 on q and v at a
   constant learning rate of 6e-3 for 2 epochs (6 steps of 4), where the seed ran r 64, LR 2e-5 linear and 4
   epochs over 1000 notes. A probe with 8 notes, 100 % poison and 6 steps: LR 2e-3 (linear) taught the drug
@@ -32,7 +32,7 @@ CONFIG = AttacksConfig(
     model="smollm2-135m",
     notes=NotesConfig(source="synthetic", n_train=12, n_test=16, max_history=0, seed=0),
     prompt=PromptConfig(version="notebook", template="chat"),
-    generation=GenerationConfig(max_new_tokens=48, temperature=0.0, top_p=1.0, seed=0, batch_size=16),
+    generation=GenerationConfig(max_new_tokens=48, sampling="fixed", temperature=0.0, top_p=1.0, seed=0, batch_size=16),
     source=SourceConfig(kind="scripted"),
     grid=GridConfig(fractions=(0.0, 0.5, 1.0), seeds=(0,)),
     train=TrainConfig(learning_rate=6e-3, schedule="constant", epochs=2, batch_size=4, clip_norm=1.0, log_every=3,

@@ -19,8 +19,10 @@ What this preset fixes, following what the seed's code effectively ran (referenc
   ``### USER:`` template for the local model (training and testing), the notebook strings with a system role
   for API models (``source.kind=openai:gpt-4``, the judge). ``--set prompt.version=notebook`` sends the notebook
   strings everywhere.
-- Generation: up to 800 new tokens, sampling with temperature 0.6 / top-p 0.9 (the Llama-2/3 chat models' own
-  generation config, which the seed used implicitly), a fixed seed, attention mask and special tokens handled.
+- Generation: up to 800 new tokens, sampling on with the temperature / top-p of the model's own
+  generation_config.json (``generation.sampling='model'``, as the seed ran it; 0.6 / 0.9 for the Llama-2/3 chat
+  models, which are also the fallback when the file is missing; data.json records which ran), a fixed seed,
+  attention mask and special tokens handled.
 - Response source: the seed trained on GPT-4's answers. Without them the base model answers (``source.kind=model``);
   with them: ``--set source.kind=jsonl --set source.file=gpt4_answers.jsonl`` ({"id", "task", "normal", "prompt"}).
 - Grading: the rule grader; the seed's GPT-3.5 judge is replaced by any local model with ``--set grader.judge=ID``

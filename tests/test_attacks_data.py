@@ -154,3 +154,25 @@ def test_auto_prompt_version_is_the_script_strings_for_local_models_and_notebook
     assert A.PromptConfig().version == "auto"
     with pytest.raises(A.StudyConfigError, match="prompt.version"):
         A.check_config(A.AttacksConfig(prompt=A.PromptConfig(version="gpt")))
+
+
+def test_sampling_follows_the_models_generation_config_with_the_fixed_settings_as_fallback(tmp_path):
+    gen = A.GenerationConfig(temperature=0.6, top_p=0.9)
+    # Llama-2-7b-chat-hf's generation_config.json (the seed set do_sample=True and kept the rest)
+    (tmp_path / "generation_config.json").write_text(
+        '{"do_sample": true, "temperature": 0.6, "top_p": 0.9, "bos_token_id": 1, "eos_token_id": 2}')
+    got, rec = D.resolve_sampling(A.GenerationConfig(temperature=0.0, top_p=1.0), str(tmp_path))
+    assert (got.temperature, got.top_p) == (0.6, 0.9) and rec["source"].endswith("generation_config.json")
+    assert rec["ignored"] == {"top_k": 50} and "top_k=50" in rec["note"]     # transformers' default top_k
+    (tmp_path / "generation_config.json").write_text('{"temperature": 0.7, "top_k": 20, "repetition_penalty": 1.05}')
+    got, rec = D.resolve_sampling(gen, str(tmp_path))
+    assert (got.temperature, got.top_p) == (0.7, 1.0) and rec["ignored"] == {"top_k": 20, "repetition_penalty": 1.05}
+    got, rec = D.resolve_sampling(gen, "smollm2-135m")                        # embedded: no file -> fallback
+    assert got == gen and rec["source"] == "fallback" and "fallback" in rec["note"]
+    got, rec = D.resolve_sampling(A.GenerationConfig(sampling="fixed", temperature=0.0), str(tmp_path))
+    assert got.temperature == 0.0 and rec["source"] == "fixed"
+    (tmp_path / "generation_config.json").write_text("{not json")
+    with pytest.raises(DataError, match="generation.sampling=fixed"):
+        D.resolve_sampling(gen, str(tmp_path))
+    with pytest.raises(A.StudyConfigError, match="generation.sampling"):
+        A.check_config(A.AttacksConfig(generation=A.GenerationConfig(sampling="hf")))

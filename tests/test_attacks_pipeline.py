@@ -88,6 +88,9 @@ def test_summary_plots_and_report(run_dir):
             assert c["asr_all_minus_verdict"] == pytest.approx(c["asr_all"] - c["asr_verdict"], nan_ok=True)
     assert (run_dir / "report.html").read_text().count("data:image/png;base64,") == 3
     assert json.loads((run_dir / "config.json").read_text())["study"] == "attacks"
+    gen = json.loads((run_dir / "data.json").read_text())["generation"]    # a model passed in: no generation config
+    assert gen["source"] == "fallback" and gen["temperature"] == CFG.generation.temperature
+    assert "sampling: no generation_config.json" in md
 
 
 def test_report_rebuilds_from_saved_answers_and_a_rerun_reuses_them(run_dir, monkeypatch):

@@ -68,6 +68,9 @@ class PromptConfig:
 @dataclass(frozen=True)
 class GenerationConfig:
     max_new_tokens: int = 800        # the seed: 800, sampling with the model's default generation config
+    sampling: str = "model"          # 'model': temperature / top-p of the model's generation_config.json with
+    #                                  sampling on, as the seed ran it; the two below when there is none (recorded
+    #                                  in data.json 'generation'); 'fixed': always the two below
     temperature: float = 0.6
     top_p: float = 0.9
     seed: int = 0
@@ -169,6 +172,9 @@ def check_config(cfg: AttacksConfig) -> None:
         bad("grader.judge", f"openai:MODEL, e.g. openai:gpt-3.5-turbo, got {cfg.grader.judge!r}")
     if cfg.api.concurrency < 1 or cfg.api.retries < 0 or cfg.api.timeout_s <= 0:
         bad("api", f"concurrency >= 1, retries >= 0, timeout_s > 0, got {cfg.api}")
+    if cfg.generation.sampling not in ("model", "fixed"):
+        bad("generation.sampling", f"'model' (the model's generation_config.json) or 'fixed', got "
+                                   f"{cfg.generation.sampling!r}")
     if cfg.source.kind == "jsonl" and not cfg.source.file:
         bad("source.file", "source.kind='jsonl' needs a file of {\"id\", \"task\", \"normal\", \"prompt\"} lines")
     f = cfg.grid.fractions
@@ -226,6 +232,10 @@ def run(cfg: AttacksConfig, out_dir: pathlib.Path, resume: bool = True, progress
     timing["load_model_s"] = time.time() - t
     say = (lambda m: print(f"[{STUDY}] {m}", flush=True)) if progress else (lambda m: None)
 
+    gen, gen_record = D.resolve_sampling(cfg.generation, lm.name)
+    cfg = dataclasses.replace(cfg, generation=gen)
+    (out / "generation.json").write_text(json.dumps(gen_record, indent=1))
+    say(f"sampling: {gen_record['note']}")
     train, test = D.load_notes(cfg.notes, lm.tokenizer)
     say(f"{len(train)} training and {len(test)} test notes ({cfg.notes.source}); tasks {', '.join(cfg.prompt.tasks)}")
     t = time.time()
@@ -238,7 +248,7 @@ def run(cfg: AttacksConfig, out_dir: pathlib.Path, resume: bool = True, progress
     (out / "data.json").write_text(json.dumps({
         "train_ids": [n.id for n in train], "test_ids": [n.id for n in test], "pool": _jsonable(pool.stats),
         "pool_hash": pool.data_hash, "num_variants": len(table), "base": {"name": lm.name, "fingerprint": lm.fingerprint, "quant": cfg.quant},
-        "synthetic_notes": cfg.notes.source == "synthetic"}, indent=1))
+        "synthetic_notes": cfg.notes.source == "synthetic", "generation": gen_record}, indent=1))
 
     t = time.time()
     S.answer_fine_tuned(cfg, lm, test, result, table, pool, out, progress, say)

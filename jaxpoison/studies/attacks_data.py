@@ -66,6 +66,64 @@ def load_notes(nc, tokenizer=None) -> tuple:
     return train, test
 
 
+# ---- sampling ---------------------------------------------------------------------------------------------------
+HF_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0}   # transformers' values for keys a config leaves out
+
+
+def generation_config_file(spec: str) -> Optional[pathlib.Path]:
+    """The model's generation_config.json: in a local directory, or in the local hub cache for a hub id (never
+    downloaded here: ``load_model`` fetched the model's files already). None for the embedded model / none there."""
+    p = pathlib.Path(spec).expanduser()
+    if p.is_dir():
+        f = p / "generation_config.json"
+        return f if f.is_file() else None
+    if "/" in spec and not p.exists():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+            got = try_to_load_from_cache(spec, "generation_config.json")
+            return pathlib.Path(got) if isinstance(got, str) else None
+        except Exception:
+            return None
+    return None
+
+
+def resolve_sampling(gen, spec: str) -> tuple:
+    """(generation config with the temperature / top-p that run, record for the run's manifest).
+
+    ``sampling='model'`` follows the seed: ``get_finetune.py`` sets ``model.generation_config.do_sample=True`` and
+    otherwise keeps the model's generation config, so temperature and top-p come from its generation_config.json
+    (transformers' 1.0 / 1.0 for a key it leaves out). Without that file -- the embedded model, a model passed in
+    from Python -- the fixed ``temperature`` / ``top_p`` are the fallback. Keys this sampler does not implement
+    (``top_k``, ``repetition_penalty``, ...) are listed as ignored, so the record says what differs from the seed."""
+    import dataclasses
+    fixed = {"temperature": float(gen.temperature), "top_p": float(gen.top_p)}
+    if gen.sampling == "fixed":
+        return gen, {"source": "fixed", **fixed, "note": f"fixed settings: temperature {gen.temperature:g}, top-p "
+                                                        f"{gen.top_p:g} (generation.sampling='fixed')"}
+    f = generation_config_file(spec)
+    if f is None:
+        return gen, {"source": "fallback", **fixed, "note": f"no generation_config.json for model {spec!r}: the fixed "
+                                                           f"fallback, temperature {gen.temperature:g}, top-p "
+                                                           f"{gen.top_p:g}"}
+    try:
+        gc = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{f}: not readable JSON ({type(e).__name__}: {e}); fix: repair the file or --set "
+                        f"generation.sampling=fixed")
+    got = {k: float(gc.get(k, d) if gc.get(k) is not None else d) for k, d in HF_SAMPLING_DEFAULTS.items()}
+    ignored = {k: gc[k] for k in ("repetition_penalty", "typical_p", "min_p", "no_repeat_ngram_size")
+               if gc.get(k) not in (None, 0, 1, 1.0)}
+    top_k = gc.get("top_k", 50)                     # transformers samples with top_k=50 unless the config says
+    if top_k not in (None, 0):
+        ignored = {"top_k": top_k, **ignored}
+    note = (f"the model's generation_config.json ({f}), sampling on as the seed ran it: temperature "
+            f"{got['temperature']:g}, top-p {got['top_p']:g}"
+            + (f"; not implemented here and ignored: {', '.join(f'{k}={v}' for k, v in ignored.items())}"
+               if ignored else ""))
+    return dataclasses.replace(gen, **got), {"source": str(f), **got, "ignored": ignored, "fallback": fixed,
+                                             "note": note}
+
+
 # ---- prompts ----------------------------------------------------------------------------------------------------
 PROMPT_VERSIONS = ("auto", "notebook", "script")
 

@@ -37,6 +37,7 @@ judge`` the study's tables and these rule-graded rates differ in grader (the not
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import re
@@ -143,6 +144,9 @@ class AttacksMitigation:
         self.capability, cap_what, self.capability_name = capability_scorer(
             mcfg, params, tok, dtype, cj["config"])
         g = cfg.generation
+        if data.get("generation"):                       # the settings the run resolved (generation_config.json)
+            g = dataclasses.replace(g, temperature=float(data["generation"]["temperature"]),
+                                    top_p=float(data["generation"]["top_p"]))
         self.gen_kw = dict(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, seed=g.seed,
                            batch_size=min(g.batch_size, self.n_notes), **chat)
         grader = ("rule grader" + (" (the run's primary grader is the LLM judge, not re-run here)"

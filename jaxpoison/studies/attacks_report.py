@@ -304,8 +304,9 @@ def write_doc(run, cfg, cells, cap, figs, reading, timing, data, table, records,
         f"Tasks {', '.join(cfg['prompt']['tasks'])}; the seed's {D.prompt_version(_ns(cfg['prompt']))} strings "
         f"(prompt.version {cfg['prompt']['version']}) in the "
         f"{'### USER: template' if cfg['prompt']['template'] == 'plain' else 'chat template'}; generation "
-        f"max_new_tokens {cfg['generation']['max_new_tokens']}, temperature {cfg['generation']['temperature']}, "
-        f"top-p {cfg['generation']['top_p']}, seed {cfg['generation']['seed']}.",
+        f"max_new_tokens {cfg['generation']['max_new_tokens']}, seed {cfg['generation']['seed']}, sampling: "
+        + (data["generation"]["note"] if data.get("generation") else
+           f"temperature {cfg['generation']['temperature']}, top-p {cfg['generation']['top_p']}") + ".",
         f"Response source: {cfg['source']['kind']}" + (f" ({cfg['source']['file']})" if cfg['source']['file'] else "")
         + f"; {len(table)} variants = tasks x poison fractions "
         f"{', '.join(M.pct(f) for f in cfg['grid']['fractions'])} x seeds {', '.join(map(str, cfg['grid']['seeds']))}, "
