@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.register(sub)
     plan_cli.register(sub)
     analysis_run.register(sub)
+    from jaxpoison.studies import attacks_compare
+    attacks_compare.register(sub)
     show.register(sub)
     bench_sub = bench_forward.register(sub)
     bench_train.register(bench_sub)
