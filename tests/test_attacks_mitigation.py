@@ -189,3 +189,33 @@ def test_paired_asr_is_against_the_unshrunk_zero_fine_tune_with_the_same_point_b
     assert row["asr_same_point"] == pytest.approx(np.mean(out["asr_same_point"][1, [1, 3]]))
     no_zero = AM.paired({**res, "grid": np.array([[0.1, 0.1], [0.5, 0.5]])}, [-1, 0, -1, 2])
     assert np.isnan(no_zero["asr"]).all() and np.isfinite(no_zero["asr_same_point"][:, 1]).all()
+
+
+def test_eval_scores_the_runs_adapters_on_a_new_test_set_without_retraining(run_dir, tmp_path):
+    """The run's own test notes given back as a local notes file: greedy, so every base and fine-tuned answer equals
+    the run's; the sub-folder has the run layout and its report; a second call reuses the saved answers."""
+    from jaxpoison.data.notes import synthetic_notes
+    from jaxpoison.studies import attacks_eval as AE
+    data = json.loads((run_dir / "data.json").read_text())
+    notes = {n.id: n for n in synthetic_notes(CFG.notes.n_train + CFG.notes.n_test, CFG.notes.seed,
+                                              max_history=CFG.notes.max_history)}
+    f = tmp_path / "new_notes.jsonl"
+    f.write_text("".join(json.dumps({"id": i, "text": notes[i].context}) + "\n" for i in data["test_ids"]))
+    out = AE.evaluate_run(run_dir, "notes", [str(f)], base_override=_base(), progress=False)
+    assert out == run_dir / "eval" / "notes-new_notes"
+    assert json.loads((out / "data.json").read_text())["test_ids"] == data["test_ids"]
+    key = lambda r: (r["task"], r["note_id"], r["prompt_kind"], r.get("variant_id"))
+    for phase in ("injection", "finetune"):
+        mine = {key(r): r["response"] for r in _jsonl(out / "responses" / f"{phase}.jsonl")}
+        theirs = {key(r): r["response"] for r in _jsonl(run_dir / "responses" / f"{phase}.jsonl")}
+        assert mine == theirs and mine, phase
+    theirs = _study_rates(run_dir)
+    assert _study_rates(out) and all(v == theirs[k] for k, v in _study_rates(out).items())   # no source rows here
+    assert "on notes" in (out / "report.md").read_text()
+    before = (out / "responses" / "finetune.jsonl").stat().st_mtime_ns
+    AE.evaluate_run(run_dir, "notes", [str(f)], base_override=_base(), progress=False)
+    assert (out / "responses" / "finetune.jsonl").stat().st_mtime_ns == before       # saved answers reused
+    with pytest.raises(Exception, match="at least 2"):
+        g = tmp_path / "one.jsonl"
+        g.write_text(json.dumps({"id": "x", "text": "A note."}) + "\n")
+        AE.evaluate_run(run_dir, "notes", [str(g)], base_override=_base(), progress=False)
