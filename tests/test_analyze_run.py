@@ -195,7 +195,7 @@ def test_peft_folder_gives_the_same_features(analyzed, tmp_path):
     res = A.analyze(peft_dirs=[tmp_path / "peft"], out=tmp_path / "out", mitigation=False, plots=False, **KW)
     det = json.loads((tmp_path / "out" / "detector.json").read_text())
     assert det["n_clean"] == 4 and det["n_poisoned"] == 8 and det["auc"] > 0.9
-    assert det["mitigation"]["status"].startswith("disabled") and res["mitigation"] is None
+    assert det["mitigation"]["status"].startswith("not run") and res["mitigation"] is None
     got, want = _rows(tmp_path / "out" / "weight_shift.csv"), _rows(run / "weight_shift.csv")
     assert [(r["variant_id"], r["module"], r["layer"], r["feature"]) for r in got] == \
            [(r["variant_id"], r["module"], r["layer"], r["feature"]) for r in want]
@@ -242,10 +242,10 @@ def test_clear_errors(analyzed, tmp_path, capsys, monkeypatch):
     with pytest.raises(CheckpointError, match="no checkpoints/ folder"):
         A.analyze(tmp_path / "empty", **KW)
     # unknown module: exit code 2 and a message naming the adapted modules
-    assert main(["analyze", str(run), "--modules", "gate", "--no-mitigation"]) == 2
+    assert main(["analyze", str(run), "--modules", "gate"]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "gate" in err and "q, v" in err
-    assert main(["analyze", str(run), "--grid-a", "0.1,x"]) == 2
+    assert main(["analyze", str(run), "--mitigation", "--grid-a", "0.1,x"]) == 2
     assert "--grid-a" in capsys.readouterr().err
     # a corrupt checkpoint: every tensor file overwritten
     bad = tmp_path / "corrupt"
@@ -264,7 +264,7 @@ def test_clear_errors(analyzed, tmp_path, capsys, monkeypatch):
     from jaxpoison.analysis import report_section
     monkeypatch.setattr(report_section, "_level_plot", lambda by, key, path: drawn.append("level") or str(path))
     out = tmp_path / "cli"
-    assert main(["analyze", str(run), "--out", str(out), "--n-resamples", "99"]) == 0
+    assert main(["analyze", str(run), "--mitigation", "--out", str(out), "--n-resamples", "99"]) == 0
     det = json.loads((out / "detector.json").read_text())
     assert det["mitigation"]["status"] == "skipped" and "base_override" in det["mitigation"]["reason"]
     assert det["auc"] > 0.9
@@ -307,4 +307,16 @@ def test_mitigation_cost_hint_uses_the_studys_own_scoring_rate(tmp_path):
     assert "min" not in mitigation_cost_hint(ad, 16)              # no timing.json: no estimate
     (tmp_path / "timing.json").write_text('{"eval_s": 50.0}')     # base + 4 variants in 50 s: 10 s each
     hint = mitigation_cost_hint(ad, 16)
-    assert "about 11 min" in hint and "10.0 s per adapter" in hint and "--no-mitigation" in hint
+    assert "about 11 min" in hint and "10.0 s per adapter" in hint and "--grid-a" in hint
+
+
+def test_cli_default_is_a_first_look_without_the_grid(analyzed, tmp_path, capsys):
+    """`analyze RUN` alone runs no mitigation grid (no model loaded) and says how to run it and what it costs."""
+    from jaxpoison.cli import main
+    out = tmp_path / "first"
+    assert main(["analyze", str(analyzed[0]), "--out", str(out), "--n-resamples", "99", "--no-plots"]) == 0
+    det = json.loads((out / "detector.json").read_text())
+    assert det["mitigation"]["status"].startswith("not run") and "--mitigation" in det["mitigation"]["status"]
+    assert not (out / "mitigation.csv").exists() and (out / "weight_shift.csv").exists()
+    err = capsys.readouterr().err
+    assert "mitigation not run (add --mitigation)" in err and "grid points x" in err

@@ -199,7 +199,7 @@ def study_evaluator(ad: Adapters, base_override=None, eval_run=None, capability_
     run = pathlib.Path(eval_run) if eval_run is not None else ad.run_dir
     if run is None:
         raise AnalysisError("PEFT adapters carry no test set: pass a run folder (positional RUN_DIR) whose model "
-                            "and test questions to use, or --no-mitigation")
+                            "and test questions to use, or leave out --mitigation")
     study = ad.study if eval_run is None else None
     cf = run / "config.json"
     if study is None and cf.exists():

@@ -32,7 +32,7 @@ def mitigation_cost_hint(ad: Adapters, n_points: int) -> str:
         per = timing["generate_variants_s"] / ad.num_variants
     if per:
         line += (f", about {n * per / 60:.0f} min at the study's own rate ({per:.1f} s per adapter); fewer points: "
-                 f"--grid-a 0.06 --grid-b 0.16 (4 with the unscaled one), or --no-mitigation")
+                 f"--grid-a 0.06 --grid-b 0.16 (4 with the unscaled one)")
     return line
 
 

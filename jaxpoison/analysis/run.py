@@ -29,6 +29,7 @@ The pieces: :mod:`.adapters` (inputs), :mod:`.detection` (weight tests, detector
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import pathlib
@@ -147,7 +148,12 @@ def analyze(run_dir=None, *, peft_dirs: Sequence = (), labels=None, out=None, st
                        capability_name=ev.capability_name, capability_only=ev.capability_only, note=ev.note,
                        n_adapters=int(len(res["grid"]) * ad.num_variants), seconds=time.time() - t)
         timing["mitigation"] = time.time() - t
-    det["mitigation"] = {k: v for k, v in (mit or {"status": "disabled (--no-mitigation)"}).items() if k != "summary"}
+    if mit is None and progress:
+        # the first look: say what the grid would cost, and how to run it
+        print(f"[analyze] mitigation not run (add --mitigation): "
+              f"{mitigation_cost_hint(ad, len(M.grid_points(s_a, s_b)))}", file=sys.stderr, flush=True)
+    det["mitigation"] = {k: v for k, v in (mit or {"status": "not run (a first look; --mitigation runs the grid)"}
+                                           ).items() if k != "summary"}
 
     t = time.time()
     hist_module = mods[0] if mods else next(iter(ad.lora))
@@ -172,7 +178,7 @@ def analyze(run_dir=None, *, peft_dirs: Sequence = (), labels=None, out=None, st
 
 def cmd_analyze(args) -> int:
     analyze(args.run_dir, peft_dirs=args.peft_dir or (), labels=args.labels, out=args.out, step=args.step,
-            grid_a=args.grid_a, grid_b=args.grid_b, modules=args.modules, mitigation=not args.no_mitigation,
+            grid_a=args.grid_a, grid_b=args.grid_b, modules=args.modules, mitigation=args.mitigation,
             zero=not args.no_zero, adapters_per_call=args.adapters_per_call, n_resamples=args.n_resamples,
             plots=not args.no_plots, mitigation_notes=args.mitigation_notes)
     return 0
@@ -182,8 +188,13 @@ def register(sub) -> None:
     p = sub.add_parser(
         "analyze", help="weight shift, poisoned-adapter detector and shrink mitigation of a run",
         description="Analyse a finished run's adapters (or exported PEFT adapters): weight_shift.csv, "
-                    "weight_tests.csv, detector.json, mitigation.csv, plots/analysis_*.png and a section in "
-                    "report.md / report.html (or analysis.md).")
+                    "weight_tests.csv, detector.json, plots/analysis_*.png and a section in report.md / "
+                    "report.html (or analysis.md). The default is a first look (seconds); --mitigation adds the "
+                    "shrink-mitigation grid (mitigation.csv, mitigation_summary.csv), which costs minutes.",
+        epilog="examples:\n  python -m jaxpoison analyze runs/demo                # first look: shift, tests, detector\n"
+               "  python -m jaxpoison analyze runs/demo --mitigation   # + the 16-point shrink grid\n"
+               "  python -m jaxpoison analyze runs/demo --mitigation --grid-a 0.06 --grid-b 0.16   # 4 points",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", nargs="?", default=None,
                    help="run folder (with --peft-dir: the run whose model and test set score the mitigation)")
     p.add_argument("--peft-dir", action="extend", nargs="+", default=None, metavar="DIR",
@@ -196,7 +207,10 @@ def register(sub) -> None:
     p.add_argument("--grid-b", default=None, help="s_B shrink factors (default: 0.04,0.08,0.16)")
     p.add_argument("--no-zero", action="store_true", help="do not add s = 0 (the unscaled adapter) to both axes")
     p.add_argument("--modules", default=None, help="modules to shrink, e.g. q or q,v or all (default: q)")
-    p.add_argument("--no-mitigation", action="store_true", help="skip the mitigation grid (no model needed)")
+    p.add_argument("--mitigation", action="store_true",
+                   help="also run the shrink-mitigation grid (loads the base and scores every adapter at every grid "
+                        "point: minutes, see the estimate that a first look prints). Without it: weight shift, "
+                        "tests and detector only, in seconds, with no model needed")
     p.add_argument("--adapters-per-call", type=int, default=32,
                    help="adapters scored per vmapped call (memory; default %(default)s)")
     p.add_argument("--mitigation-notes", type=int, default=None, metavar="N",
