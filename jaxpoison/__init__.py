@@ -27,3 +27,6 @@ def _default_xla_cpu_flags() -> None:
 
 
 _default_xla_cpu_flags()
+# jaxpoison uses transformers for tokenizers and configs only (the model is ours), so its advice that PyTorch was
+# not found ("Models won't be available") is noise on every plain command; a user's own setting wins.
+_os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
