@@ -18,15 +18,17 @@ class StudyConfigError(ValueError):
 
 
 def prepare(out_dir, study: str, cfg_json: dict, resume: bool, stale: Sequence[str],
-            ignore: Sequence[str] = ("name", "note", "mesh")) -> pathlib.Path:
+            ignore: Sequence[str] = ("name", "note", "mesh", "train.tensorboard")) -> pathlib.Path:
     """Create ``out_dir``, refuse a different config there (when resuming), drop ``stale`` outputs (when not),
-    and write ``config.json`` = ``{"study": study, "config": cfg_json}``."""
+    and write ``config.json`` = ``{"study": study, "config": cfg_json}``. ``ignore`` names top-level fields or
+    ``section.field`` ones (``train.tensorboard``: a logging switch, which changes no result)."""
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cf = out / "config.json"
     if cf.exists() and resume:
         old = json.loads(cf.read_text()).get("config", {})
-        diff = [k for k in cfg_json if k not in ignore and old.get(k) != cfg_json[k]]
+        diff = [k for k in cfg_json if k not in ignore and _without(old.get(k), k, ignore) !=
+                _without(cfg_json[k], k, ignore)]
         if diff:
             raise StudyConfigError(f"{out} holds a run with a different config ({', '.join(diff)}); use another "
                                    f"--out folder, or --restart to discard it")
@@ -39,6 +41,12 @@ def prepare(out_dir, study: str, cfg_json: dict, resume: bool, stale: Sequence[s
                 p.unlink(missing_ok=True)
     cf.write_text(json.dumps({"study": study, "config": cfg_json}, indent=1))
     return out
+
+
+def _without(section, name: str, ignore: Sequence[str]):
+    """A config section less its ``name.field`` entries of ``ignore``."""
+    drop = {i.split(".", 1)[1] for i in ignore if i.startswith(name + ".")}
+    return {f: v for f, v in section.items() if f not in drop} if drop and isinstance(section, dict) else section
 
 
 def load_base(model: str, dtype: str, base_override=None, quant: str = "none"):
