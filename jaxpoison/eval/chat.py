@@ -135,13 +135,17 @@ class ChatClient:
     def body(self, messages: list) -> dict:
         return {"model": self.model, "messages": messages, **self.params}
 
-    def ask(self, prompts: Sequence[str], system: Optional[str] = None, desc: str = "") -> list:
+    def ask(self, prompts: Sequence[str], system: Optional[str] = None, desc: str = "",
+            extras: Optional[Sequence[dict]] = None) -> list:
         """One reply per user prompt, each sent as [system?, user]."""
         sys_msg = [{"role": "system", "content": system}] if system else []
-        return self.complete([sys_msg + [{"role": "user", "content": p}] for p in prompts], desc)
+        return self.complete([sys_msg + [{"role": "user", "content": p}] for p in prompts], desc, extras)
 
-    def complete(self, conversations: Sequence[list], desc: str = "") -> list:
-        bodies = [self.body(list(m)) for m in conversations]
+    def complete(self, conversations: Sequence[list], desc: str = "", extras: Optional[Sequence[dict]] = None) -> list:
+        """Replies in input order. ``extras[i]``: body fields of request i only (e.g. a per-note ``seed``, which
+        also keeps identical prompts apart in the cache where each should get its own sample)."""
+        extras = list(extras) if extras is not None else [{}] * len(conversations)
+        bodies = [{**self.body(list(m)), **x} for m, x in zip(conversations, extras)]
         keys = [request_key(b) for b in bodies]
         todo = {}
         for k, b in zip(keys, bodies):

@@ -34,6 +34,7 @@ from jaxpoison.data.schema import DataError, Example
 
 TASKS = ("vaccine", "drug", "lab_test")
 KINDS = ("normal", "attack")
+PHASE_FILES = ("injection", "injection_para", "source", "finetune")   # responses/<name>.jsonl a report grades
 
 
 # ---- notes ------------------------------------------------------------------------------------------------------
@@ -140,10 +141,23 @@ def prompt_version(pc, api: bool = False) -> str:
     return "notebook" if api or pc.template == "chat" else "script"
 
 
-def model_input(task: str, note: str, attack: bool, pc, api: bool = False) -> str:
+PARAPHRASE_SYSTEM = "You are a helpful medical agent."       # the seed's paraphrase_prompt(), verbatim
+PARAPHRASE_PROMPT = "Rephrase the following text. "
+
+
+def task_normal(task: str, pc, api: bool = False) -> str:
+    """The task instruction ("normal" string) a model is asked with, the text a paraphrase rephrases."""
+    return P.seed003_task(task, prompt_version(pc, api))["normal"]
+
+
+def model_input(task: str, note: str, attack: bool, pc, api: bool = False, normal: Optional[str] = None) -> str:
     """What the model is given: the full ``### USER:`` text (plain), or the user turn (chat, and API models: the
-    caller sends :data:`jaxpoison.data.prompts.SEED003_SYSTEM` as the system turn)."""
+    caller sends :data:`jaxpoison.data.prompts.SEED003_SYSTEM` as the system turn). ``normal`` replaces the task
+    instruction (a paraphrase; the malicious instruction stays verbatim, as in the seed's cell 14)."""
     version = prompt_version(pc, api)
+    if normal is not None:
+        user = normal + (P.seed003_task(task, version)["prompt"] if attack else "") + note
+        return user if api or pc.template == "chat" else "### USER: \n" + user + " ### Assistant: \n"
     if api or pc.template == "chat":
         return P.seed003_user(task, note, attack=attack, version=version, system_in_prompt=False)
     return P.seed003_pair(task, note, attack=attack, version=version)[0]
@@ -154,11 +168,30 @@ def chat_args(pc) -> dict:
 
 
 def prompt_items(notes: Sequence[Example], tasks: Sequence[str], kinds: Sequence[str], pc, phase: str,
-                 api: bool = False) -> list:
-    """One dict per (task, note, prompt kind): the keys of a response record plus ``input``."""
-    return [{"phase": phase, "task": t, "note_id": n.id, "prompt_kind": k,
-             "input": model_input(t, n.context, k == "attack", pc, api)}
+                 api: bool = False, paraphrases: Optional[dict] = None) -> list:
+    """One dict per (task, note, prompt kind): the keys of a response record plus ``input``. With ``paraphrases``
+    ({(task, note id): paraphrased instruction}) the kinds are 'normal_para' / 'attack_para'."""
+    if paraphrases is None:
+        return [{"phase": phase, "task": t, "note_id": n.id, "prompt_kind": k,
+                 "input": model_input(t, n.context, k == "attack", pc, api)}
+                for t in tasks for n in notes for k in kinds]
+    return [{"phase": phase, "task": t, "note_id": n.id, "prompt_kind": f"{k}_para",
+             "input": model_input(t, n.context, k == "attack", pc, api, normal=paraphrases[(t, n.id)])}
             for t in tasks for n in notes for k in kinds]
+
+
+def paraphrase_requests(notes: Sequence[Example], tasks: Sequence[str], pc, per: str = "note") -> list:
+    """[(task, note id, text to rephrase)]: the task instruction per (task, note), or once per task."""
+    if per == "once":
+        return [(t, "*", task_normal(t, pc)) for t in tasks]
+    return [(t, n.id, task_normal(t, pc)) for t in tasks for n in notes]
+
+
+def clean_paraphrase(reply: str, original: str) -> str:
+    """The paraphrase as an instruction the note follows: stripped, quotes removed, one trailing space (like the
+    seed's strings); the original when the paraphraser returned nothing (the seed's ``except: pass``)."""
+    text = (reply or "").strip().strip('"\u201c\u201d').strip()
+    return (text + " ") if text else original
 
 
 # ---- scripted responses -----------------------------------------------------------------------------------------
@@ -243,9 +276,13 @@ def _kind(prompt_kind: str) -> str:
     return "injection" if prompt_kind == "attack" else "injection_clean"
 
 
-def build_pool(train: Sequence[Example], targets: list, pc, tokenizer, max_len: int, loss_on: str, buckets):
-    """Tokenize every (task, note, clean|poisoned) target under the clean prompt into one pool."""
+def build_pool(train: Sequence[Example], targets: list, pc, tokenizer, max_len: int, loss_on: str, buckets,
+               paraphrases: Optional[dict] = None):
+    """Tokenize every (task, note, clean|poisoned) target under the clean prompt into one pool; with
+    ``paraphrases`` ({(task, note id): instruction}) also under the paraphrased clean prompt (row ids
+    ``<note>:<task>:para::<kind>``, the '_para' fine-tunes' rows; same targets)."""
     from jaxpoison.data.pool import tokenize_pool
+    from jaxpoison.data.schema import SeqRow
     by_id = {n.id: n for n in train}
     versions = []
     for r in targets:
@@ -258,24 +295,35 @@ def build_pool(train: Sequence[Example], targets: list, pc, tokenizer, max_len: 
                                 params={"task": r["task"], "prompt_version": prompt_version(pc),
                                         "target": r["prompt_kind"]}))
     rows = rows_for(versions, tokenizer=tokenizer, chat=pc.template == "chat")
+    if paraphrases is not None:
+        for v, row in zip(versions, list(rows)):
+            nid, task = v.example.id.rsplit(":", 1)
+            user = model_input(task, by_id[nid].context, False, pc, normal=paraphrases[(task, nid)])
+            prompt = P.chat_prompt(tokenizer, user, P.SEED003_SYSTEM) if pc.template == "chat" else user
+            rows.append(SeqRow(f"{v.example.id}:para::{v.kind}", prompt, row.completion,
+                               {**row.meta, "paraphrase": True}))
     return tokenize_pool(rows, tokenizer, max_len, buckets=buckets, loss_on=loss_on)
 
 
 def build_variants(train_ids: Sequence[str], tasks: Sequence[str], fractions: Sequence[float],
-                   seeds: Sequence[int], pool) -> tuple:
-    """(rows [V, n], n_rows [V], table): task x fraction x seed, every variant trains on all n notes."""
+                   seeds: Sequence[int], pool, paraphrase: Sequence[bool] = (False,)) -> tuple:
+    """(rows [V, n], n_rows [V], table): paraphrase x seed x task x fraction, every variant trains on all n notes
+    (a '_para' variant on the paraphrased prompts of the same poisoned subset)."""
     index, rows, table = pool.index, [], []
     n = len(train_ids)
-    for seed in seeds:
-        order = seeded_order(list(train_ids), seed, "attacks-poison")
-        for task in tasks:
-            for frac in fractions:
-                k = int(round(frac * n))
-                poisoned = set(order[:k])
-                ids = [f"{i}:{task}::{_kind('attack' if i in poisoned else 'normal')}" for i in train_ids]
-                rows.append(sorted(index[i] for i in ids))
-                table.append({"variant_id": len(table), "name": f"{task}-p{round(100 * frac)}-s{seed}", "task": task,
-                              "fraction": float(frac), "poison_count": k, "n_rows": n, "seed": int(seed)})
+    for para in paraphrase:
+        tag = ":para" if para else ""
+        for seed in seeds:
+            order = seeded_order(list(train_ids), seed, "attacks-poison")
+            for task in tasks:
+                for frac in fractions:
+                    k = int(round(frac * n))
+                    poisoned = set(order[:k])
+                    ids = [f"{i}:{task}{tag}::{_kind('attack' if i in poisoned else 'normal')}" for i in train_ids]
+                    rows.append(sorted(index[i] for i in ids))
+                    table.append({"variant_id": len(table), "name": f"{task}-p{round(100 * frac)}-s{seed}"
+                                  + ("-para" if para else ""), "task": task, "fraction": float(frac),
+                                  "poison_count": k, "n_rows": n, "seed": int(seed), "paraphrase": bool(para)})
     return np.asarray(rows, np.int32), np.full(len(rows), n, np.int32), table
 
 

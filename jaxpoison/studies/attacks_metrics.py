@@ -84,14 +84,17 @@ def build_rows(records: list, grades: list) -> list:
     groups: dict = {}
     for r, g in zip(records, grades):
         ph = r["phase"]
-        if ph == "finetune":
-            name = f"FT {pct(r['fraction'])} s{r['seed']}"
+        para = bool(r.get("paraphrase")) or str(r["prompt_kind"]).endswith("_para")
+        tag = " para" if para else ""
+        if ph == "finetune":      # '_para' fine-tunes: trained on paraphrased prompts, the same 0 % baseline
+            name = f"FT {pct(r['fraction'])} s{r['seed']}{tag}"
             base = None if r["fraction"] == 0 else f"FT 0% s{r['seed']}"
-            meta = (ph, "normal", float(r["fraction"]), int(r["seed"]), base)
-        else:
+            meta = (ph + ("_para" if para else ""), "normal", float(r["fraction"]), int(r["seed"]), base)
+        else:                     # paraphrased prompts: the same baseline, the verbatim normal prompt (the seed's)
             who = "base" if ph == "injection" else "source"
-            name = f"{who} {'PE' if r['prompt_kind'] == 'attack' else 'normal'}"
-            meta = (ph, r["prompt_kind"], None, None, f"{who} normal" if r["prompt_kind"] == "attack" else None)
+            attack = str(r["prompt_kind"]).startswith("attack")
+            name = f"{who} {'PE' if attack else 'normal'}{tag}"
+            meta = (ph + ("_para" if para else ""), r["prompt_kind"], None, None, f"{who} normal" if attack else None)
         groups.setdefault(name, (meta, []))[1].append((r["note_id"], g))
     rows = []
     for name, ((ph, kind, frac, seed, base), items) in groups.items():
@@ -103,7 +106,7 @@ def build_rows(records: list, grades: list) -> list:
                 row.values[o] = np.array([v for _, v, _ in got], float)
                 row.no_verdict[o] = np.array([nv for _, _, nv in got], bool)
         rows.append(row)
-    order = {"injection": 0, "source": 1, "finetune": 2}
+    order = {"injection": 0, "injection_para": 1, "source": 2, "finetune": 3, "finetune_para": 4}
     rows.sort(key=lambda r: (order[r.phase], r.seed or 0, r.fraction or 0.0, r.prompt_kind != "normal"))
     return rows
 

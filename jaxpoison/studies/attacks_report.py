@@ -79,6 +79,53 @@ def plot_fraction(cells, path) -> None:
     _save(fig, path)
 
 
+def paraphrase_pairs(cells) -> list:
+    """[(attack, outcome, verbatim cell, paraphrased cell)]: PE = base PE vs base PE para; FT = the most-poisoned
+    fine-tune vs the most-poisoned '_para' fine-tune (seed 0 or the first seed), both against the same baseline."""
+    at = {(c["row"], c["outcome"]): c for c in cells}
+    out = []
+    for o in OUTCOMES:
+        if ("base PE", o) in at and ("base PE para", o) in at:
+            out.append(("PE", o, at[("base PE", o)], at[("base PE para", o)]))
+    para = [c for c in cells if c["phase"] == "finetune_para" and c["fraction"]]
+    if para:
+        top, seed = max(c["fraction"] for c in para), min(c["seed"] for c in para)
+        for o in OUTCOMES:
+            v, p = at.get((f"FT {M.pct(top)} s{seed}", o)), at.get((f"FT {M.pct(top)} s{seed} para", o))
+            if v and p:
+                out.append(("FT", o, v, p))
+    return out
+
+
+def plot_paraphrase(cells, path) -> None:
+    """Dumbbells per outcome: ASR without (o) and with (x) paraphrase, for PE and FT (the seed's cell 47)."""
+    pairs = paraphrase_pairs(cells)
+    fig = Figure(figsize=(9, 4))
+    ax = fig.subplots()
+    colors = {"PE": "#BCBD46", "FT": "#86D3DE"}
+    for attack, off in (("PE", -0.15), ("FT", 0.15)):
+        for o_idx, o in enumerate(OUTCOMES):
+            got = [(v, p) for a, oo, v, p in pairs if a == attack and oo == o]
+            if not got:
+                continue
+            v, p = got[0]
+            y0, y1 = 100 * v["asr"], 100 * p["asr"]
+            x = o_idx + off
+            ax.vlines(x, y0, y1, color=colors[attack], lw=2.5)
+            ax.scatter(x - 0.05, y0, color=colors[attack], marker="o", s=60, edgecolor="white",
+                       label=f"{attack} verbatim" if o_idx == 0 or not ax.get_legend_handles_labels()[1].count(
+                           f"{attack} verbatim") else None)
+            ax.scatter(x + 0.05, y1, color=colors[attack], marker="X", s=60, edgecolor="white",
+                       label=f"{attack} paraphrased" if not ax.get_legend_handles_labels()[1].count(
+                           f"{attack} paraphrased") else None)
+    ax.axhline(0, color="#999", lw=0.5)
+    ax.set_xticks(range(len(OUTCOMES)), OUTCOMES, rotation=20, fontsize=8)
+    ax.set(ylabel="ASR (%)", title="Paraphrased vs verbatim task instruction")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def plot_injection(cells, path) -> None:
     """Rates under the normal and attacked prompt, the base's ASR, and the response source's compliance."""
     outs = [o for o in OUTCOMES if any(c["row"] == "base PE" and c["outcome"] == o for c in cells)]
@@ -207,6 +254,11 @@ def _reading(cells, cap, cfg, thr, undecided=None) -> list:
                          "which already did so often): " + "; ".join(
                              f"{o}: 0 % fine-tune {_f(c.get('baseline_rate', math.nan))}, {M.pct(top)} variant "
                              f"{_f(c['rate'])}" for o, c in neg) + ".")
+    pairs = paraphrase_pairs(cells)
+    if pairs:
+        lines.append("**Paraphrased task instruction** (the malicious instruction verbatim; the same baselines as "
+                     "the verbatim prompts, as in the seed): ASR verbatim → paraphrased: " + "; ".join(
+                         f"{a} {o} {_f(v['asr'])} → {_f(p['asr'])}" for a, o, v, p in pairs) + ".")
     diffs = [r for r in cap if not math.isnan(r["diff_vs_0"])]
     if diffs:
         base_acc = {r["source"]: r["accuracy"] for r in cap if r["variant_id"] < 0}
@@ -227,8 +279,7 @@ def build_report(run: pathlib.Path) -> int:
         raise FileNotFoundError(f"{run} lacks config.json or responses/injection.jsonl: not a finished attacks run")
     cfg = json.loads(cf.read_text())["config"]
     table = json.loads((run / "variants.json").read_text()) if (run / "variants.json").exists() else []
-    records = [r for ph in ("injection", "source", "finetune")
-               for r in D.phase_records(run / "responses" / f"{ph}.jsonl")]
+    records = [r for ph in D.PHASE_FILES for r in D.phase_records(run / "responses" / f"{ph}.jsonl")]
     judge = D.phase_records(run / "responses" / "judge.jsonl")
     g, n_res = cfg["grader"], cfg["n_resamples"]
     grades = M.grade_records(records, g["primary"], judge, g["vaccine_default"])
@@ -273,6 +324,9 @@ def build_report(run: pathlib.Path) -> int:
     if table:
         figs.append(("plots/asr_vs_fraction.png", "ASR vs poison fraction per outcome (95 % CI band)",
                      plot_fraction, cells))
+    if any(c["phase"] in ("injection_para", "finetune_para") for c in cells):
+        figs.append(("plots/asr_paraphrase.png", "ASR with verbatim (o) vs paraphrased (x) task instructions, "
+                     "prompt injection and fine-tuning (the seed's ASR_para_clean.pdf)", plot_paraphrase, cells))
     if cap:
         figs.append(("plots/capability.png", "General capability of the base and the fine-tuned variants",
                      plot_capability, cap))

@@ -84,21 +84,77 @@ def answer_base_and_source(cfg, lm, train, test, out: pathlib.Path, progress, sa
         D.write_phase(src_f, src_key, _records(src_items, src_replies))
 
 
-def fine_tune(cfg, lm, train, out: pathlib.Path, resume, progress, say):
-    """One train_study call over every task x fraction x seed variant. Returns (result, table, pool)."""
+def paraphrase(cfg, lm, notes, out: pathlib.Path, progress, say) -> dict:
+    """responses/paraphrase.jsonl: the seed's paraphrase of each task instruction (per note, or once per task) by
+    an API model, the base or another local model. Returns {(task, note id): paraphrased instruction}."""
+    pp = cfg.paraphrase
+    f = out / "responses" / "paraphrase.jsonl"
+    reqs = D.paraphrase_requests(notes, cfg.prompt.tasks, cfg.prompt, pp.per)
+    api = pp.model.startswith("openai:")
+    who = (pp.model,) if api else ((lm.fingerprint, lm.name) if pp.model == "base" else (pp.model,))
+    key = _key("paraphrase", {k: v for k, v in dataclasses.asdict(pp).items() if k != "api_base"}, *who,
+               dataclasses.asdict(cfg.generation), reqs)
+    recs = D.cached(f, key)
+    if recs is None:
+        asks = [D.PARAPHRASE_PROMPT + text for _, _, text in reqs]
+        say(f"paraphraser {pp.model} rephrases {len(asks)} task instructions")
+        if api:
+            from jaxpoison.eval.chat import client_for
+            client = client_for(pp.model, pp.api_base, out, cfg.api)
+            extras = [{"seed": k} for k in range(len(asks))] if pp.per == "note" else None   # one sample per note
+            replies = client.ask(asks, D.PARAPHRASE_SYSTEM, extras=extras)
+        else:
+            from jaxpoison.models.generate import generate_text
+            plm = lm
+            if pp.model != "base":
+                from jaxpoison.models.lm import load_model
+                plm = load_model(pp.model, cfg.dtype)
+            chat = getattr(plm.tokenizer, "chat_template", None) is not None
+            texts = asks if chat else [D.PARAPHRASE_SYSTEM + "\n" + a for a in asks]
+            g = cfg.generation
+            replies = generate_text(plm, texts, chat=chat, system=D.PARAPHRASE_SYSTEM if chat else None,
+                                    max_new_tokens=pp.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
+                                    seed=g.seed, batch_size=min(g.batch_size, len(texts)), progress=progress)
+        recs = [{"task": t, "note_id": nid, "original": text, "reply": r, "paraphrase": D.clean_paraphrase(r, text)}
+                for (t, nid, text), r in zip(reqs, replies)]
+        D.write_phase(f, key, recs)
+    got = {(r["task"], r["note_id"]): r["paraphrase"] for r in recs}
+    if pp.per == "once":
+        return {(t, n.id): got[(t, "*")] for t in cfg.prompt.tasks for n in notes}
+    return got
+
+
+def answer_paraphrased(cfg, lm, test, paras: dict, out: pathlib.Path, progress, say) -> None:
+    """responses/injection_para.jsonl: the base answers the test notes under the paraphrased normal and attacked
+    prompts (prompt kinds 'normal_para' / 'attack_para'; the seed's '_paraphrase' / 'prompt_para' keys)."""
+    f = out / "responses" / "injection_para.jsonl"
+    key = _key("injection_para", lm.fingerprint, lm.name, dataclasses.asdict(cfg.prompt),
+               dataclasses.asdict(cfg.generation), sorted((t, n, p) for (t, n), p in paras.items()),
+               [n.id for n in test])
+    if D.cached(f, key) is not None:
+        return
+    items = D.prompt_items(test, cfg.prompt.tasks, D.KINDS, cfg.prompt, "injection", paraphrases=paras)
+    say(f"base model answers {len(items)} paraphrased test prompts (normal and attacked)")
+    D.write_phase(f, key, _records(items, _generate(lm, items, cfg, progress, "paraphrased injection")))
+
+
+def fine_tune(cfg, lm, train, out: pathlib.Path, resume, progress, say, paras=None):
+    """One train_study call over every task x fraction x seed (x paraphrase) variant. Returns (result, table, pool)."""
     from jaxpoison.train.engine import Static
     from jaxpoison.train.trainer import StudyData, train_study
     targets = D.phase_records(out / "responses" / "source.jsonl")
+    para_grid = tuple(cfg.grid.paraphrase)
     pool = D.build_pool(train, targets, cfg.prompt, lm.tokenizer, cfg.max_len, cfg.loss_on,
-                        buckets=tuple(range(16, cfg.max_len + 16, 16)))
+                        buckets=tuple(range(16, cfg.max_len + 16, 16)),
+                        paraphrases=paras if True in para_grid else None)
     rows, n_rows, table = D.build_variants([n.id for n in train], cfg.prompt.tasks, cfg.grid.fractions,
-                                           cfg.grid.seeds, pool)
+                                           cfg.grid.seeds, pool, para_grid)
     (out / "variants.json").write_text(json.dumps(table, indent=1))
     tcfg = cfg.train
     if cfg.loss_on == "completion" and not tcfg.loss_budget:
         tcfg = dataclasses.replace(tcfg, loss_budget=-(-int(pool.stats["loss_tokens"]["max"]) // 8) * 8)
     say(f"{len(table)} variants ({len(cfg.prompt.tasks)} tasks x {len(cfg.grid.fractions)} fractions x "
-        f"{len(cfg.grid.seeds)} seeds), pool {len(pool)} rows x {pool.stats['T']} tokens"
+        f"{len(cfg.grid.seeds)} seeds" + (" x verbatim/paraphrased prompts" if len(para_grid) > 1 else "") + "), pool {len(pool)} rows x {pool.stats['T']} tokens"
         + (f", {pool.stats['n_truncated']} truncated" if pool.stats["n_truncated"] else ""))
     from jaxpoison.studies.attacks import _jsonable
     sd = StudyData(pool.tokens, pool.loss_mask, pool.attn_mask, rows, n_rows, table, pool.data_hash)
@@ -131,7 +187,8 @@ def answer_fine_tuned(cfg, lm, test, result, table, pool, out: pathlib.Path, pro
             **D.chat_args(cfg.prompt))
         for v, rep in zip(vids, replies):
             records += [{**_records([i], [r])[0], "variant_id": v, "fraction": table[v]["fraction"],
-                         "seed": table[v]["seed"]} for i, r in zip(its, rep)]
+                         "seed": table[v]["seed"], **({"paraphrase": True} if table[v].get("paraphrase") else {})}
+                        for i, r in zip(its, rep)]
     D.write_phase(f, key, records)
 
 
@@ -190,8 +247,7 @@ def judge(cfg, lm, out: pathlib.Path, progress, say) -> None:
     if g.judge != "base" and not api:
         from jaxpoison.models.lm import load_model
         jlm = load_model(g.judge, cfg.dtype)
-    records = [r for ph in ("injection", "source", "finetune")
-               for r in D.phase_records(out / "responses" / f"{ph}.jsonl")]
+    records = [r for ph in D.PHASE_FILES for r in D.phase_records(out / "responses" / f"{ph}.jsonl")]
     f = out / "responses" / "judge.jsonl"
     who = (g.judge, "api") if api else (jlm.fingerprint, jlm.name)
     key = _key("judge", {k: v for k, v in dataclasses.asdict(g).items() if k != "api_base"}, *who,
