@@ -4,6 +4,7 @@ Meshes are (variant, data, fsdp, model). With ``variant_chunk`` the variants run
 in host memory; each chunk keeps its variant axis split over ``variant``.
 """
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -11,9 +12,9 @@ import jax
 
 from tiny import TINY, tiny_base, tiny_study
 from jaxpoison.train.config import TrainConfig
-from jaxpoison.train.engine import Static
+from jaxpoison.train.engine import Static, init_program, segment_program, variant_keys
 from jaxpoison.train.lora import LoraConfig
-from jaxpoison.train.mesh import MeshConfig
+from jaxpoison.train.mesh import MeshConfig, make_mesh, mesh_rules
 from jaxpoison.train.trainer import train_study
 
 # Adam's eps at 1e-4: with the default 1e-8 a gradient component near zero is normalised to +-lr, so a last-bit
@@ -58,3 +59,74 @@ def test_mesh_errors_are_clear():
         train_study(tiny_base(), ST, tiny_study(V=4), mesh=MeshConfig(8, 1, 1, 1), progress=False)
     with pytest.raises(ValueError, match="mesh.variant must be a positive int or 'auto'"):
         MeshConfig(variant=0)
+
+
+def test_resume_onto_another_mesh_gives_the_same_adapters(tmp_path, reference):
+    """Checkpoints hold every variant in the study's order: stop on 8 variant shards in chunks of 8, resume
+    with the whole state resident on a (4, 1, 2, 1) mesh."""
+    run = str(tmp_path / "run")
+    first = dataclasses.replace(CHUNKED, tcfg=dataclasses.replace(CHUNKED.tcfg, save_every=4))
+    then = dataclasses.replace(ST, tcfg=dataclasses.replace(ST.tcfg, save_every=4))
+    train_study(tiny_base(), first, tiny_study(V=16), run_dir=run, mesh=MeshConfig(8, 1, 1, 1), progress=False,
+                stop_after=4)
+    res = train_study(tiny_base(), then, tiny_study(V=16), run_dir=run, mesh=MeshConfig(4, 1, 2, 1), progress=False)
+    assert res.resumed_from == 4
+    _close(res.lora, reference.lora)
+
+
+def _collectives(hlo: str) -> list:
+    """(kind, shape, bytes) of every collective in a compiled HLO text (async pairs counted once)."""
+    out = []
+    for ty, dims, kind in re.findall(r"= (\w+)\[([\d,]*)\][^ ]* (all-gather|all-reduce|reduce-scatter|"
+                                     r"collective-permute|all-to-all)(?:-start)?\(", hlo):
+        shape = tuple(int(d) for d in dims.split(",") if d)
+        out.append((kind, shape, int(np.prod(shape)) * np.dtype({"f32": "float32", "s32": "int32", "bf16": "bfloat16",
+                                                                  "pred": "bool"}[ty]).itemsize))
+    return out
+
+
+def _compiled_chunk_step(shape, C=8, length=2):
+    mesh = make_mesh(MeshConfig(*shape))
+    st = dataclasses.replace(CHUNKED, rules=mesh_rules(mesh))
+    sd = tiny_study(V=16)
+    var, base = sd.variants().take(np.arange(C)), tiny_base()
+    keys = variant_keys(jax.random.PRNGKey(0), var)
+    with jax.set_mesh(mesh):
+        state = jax.eval_shape(init_program(st, mesh), keys)
+        seg = segment_program(st, length, mesh, base)
+        hlo = seg.lower(state, np.int32(0), keys, base, sd.pool(), var).compile().as_text()
+    return _collectives(hlo), state, base, mesh
+
+
+def test_chunk_on_variant_axis_has_no_collectives():
+    """A chunk of 8 variants on 8 variant shards: each device trains its own variant, nothing is exchanged."""
+    coll, *_ = _compiled_chunk_step((8, 1, 1, 1))
+    assert coll == []
+
+
+def test_sharded_chunk_gathers_base_layers_only():
+    """On (variant, data, fsdp, model) = (2, 1, 2, 2) the step all-gathers one base layer at a time over fsdp
+    (and the embedding once) and all-reduces tensor-parallel activations; no per-variant state is gathered."""
+    coll, state, base, mesh = _compiled_chunk_step((2, 1, 2, 2))
+    gathers = [c for c in coll if c[0] == "all-gather"]
+    L = TINY.num_layers
+    # what a gather may produce: one layer's kernel [1, in, out] with the model split kept, or a whole
+    # non-layer weight (embedding [V, D])
+    per_module = {m: (1, i // 2, o) if m in ("o", "down") else (1, i, o // 2) for m, (i, o) in {
+        "q": (32, 32), "k": (32, 16), "v": (32, 16), "o": (32, 32), "gate": (32, 64), "up": (32, 64),
+        "down": (64, 32)}.items()}
+    layer_kernels = set(per_module.values())
+    whole = {tuple(x.shape) for k, x in base.items() if k != "layers" for x in jax.tree.leaves(x)}
+    assert gathers, "a base stored over fsdp must be gathered"
+    assert {g[1] for g in gathers} <= layer_kernels | whole, gathers
+    state_shapes = {tuple(x.shape[1:]) for x in jax.tree.leaves(state) if x.ndim > 1}
+    assert not any(c[1][1:] in state_shapes for c in coll if c[0] != "all-reduce"), coll
+    # counts and bytes: at most the 7 kernels of a layer, twice (forward and backward recompute), plus the
+    # embedding; all-reduces only of one layer's activations [variants/2, batch/2, T, D] or smaller
+    assert len(gathers) <= 2 * 7 + 1
+    one_layer = sum(np.prod(s) * 4 for s in per_module.values())
+    assert sum(g[2] for g in gathers) <= 2 * one_layer + TINY.vocab_size * TINY.hidden_size * 4
+    act = 4 * 2 * 16 * TINY.hidden_size * 4
+    reduces = [c for c in coll if c[0] == "all-reduce"]
+    assert reduces and all(c[2] <= act for c in reduces), reduces
+    assert len(reduces) <= 2 * L + 2

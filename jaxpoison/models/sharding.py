@@ -139,3 +139,14 @@ def param_axes(path: Sequence[str], ndim: int) -> tuple:
     else:
         names = ("norm",)
     return (names + (None,) * ndim)[:ndim]
+
+
+def adapter_axes(module: str, leaf: str, ndim: int) -> tuple:
+    """Logical names of a LoRA leaf (``a`` [L, in, r] / ``b`` [L, r, out]; ``lm_head``'s without L) and of
+    its optimiser moments: the side a tensor-parallel base splits over ``model`` is split the same way, so
+    ``x @ a @ b`` stays local to each ``model`` shard; the hidden-size side is not stored over ``fsdp`` (an
+    adapter is small, and its update would need it whole)."""
+    k_in, k_out = ("embed", "vocab") if module == "lm_head" else _LAYER_KERNELS[module]
+    side = (k_in, None) if leaf == "a" else (None, k_out)
+    side = tuple(None if n == "embed" else n for n in side)
+    return ((("layers",) if module != "lm_head" else ()) + side)[-ndim:] if ndim else ()

@@ -296,13 +296,23 @@ def vmap_variants(fn, st: Static, in_axes, out_axes=0):
                     spmd_axis_name="variant" if st.rules is not None else None)
 
 
+def abstract_state(st: Static, n_variants: int) -> TrainState:
+    """Shapes and dtypes of the stacked state of ``n_variants`` variants (nothing is computed)."""
+    keys = jax.ShapeDtypeStruct((n_variants, 2), jnp.uint32)
+    return jax.eval_shape(vmap_variants(functools.partial(init_state, st=st), st, 0), keys)
+
+
+def _state_shardings(st: Static, mesh):
+    from .mesh import state_shardings
+    return state_shardings(mesh, abstract_state(st, dict(st.rules.sizes).get("variant", 1)), st.rules)
+
+
 def init_program(st: Static, mesh=None):
-    """Jitted ``init(keys [V]) -> TrainState [V]`` (placed over ``variant`` on a mesh)."""
+    """Jitted ``init(keys [V]) -> TrainState [V]`` (placed by :func:`.mesh.state_shardings` on a mesh)."""
     fn = vmap_variants(functools.partial(init_state, st=st), st, 0)
     if mesh is None:
         return jax.jit(fn)
-    v = NamedSharding(mesh, P("variant"))
-    return jax.jit(fn, in_shardings=(v,), out_shardings=v)
+    return jax.jit(fn, in_shardings=(NamedSharding(mesh, P("variant")),), out_shardings=_state_shardings(st, mesh))
 
 
 def segment_program(st: Static, length: int, mesh=None, base=None):
@@ -316,6 +326,7 @@ def segment_program(st: Static, length: int, mesh=None, base=None):
         return jax.jit(fn, donate_argnums=(0,))
     from .mesh import base_shardings
     v, rep = NamedSharding(mesh, P("variant")), NamedSharding(mesh, P())
+    s_state = _state_shardings(st, mesh)
     s_base = base_shardings(mesh, base, st.rules) if base is not None else rep
-    return jax.jit(fn, donate_argnums=(0,), in_shardings=(v, rep, v, s_base, rep, v),
-                   out_shardings=(v, NamedSharding(mesh, P(None, "variant"))))
+    return jax.jit(fn, donate_argnums=(0,), in_shardings=(s_state, rep, v, s_base, rep, v),
+                   out_shardings=(s_state, NamedSharding(mesh, P(None, "variant"))))

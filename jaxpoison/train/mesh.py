@@ -27,7 +27,7 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxpoison.models.sharding import DEFAULT_RULES, Rules, param_axes
+from jaxpoison.models.sharding import DEFAULT_RULES, Rules, adapter_axes, param_axes
 
 AXES = ("variant", "data", "fsdp", "model")
 AUTO = "auto"
@@ -170,6 +170,29 @@ def variant_shardings(mesh: jax.sharding.Mesh, tree, rules: Optional[Rules] = No
     rep = NamedSharding(mesh, P())
     return jax.tree.map(
         lambda x: NamedSharding(mesh, rules.spec(("variant",), x.shape[:1])) if len(x.shape) >= 1 else rep, tree)
+
+
+def state_shardings(mesh: jax.sharding.Mesh, abstract_state, rules: Optional[Rules] = None):
+    """NamedSharding of every per-variant state leaf [V, ...]: the variant axis over ``variant``; LoRA leaves
+    and their Adam moments (paths ending in ``module / a|b``) also over ``model`` where the base is tensor
+    parallel (:func:`jaxpoison.models.sharding.adapter_axes`). The variant count is not looked at (chunks of
+    any size that the ``variant`` axis divides share these shardings)."""
+    rules = rules or mesh_rules(mesh)
+    nv = dict(rules.sizes).get("variant", 1)
+
+    def one(path, x):
+        names = _path_names(path)
+        if len(x.shape) == 0:
+            return NamedSharding(mesh, P())
+        rest = (None,) * (len(x.shape) - 1)
+        if len(names) >= 2 and names[-1] in ("a", "b") and isinstance(names[-2], str):
+            try:
+                rest = adapter_axes(names[-2], names[-1], len(x.shape) - 1)
+            except KeyError:
+                pass
+        return NamedSharding(mesh, rules.spec(("variant",) + rest, (nv,) + tuple(x.shape[1:])))
+
+    return jax.tree_util.tree_map_with_path(one, abstract_state)
 
 
 def replicated(mesh: jax.sharding.Mesh, tree):
