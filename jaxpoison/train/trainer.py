@@ -27,7 +27,6 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from jaxpoison import distributed
 from jaxpoison.models.decoder import pool_trunk
 from jaxpoison.models.lm import parse_dtype
 
@@ -139,26 +138,6 @@ def _put_rows(tree, idx, part):
     jax.tree.map(put, tree, part)
 
 
-def _host(tree):
-    """Device arrays -> numpy. An array split over several processes (a multi-host job) is gathered from all of
-    them first, so every process holds the same host copy; all processes must call this together."""
-    def get(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            from jax.experimental import multihost_utils
-            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-        return np.asarray(jax.device_get(x))
-    return jax.tree.map(get, tree)
-
-
-def _check_same_inputs(sd: StudyData, meta: dict) -> None:
-    """Every process of a multi-host job must have derived the same variants, seeds and data: prove it."""
-    items = {k: meta.get(k) for k in ("variants", "data_hash", "train", "lora", "model", "base")}
-    for k in ("tokens", "loss_mask", "attn_mask", "rows", "n_rows", "lr_scale"):
-        a = getattr(sd, k)
-        items[f"{k} array"] = None if a is None else np.ascontiguousarray(a).tobytes() + str(a.shape).encode()
-    distributed.agree("study inputs", items)
-
-
 def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = None, mesh: MeshConfig = MeshConfig(),
                 resume: bool = True, progress: bool = True, base_name: str = "", base_fingerprint: str = "",
                 meta_extra: Optional[dict] = None, stop_after: Optional[int] = None) -> TrainResult:
@@ -175,9 +154,6 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
     chunk_steps = [int(np.max(np.asarray(total_updates(sd.n_rows[c], tcfg)))) for c in chunks]
     meta = run_metadata(st, sd, base_name, base_fingerprint, meta_extra)
     meta["num_steps"] = S
-    multi, writer = distributed.process_count() > 1, distributed.is_writer()
-    if multi:
-        _check_same_inputs(sd, meta)
 
     mc = study_mesh(mesh, chunks, tcfg, base)
     jmesh = make_mesh(mc) if mc.size > 1 else None
@@ -205,13 +181,12 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
     if resident:
         state = init(chunk_in[0][0])
     else:
-        parts = [_host(init(place(keys[c]))) for c in chunks]
+        parts = [jax.device_get(init(place(keys[c]))) for c in chunks]
         state = jax.tree.map(lambda *xs: np.zeros((V,) + xs[0].shape[1:], xs[0].dtype), *parts)
         for c, part in zip(chunks, parts):
             _put_rows(state, c, part)
 
-    # every process saves its own shards (orbax); the files are written while the next segments run
-    ckpt = Checkpoints(run_dir, tcfg.keep_last, async_save=True) if run_dir else None
+    ckpt = Checkpoints(run_dir, tcfg.keep_last) if run_dir else None
     start, resumed = 0, None
     if ckpt and resume and ckpt.steps():
         old = ckpt.read_meta()
@@ -222,21 +197,20 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
         start, saved, _ = ckpt.restore(abstract_like(state.to_dict()) if resident else state.to_dict())
         state = TrainState.from_dict(saved if resident else jax.tree.map(np.array, saved))   # writable copies
         resumed = start
-    # one writer: metrics, TensorBoard and the progress bar come from process 0 only
-    metrics_path = pathlib.Path(run_dir) / "metrics.jsonl" if run_dir and writer else None
+    metrics_path = pathlib.Path(run_dir) / "metrics.jsonl" if run_dir else None
     kept = []
     if metrics_path:
         if resumed and metrics_path.exists():
             kept = [l for l in metrics_path.read_text().splitlines() if l and json.loads(l)["step"] < start]
         metrics_path.write_text("".join(l + "\n" for l in kept))
     tb = None
-    if metrics_path and tcfg.tensorboard:
+    if run_dir and tcfg.tensorboard:
         tb = StudyLog(pathlib.Path(run_dir) / "tensorboard", sd.table)
         tb.add_rows([json.loads(l) for l in kept])
 
     seg = segment_program(st, K, jmesh, base)
     bar = None
-    if progress and writer:
+    if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=S, initial=min(start, S), desc=f"train {V} variants", unit="step")
     history: dict = {}
@@ -254,8 +228,8 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
 
         def land(inflight):
             c, new, m = inflight
-            _put_rows(state, c, _host(new))
-            for k, v in _host(m).items():
+            _put_rows(state, c, jax.device_get(new))
+            for k, v in jax.device_get(m).items():
                 m_all[k][:, c] = v
 
         for c, steps_c in zip(chunks, chunk_steps):
@@ -271,7 +245,7 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
 
     def drain(pending):
         s0, m, t_disp = pending
-        m = _host(m)
+        m = jax.device_get(m)
         now = time.time()
         dt = max(now - max(t_disp, last_done[0]), 1e-9)   # device time of this segment, as seen by the host
         last_done[0] = now
@@ -308,10 +282,8 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
             if ckpt and (tcfg.save_every or s >= S):
                 meta["step"] = min(s, S)
                 ckpt.save(min(s, S), state.to_dict(), meta)
-                if os.environ.get("JAXPOISON_TEST_SIGKILL_AFTER") == str(min(s, S)) and \
-                        os.environ.get("JAXPOISON_TEST_SIGKILL_PROCESS", "0") == str(distributed.process_index()):
-                    # test hook: die like a pre-empted job once this step is on disk, the next segment dispatched
-                    ckpt.wait()
+                if os.environ.get("JAXPOISON_TEST_SIGKILL_AFTER") == str(min(s, S)):
+                    # test hook: die like a pre-empted job, with the next segment already dispatched
                     state, m = advance(state, s)
                     os.kill(os.getpid(), signal.SIGKILL)
         if pending:
@@ -320,8 +292,6 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
         bar.close()
     if ckpt:
         ckpt.close()
-    if multi:       # the adapters of every variant on every process (evaluation runs on each process's devices)
-        state = _host(state)
     metrics = {k: np.concatenate(v) for k, v in history.items()} if history else {}
     return TrainResult(state, metrics, S, time.time() - t0, resumed)
 
