@@ -27,8 +27,11 @@ What this preset fixes, following what the seed's code effectively ran (referenc
   with them: ``--set source.kind=jsonl --set source.file=gpt4_answers.jsonl`` ({"id", "task", "normal", "prompt"}).
 - Grading: the rule grader; the seed's GPT-3.5 judge is replaced by any local model with ``--set grader.judge=ID``
   (its yes/no parsed as a word, not the seed's substring test).
-- General capability: MedQA (4 options), MedMCQA and PubMedQA accuracy of the 0 % and 100 % variants by the
-  likelihood of each option letter after the seed's benchmark prompt, bootstrap SE.
+- General capability: MedQA (4 options), MedMCQA and PubMedQA accuracy of the 0 % and 100 % variants over the
+  whole sets (``n_questions=0``, as the seed scored them), by the likelihood of each option letter after the seed's
+  benchmark prompt (fast), bootstrap SE; ``--set capability.scorer=generate`` scores them the seed's way: an
+  answer generated under its system prompt "Answer the following questions with medical knowledge. ", the letter
+  read from its first character, else by the judge (``grader.judge``) with the seed's extraction prompt.
 - QLoRA: the frozen base in NF4 (block 64, fp32 absmax) with bf16 compute, as the seed loaded it
   (``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=bfloat16)``; its
   ``bnb_4bit_use_double_quant`` line is commented out, so no double quantisation: ``--set quant=nf4-dq`` adds it,
@@ -56,7 +59,7 @@ CONFIG = AttacksConfig(
     loss_on="all",
     max_len=4096,
     grader=GraderConfig(judge="", judge_style="open"),
-    capability=CapabilityConfig(sources=("medqa-en", "medmcqa", "pubmedqa"), n_questions=1000, format="benchmark",
+    capability=CapabilityConfig(sources=("medqa-en", "medmcqa", "pubmedqa"), n_questions=0, format="benchmark",
                                 fractions=(0.0, 1.0), batch_questions=8, variant_chunk=8),
     note="The seed's open-source setting (GPU/TPU). Bring MIMIC summaries (and GPT-4 answers if you have them).",
 )

@@ -325,3 +325,45 @@ def judge_grade(task: str, answer: str, ask_fn: Callable[[List[str]], List[str]]
                 style: str = "gpt") -> Dict[str, Optional[bool]]:
     """Outcome columns of one answer from a yes/no judge model (see :func:`judge_grade_many`)."""
     return judge_grade_many(task, [answer], ask_fn, style)[0]
+
+
+# ---- seed-style capability scoring: the letter of a generated benchmark answer ----------------------------------
+EXTRACT_SYSTEM = "You are a NLP tool. Possible answers are A, B, C, D."          # the notebook's extract_letter()
+EXTRACT_PROMPT = "Extract the single letter option from the following text:"     # + the reply, no separator
+_LETTER = re.compile(r"(?<![A-Za-z])([A-E])(?![A-Za-z])")
+
+
+def rule_letter(reply: Optional[str], n_options: int = 5) -> Optional[str]:
+    """The seed's rule: the reply's first character when it is an option letter (its prompt ends in
+    '**Answer**: (', so a compliant reply starts with the letter); leading whitespace and a '(' are skipped.
+    None when the rule finds none (the seed then asked its judge, :func:`judge_letter`)."""
+    s = (reply or "").lstrip()
+    s = s[1:].lstrip() if s.startswith("(") else s
+    return s[0] if s and s[0] in "ABCDE"[:n_options] else None
+
+
+def judge_letter(reply: Optional[str], n_options: int = 5) -> Optional[str]:
+    """The letter in a judge's reply to :data:`EXTRACT_PROMPT`: its first character if a letter (the seed's
+    ``answer == reply[0]``), else the first standalone option letter; None without one."""
+    got = rule_letter(reply, n_options)
+    if got is not None:
+        return got
+    m = _LETTER.search(reply or "")
+    return m.group(1) if m and m.group(1) in "ABCDE"[:n_options] else None
+
+
+def extract_letters(replies: Sequence[str], n_options: int, ask_fn: Optional[Callable[[List[str]], List[str]]] = None
+                    ) -> tuple:
+    """(letters, how) per reply: the rule first, then ONE batched ``ask_fn`` call (system :data:`EXTRACT_SYSTEM`)
+    for the replies the rule could not read; ``how`` is 'rule' | 'judge' | 'none'."""
+    letters = [rule_letter(r, n_options) for r in replies]
+    how = ["rule" if x is not None else "none" for x in letters]
+    todo = [i for i, x in enumerate(letters) if x is None]
+    if todo and ask_fn is not None:
+        answers = list(ask_fn([EXTRACT_PROMPT + (replies[i] or "") for i in todo]))
+        if len(answers) != len(todo):
+            raise ValueError("ask_fn must return one reply per prompt")
+        for i, a in zip(todo, answers):
+            letters[i] = judge_letter(a, n_options)
+            how[i] = "judge" if letters[i] is not None else "none"
+    return letters, how

@@ -131,7 +131,10 @@ class CapabilityConfig:
     sources: tuple = ("icd10",)      # 'icd10' (offline stand-in) and/or 'medqa-en', 'medmcqa', 'pubmedqa'
     files: tuple = ()                # local files per source, aligned with sources ('' = the hub id)
     split: str = ""                  # '' = each source's default split
-    n_questions: int = 200
+    n_questions: int = 200           # questions per set; 0 = the whole set
+    scorer: str = "likelihood"       # 'likelihood': option log-likelihood (fast) | 'generate': the seed's way, an
+    #                                  answer generated under its system prompt, the letter read by rule then judge
+    gen_max_new_tokens: int = 16     # scorer='generate': reply length (the letter comes first)
     format: str = "benchmark"        # scoring format: the seed's '**Answer**: (' + letter, or 'statement' etc.
     fractions: tuple = (0.0, 1.0)    # which fine-tuned variants are scored (besides the base)
     batch_questions: int = 8
@@ -209,6 +212,10 @@ def check_config(cfg: AttacksConfig) -> None:
         bad("grader.primary", "'rule', or 'judge' with grader.judge set")
     if cfg.grader.judge_style not in ("open", "gpt"):
         bad("grader.judge_style", f"'open' or 'gpt', got {cfg.grader.judge_style!r}")
+    if cfg.capability.scorer not in ("likelihood", "generate"):
+        bad("capability.scorer", f"'likelihood' or 'generate' (the seed's), got {cfg.capability.scorer!r}")
+    if cfg.capability.n_questions < 0:
+        bad("capability.n_questions", f">= 0 (0 = the whole set), got {cfg.capability.n_questions}")
     if cfg.capability.files and len(cfg.capability.files) != len(cfg.capability.sources):
         bad("capability.files", "one entry per capability source ('' for the hub)")
     from jaxpoison.models.quant import QUANT_KINDS

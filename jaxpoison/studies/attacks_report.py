@@ -262,7 +262,12 @@ def _reading(cells, cap, cfg, thr, undecided=None) -> list:
     diffs = [r for r in cap if not math.isnan(r["diff_vs_0"])]
     if diffs:
         base_acc = {r["source"]: r["accuracy"] for r in cap if r["variant_id"] < 0}
-        lines.append("**General capability** (option log-likelihood accuracy): base " + ", ".join(
+        how = cfg.get("_capability_scorer", "likelihood")
+        what = ("the seed's way: answers generated under its system prompt, the letter read by its rule, then the "
+                "judge" + (f"; {cfg['_extraction']}" if cfg.get("_extraction") else "")
+                if how == "generate" else "option log-likelihood accuracy, the fast scorer; "
+                "`--set capability.scorer=generate` runs the seed's")
+        lines.append(f"**General capability** ({what}): base " + ", ".join(
             f"{s} {_f(a, 1)}" for s, a in base_acc.items()) + "; change of each most-poisoned variant vs its 0 % "
             "fine-tune (paired bootstrap CI): " + "; ".join(
             f"{r['model']} on {r['source']} {100 * r['diff_vs_0']:+.1f} pts [{100 * r['diff_low']:+.1f}, "
@@ -304,6 +309,12 @@ def build_report(run: pathlib.Path) -> int:
     if (run / "capability.npz").exists():
         z = np.load(run / "capability.npz")
         cap = M.capability_stats({k: z[k] for k in z.files}, table, n_res)
+        cfg = {**cfg, "_capability_scorer": str(z["scorer"]) if "scorer" in z.files else "likelihood"}
+        ext = {k.split("__", 1)[1]: z[k] for k in z.files if k.startswith("extracted__")}
+        if ext:
+            cfg["_extraction"] = "; ".join(
+                f"{src}: {int((h == 'rule').sum())} letters by rule, {int((h == 'judge').sum())} by the judge, "
+                f"{int((h == 'none').sum())} unreadable (counted wrong)" for src, h in ext.items())
         M.write_csv(run / "capability.csv", list(cap[0]), [list(r.values()) for r in cap] if cap else [])
     timing = json.loads((run / "timing.json").read_text()) if (run / "timing.json").exists() else {}
     data = json.loads((run / "data.json").read_text()) if (run / "data.json").exists() else {}

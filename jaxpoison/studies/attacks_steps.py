@@ -192,10 +192,10 @@ def answer_fine_tuned(cfg, lm, test, result, table, pool, out: pathlib.Path, pro
     D.write_phase(f, key, records)
 
 
-def capability_sets(cap, tokenizer, max_len: int) -> dict:
-    """{source: McEval} of the general-capability questions (one option count per source)."""
+def capability_examples(cap) -> dict:
+    """{source: [Example]} of the general-capability questions (one option count per source; ``n_questions`` = 0:
+    the whole set, as the seed scored its full MedQA / PubMedQA / MedMCQA files)."""
     from collections import Counter
-    from jaxpoison.data.pool import build_mc_eval
     out = {}
     for k, name in enumerate(cap.sources):
         if name == "icd10":
@@ -206,9 +206,54 @@ def capability_sets(cap, tokenizer, max_len: int) -> dict:
             files = cap.files[k] if cap.files else ""
             exs = load_source(name, data_files=files.split(",") if files else None, split=cap.split or None).examples
         n_opt = Counter(len(e.options) for e in exs).most_common(1)[0][0]
-        exs = [e for e in exs if len(e.options) == n_opt][:cap.n_questions]
-        out[name] = build_mc_eval(exs, tokenizer, cap.format, max_len=max_len, buckets=tuple(range(16, 8192, 16)))
+        out[name] = [e for e in exs if len(e.options) == n_opt][:cap.n_questions or None]
     return out
+
+
+def capability_sets(cap, tokenizer, max_len: int) -> dict:
+    """{source: McEval} of the general-capability questions (see :func:`capability_examples`)."""
+    from jaxpoison.data.pool import build_mc_eval
+    return {name: build_mc_eval(exs, tokenizer, cap.format, max_len=max_len, buckets=tuple(range(16, 8192, 16)))
+            for name, exs in capability_examples(cap).items()}
+
+
+def letter_judge(cfg, lm, out: pathlib.Path):
+    """The seed's letter extraction judge as a batched ``ask_fn`` (its extract_letter(): GPT-3.5, temperature 0)
+    from ``grader.judge`` (an API model, 'base' or a local model), or None when no judge is configured."""
+    from jaxpoison.eval.graders import EXTRACT_SYSTEM
+    g = cfg.grader
+    if not g.judge:
+        return None
+    if g.judge.startswith("openai:"):
+        from jaxpoison.eval.chat import client_for
+        client = client_for(g.judge, g.api_base, out, cfg.api, temperature=0)
+        return lambda prompts: client.ask(prompts, EXTRACT_SYSTEM)
+    from jaxpoison.models.generate import generate_text
+    jlm = lm
+    if g.judge != "base":
+        from jaxpoison.models.lm import load_model
+        jlm = load_model(g.judge, cfg.dtype)
+    chat = getattr(jlm.tokenizer, "chat_template", None) is not None
+    return lambda prompts: generate_text(
+        jlm, prompts if chat else [EXTRACT_SYSTEM + "\n" + p for p in prompts], chat=chat,
+        system=EXTRACT_SYSTEM if chat else None, max_new_tokens=4, batch_size=min(g.judge_batch_size, len(prompts)))
+
+
+def generated_answers(cfg, lm, examples, lora, progress=False) -> list:
+    """The seed's capability protocol: ``replies[m][q]`` of the base (m = 0, ``lora`` row 0 is zero) and each
+    variant to the benchmark prompt (its ``**Answer**: (`` ending) under its system prompt ``BENCH_SYSTEM``."""
+    from jaxpoison.data.prompts import BENCH_SYSTEM, benchmark_prompt
+    from jaxpoison.eval.generate_variants import generate_text_variants
+    chat = cfg.prompt.template == "chat"
+    prompts = [benchmark_prompt(e) for e in examples]
+    if not chat:                      # the plain template: the system sentence inline, as the seed's scripts did
+        prompts = ["### USER: \n" + BENCH_SYSTEM + p + " ### Assistant: \n" for p in prompts]
+    g = cfg.generation
+    return generate_text_variants(lm, prompts, lora, lora_scale=cfg.lora.scale, chat=chat,
+                                  system=BENCH_SYSTEM if chat else None, max_new_tokens=cfg.capability.gen_max_new_tokens,
+                                  temperature=g.temperature, top_p=g.top_p, seed=g.seed,
+                                  batch_size=min(cfg.capability.batch_questions, len(prompts)),
+                                  variant_chunk=cfg.capability.variant_chunk, progress=progress, desc="capability")
 
 
 def capability(cfg, lm, result, table, out: pathlib.Path, progress, say) -> None:
@@ -227,7 +272,26 @@ def capability(cfg, lm, result, table, out: pathlib.Path, progress, say) -> None
     import jax.numpy as jnp
     lora = take_variants(result.lora, sel)
     lora = jax.tree.map(lambda x: jnp.concatenate([jnp.zeros_like(x[:1]), x]), lora)   # b = 0: the base itself
-    arrays = {"key": np.array(key), "variant_ids": np.array([-1] + sel, np.int32)}
+    arrays = {"key": np.array(key), "variant_ids": np.array([-1] + sel, np.int32), "scorer": np.array(cap.scorer)}
+    if cap.scorer == "generate":
+        from jaxpoison.data.schema import LETTERS
+        from jaxpoison.eval.graders import extract_letters
+        ask, recs = letter_judge(cfg, lm, out), []
+        for name, exs in capability_examples(cap).items():
+            say(f"general capability (generated answers): base + {len(sel)} variants on {len(exs)} {name} questions")
+            replies = generated_answers(cfg, lm, exs, lora, progress)
+            n_opt = len(exs[0].options)
+            flat, how = extract_letters([r for rep in replies for r in rep], n_opt, ask)
+            letters = np.array(flat, object).reshape(len(replies), len(exs))
+            truth = np.array([LETTERS[e.answer] for e in exs], object)
+            arrays[f"correct__{name}"] = letters == truth[None]
+            arrays[f"extracted__{name}"] = np.array(how, str).reshape(letters.shape)
+            recs += [{"source": name, "variant_id": v, "question_id": e.id, "reply": rep[q], "letter": letters[m, q],
+                      "how": how[m * len(exs) + q], "answer": truth[q]}
+                     for m, (v, rep) in enumerate(zip([-1] + sel, replies)) for q, e in enumerate(exs)]
+        D.write_jsonl(out / "responses" / "capability.jsonl", recs)
+        np.savez(f, **arrays)
+        return
     for name, mc in capability_sets(cap, lm.tokenizer, cfg.max_len).items():
         say(f"general capability: base + {len(sel)} variants on {mc.stats['n_questions']} {name} questions")
         sc = score_options(lm.params, lm.cfg, mc, lora, lora_scale=cfg.lora.scale, dtype=lm.dtype,
