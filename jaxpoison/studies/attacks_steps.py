@@ -265,7 +265,9 @@ def capability(cfg, lm, result, table, out: pathlib.Path, progress, say) -> None
         return
     sel = [v["variant_id"] for v in table if any(math.isclose(v["fraction"], f) for f in cap.fractions)]
     f = out / "capability.npz"
-    key = _key("capability", dataclasses.asdict(cap), result.steps, sel, lm.fingerprint)
+    key = _key("capability", dataclasses.asdict(cap), result.steps, sel, lm.fingerprint,
+               *((dataclasses.asdict(cfg.generation), cfg.grader.judge, dataclasses.asdict(cfg.prompt))
+                 if cap.scorer == "generate" else ()))
     if f.exists() and str(np.load(f)["key"]) == key:
         return
     import jax
