@@ -1,4 +1,6 @@
 """The study program: variants trained together equal variants trained alone; only the adapter learns."""
+import dataclasses
+
 import numpy as np
 import pytest
 import jax
@@ -6,7 +8,7 @@ import jax.numpy as jnp
 
 from tiny import TINY, subset, tiny_base, tiny_study
 from jaxpoison.train.config import TrainConfig
-from jaxpoison.train.engine import Static, loss_terms
+from jaxpoison.train.engine import Static, loss_terms, make_train, num_steps, variant_keys
 from jaxpoison.train.lora import LoraConfig, init_lora
 from jaxpoison.train.trainer import train_study
 
@@ -62,3 +64,49 @@ def test_nonfinite_variant_is_frozen_others_unchanged():
     ref = train_study(base, st, subset(sd_ok, [0, 2]), progress=False)
     for a, b in zip(_leaves(res.lora), _leaves(ref.lora)):
         np.testing.assert_allclose(a[[0, 2]], b, atol=1e-6)
+
+
+def test_make_train_is_the_whole_study_as_one_pure_function():
+    """``jax.jit(jax.vmap(make_train(spec, steps), in_axes=(0, None, None, 0)))`` trains every variant in one
+    program, as purejaxrl's ``make_train``; it equals the checkpointed host loop, which runs the same segment."""
+    base, sd = tiny_base(), tiny_study(V=4)
+    st = Static(TINY, TC, LC)
+    S = num_steps(sd.n_rows, TC)
+    train = jax.jit(jax.vmap(make_train(st, S), in_axes=(0, None, None, 0)))
+    var = sd.variants()
+    state, metrics = train(variant_keys(jax.random.PRNGKey(TC.seed), var), base, sd.pool(), var)
+    host = train_study(base, st, sd, progress=False)
+    for a, b in zip(_leaves(state.lora), _leaves(host.lora)):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(np.asarray(state.updates), np.asarray(host.state.updates))
+    np.testing.assert_allclose(np.asarray(metrics["loss"]).T, host.metrics["loss"], atol=1e-6, equal_nan=True)
+
+
+def test_chunks_are_grouped_by_step_count_and_finished_chunks_do_not_run(monkeypatch):
+    """Variants sorted by their number of updates, in chunks: a chunk whose variants have all finished is not
+    dispatched at all, and the adapters equal the unchunked run."""
+    import jaxpoison.train.trainer as trainer
+    base, sd = tiny_base(), tiny_study(V=8)
+    sd.n_rows = np.array([12, 4, 12, 4, 12, 4, 4, 12], np.int32)       # 6 and 2 updates (batch 4, 2 epochs)
+    tc = dataclasses.replace(TC, log_every=2)
+    chunks = trainer.variant_chunks(sd.n_rows, dataclasses.replace(tc, variant_chunk=4))
+    assert [sorted(c.tolist()) for c in chunks] == [[0, 2, 4, 7], [1, 3, 5, 6]]
+    calls = []
+    real = trainer.segment_program
+
+    def counting(*a, **k):
+        seg = real(*a, **k)
+
+        def run(state, s0, keys, *rest):
+            calls.append((int(s0), keys.shape[0]))
+            return seg(state, s0, keys, *rest)
+        return run
+
+    monkeypatch.setattr(trainer, "segment_program", counting)
+    chunked = train_study(base, Static(TINY, dataclasses.replace(tc, variant_chunk=4), LC), sd, progress=False)
+    assert calls == [(0, 4), (0, 4), (2, 4), (4, 4)]          # the 2-update chunk runs once, not three times
+    whole = train_study(base, Static(TINY, tc, LC), sd, progress=False)
+    for a, b in zip(_leaves(chunked.lora), _leaves(whole.lora)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    assert np.isnan(chunked.metrics["loss"][2:, [1, 3, 5, 6]]).all()
+    np.testing.assert_array_equal(chunked.metrics["applied"], whole.metrics["applied"])
