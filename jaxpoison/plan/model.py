@@ -28,12 +28,26 @@ from .shapes import StudyShape
 _BYTES = {"float32": 4, "bfloat16": 2, "fp32": 4, "bf16": 2}
 
 
-def attention_pairs(T: int, block: int = 64, max_blocks: int = 16) -> int:
-    """(query, key) pairs the causal kernel computes for a length-T sequence (blocks under the diagonal)."""
+def attention_pairs(T: int, impl: str = "blocked", block: int = 64, max_blocks: int = 16) -> int:
+    """(query, key) pairs an attention implementation computes for a length-T causal sequence: ``blocked``
+    (:func:`jaxpoison.models.attention.causal_attention`) and ``splash`` skip the blocks above the diagonal,
+    ``xla`` computes all T^2 and masks, ``cudnn`` is taken as causal in blocks of 128."""
+    if impl in ("splash", "splash_interpret", "cudnn"):
+        Tp = -(-T // 128) * 128
+        blk = 128 if impl == "cudnn" else next(b for b in (512, 256, 128) if Tp % b == 0)
+        nb = Tp // blk
+        return blk * blk * nb * (nb + 1) // 2
+    if impl == "xla":
+        return T * T
     block = max(block, -(-T // max_blocks))
     if T <= block:
         return T * T
     return sum((min(T, t0 + block) - t0) * min(T, t0 + block) for t0 in range(0, T, block))
+
+
+# matmuls of the attention backward per forward pair: blocked 5 (scores again, dv, dp, dq, dk), splash 7 (its dq
+# and dkv kernels each recompute the scores), jax.nn.dot_product_attention's autodiff 4
+_ATTN_BWD = {"blocked": 5, "splash": 7, "splash_interpret": 7, "cudnn": 5, "xla": 4}
 
 
 def _layer_matmul_params(cfg: ModelConfig) -> int:
@@ -56,8 +70,9 @@ def head_positions(shape: StudyShape) -> int:
     return -(-P // t.head_chunk) * t.head_chunk
 
 
-def step_flops(shape: StudyShape) -> float:
-    """FLOPs of one optimiser update of one variant (grad_accum micro-batches of batch_size rows)."""
+def step_flops(shape: StudyShape, impl: str = "blocked") -> float:
+    """FLOPs of one optimiser update of one variant (grad_accum micro-batches of batch_size rows), as executed
+    (remat's recompute included) with the attention implementation ``impl``."""
     cfg, t, lcfg = shape.cfg, shape.tcfg, shape.lcfg
     B, T, L = t.batch_size, shape.seq_len, cfg.num_layers
     k = lcfg.first_layer(L)
@@ -65,25 +80,30 @@ def step_flops(shape: StudyShape) -> float:
     base = 2 * N * _layer_matmul_params(cfg)
     lora_layer, lora_head = _lora_params_per_token(cfg, lcfg)
     lora = 2 * N * lora_layer
-    pairs = attention_pairs(T)
+    pairs = attention_pairs(T, impl)
     block = max(64, -(-T // 16))
+    bwd_mm = 4 if impl == "blocked" and T <= block else _ATTN_BWD.get(impl, 5)
     attn_f = 4 * B * cfg.num_heads * cfg.head_dim * pairs
-    attn_b = (10 if T > block else 8) * B * cfg.num_heads * cfg.head_dim * pairs
+    attn_b = 2 * bwd_mm * B * cfg.num_heads * cfg.head_dim * pairs
     fwd = base + lora + attn_f
     bwd = base + 2 * lora + attn_b
     recompute = fwd if t.remat else 0
-    trained = (L - k) * (fwd + bwd + recompute)
+    # the lowest trained layer's input needs no gradient: q, k, v pass none back (their LoRA neither)
+    D = cfg.hidden_size
+    qkv_dx = 2 * N * (D * cfg.q_dim + 2 * D * cfg.kv_dim) + 2 * N * lcfg.r * D * sum(
+        1 for m in ("q", "k", "v") if m in lcfg.targets)
+    trained = (L - k) * (fwd + bwd + recompute) - qkv_dx
     lower = 0 if (k and t.trunk_cache) else k * (base + attn_f)
     P = head_positions(shape)
     head = 4 * B * P * cfg.hidden_size * cfg.vocab_size + 6 * B * P * lora_head
     return float(t.grad_accum * (trained + lower + head))
 
 
-def study_flops(shape: StudyShape, chunk: int, grouped: bool = True) -> tuple[float, int]:
+def study_flops(shape: StudyShape, chunk: int, grouped: bool = True, impl: str = "blocked") -> tuple[float, int]:
     """(FLOPs of the whole study's training, variant-steps computed) with ``chunk`` variants per chunk."""
     from .shapes import chunk_steps
     vsteps = sum(s * chunk for s in chunk_steps(shape.steps, chunk, grouped))
-    return step_flops(shape) * vsteps, vsteps
+    return step_flops(shape, impl) * vsteps, vsteps
 
 
 @dataclasses.dataclass(frozen=True)

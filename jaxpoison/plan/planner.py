@@ -55,6 +55,20 @@ def compile_chunk(shape: StudyShape, target: Target, chunk: int, devices=None) -
     return compile_program(train_program(shape, devices, chunk, hbm_bytes=target.usable_bytes))
 
 
+def kernel_fallback(shape: StudyShape, target: Target, chunk: int, devices=None) -> tuple:
+    """(Compiled, shape, note): the compile with the target's attention kernel, or, when that kernel cannot be
+    lowered for this mesh, with the portable blocked kernel and a note saying so."""
+    try:
+        return compile_chunk(shape, target, chunk, devices), shape, ""
+    except NotImplementedError as e:
+        if "Mosaic" not in str(e):
+            raise
+        s2 = dataclasses.replace(shape, cfg=dataclasses.replace(shape.cfg, attention="blocked"))
+        note = (f"the {attention_impl(shape, target)} attention kernel does not lower on this mesh "
+                f"({str(e).splitlines()[0][:120]}); figures use attention=blocked")
+        return compile_chunk(s2, target, chunk, devices), s2, note
+
+
 def _suggest(shape: StudyShape, target: Target, best_chunk: int) -> list:
     """Settings that make the study fit (analytic, chunk confirmed by compile where the caller did so)."""
     out = []
@@ -104,6 +118,11 @@ def _suggest(shape: StudyShape, target: Target, best_chunk: int) -> list:
     return out
 
 
+def attention_impl(shape: StudyShape, target: Target) -> str:
+    from .program import for_platform
+    return getattr(for_platform(shape.cfg, target.platform, shape.tcfg.dtype), "attention", "blocked")
+
+
 def make_plan(shape: StudyShape, target: Target, mfu: float = 0.35, compile: bool = True,
               grouped: bool = True, devices=None) -> dict:
     """The plan as a dict. ``compile``: confirm with XLA (TPU targets only)."""
@@ -126,7 +145,9 @@ def make_plan(shape: StudyShape, target: Target, mfu: float = 0.35, compile: boo
     fits_analytic = 0 <= analytic_bytes <= target.usable_bytes
     compiled = None
     if target.platform == "tpu" and compile:
-        compiled = compile_chunk(shape, target, chunk, devices)
+        compiled, shape, note = kernel_fallback(shape, target, chunk, devices)
+        if note:
+            notes.append(note)
         rep["method"] = "xla-compile"
         rep["compile_seconds"] = round(compiled.seconds, 1)
         if compiled.ok:
@@ -149,14 +170,15 @@ def make_plan(shape: StudyShape, target: Target, mfu: float = 0.35, compile: boo
             notes.append(GPU_NOTE)
             notes.append("usable memory counts 0.9 of the GPU: run with XLA_PYTHON_CLIENT_MEM_FRACTION=0.9")
     rep["fits"] = bool(fits)
-    per_variant = step_flops(shape)
-    total, vsteps = study_flops(shape, chunk, grouped)
+    impl = attention_impl(shape, target)
+    per_variant = step_flops(shape, impl)
+    total, vsteps = study_flops(shape, chunk, grouped, impl)
     secs = total / (target.chips * target.chip.peak_flops * mfu)
     steps = chunk_steps(shape.steps, chunk, grouped)
     rep.update({"flops_per_variant_step": per_variant, "flops_per_step": per_variant * chunk,
                 "steps_per_variant": {"min": min(shape.steps), "max": max(shape.steps)},
                 "steps_per_chunk": steps, "program_steps": sum(steps), "variant_steps": vsteps,
-                "study_flops": total, "mfu": mfu, "study_hours": secs / 3600,
+                "study_flops": total, "attention": impl, "mfu": mfu, "study_hours": secs / 3600,
                 "chip_hours": secs * target.chips / 3600})
     if compiled is not None and compiled.ok and compiled.flops_xla:
         rep["xla_flops_scan_body_once"] = compiled.flops_xla
@@ -180,7 +202,7 @@ def confirm_chunk(shape: StudyShape, target: Target, chunk: int, devices=None, t
     devices = devices if devices is not None else abstract_devices(target)
     cands = [c for c in chunk_candidates(shape.variants, target.chips) if c <= chunk]
     for c in cands[:tries]:
-        r = compile_chunk(shape, target, c, devices)
+        r = kernel_fallback(shape, target, c, devices)[0]
         if r.ok and r.total <= target.chip.hbm_bytes:
             return c
     return 0

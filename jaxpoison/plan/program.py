@@ -43,7 +43,8 @@ class Compiled:
 
     @property
     def total(self) -> int:
-        return self.peak or (self.arguments + self.outputs - self.aliased + self.temporaries)
+        """Arguments + outputs not aliased to an argument + temporaries: what XLA checks against HBM."""
+        return self.arguments + self.outputs - self.aliased + self.temporaries
 
 
 def mesh_config(shape: StudyShape, n_devices: int, chunk: int, hbm_bytes: int = 0) -> MeshConfig:
@@ -122,13 +123,23 @@ def train_program(shape: StudyShape, devices, chunk: int, length: int = 1, hbm_b
     mc = mesh_config(shape, len(devices), chunk, hbm_bytes)
     tcfg = dataclasses.replace(shape.tcfg, variant_chunk=0)      # the chunk IS the program's variant axis
     mesh = make_mesh(mc, devices)
-    st = E.Static(shape.cfg, tcfg, shape.lcfg, mesh_rules(mesh))
+    cfg = for_platform(shape.cfg, devices[0].platform, tcfg.dtype)
+    st = E.Static(cfg, tcfg, shape.lcfg, mesh_rules(mesh))
     base = abstract_base(shape.cfg, shape.dtype, shape.quant)
     keys, pool, var = abstract_inputs(chunk, shape.pool_rows, shape.seq_len, shape.max_rows)
     state = jax.eval_shape(E.vmap_variants(functools.partial(E.init_state, st=st), st, 0), keys)
     fn = E.segment_program(st, length, mesh, base)
     args = (state, jax.ShapeDtypeStruct((), jnp.int32), keys, base, pool, var)
     return Program(fn, args, mesh, mc)
+
+
+def for_platform(cfg, platform: str, dtype):
+    """``cfg`` with its ``attention='auto'`` resolved for the target platform, not this host's backend (the
+    compile is for TPU chips while jax's default backend here is the CPU)."""
+    if getattr(cfg, "attention", None) != "auto":
+        return cfg
+    from jaxpoison.models.attention import resolve_attention
+    return dataclasses.replace(cfg, attention=resolve_attention("auto", platform=platform, dtype=parse_dtype(dtype)))
 
 
 def is_oom(e: Exception) -> bool:

@@ -103,7 +103,9 @@ def gpu_target(name: str, count: int = 1) -> Target:
 
 def abstract_devices(t: Target):
     """The abstract TPU devices of a topology (libtpu, no TPU needed)."""
+    import os
     from jax.experimental import topologies
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")     # plans may run side by side (libtpu's lockfile)
     dims = [int(x) for x in t.topology.split(":")[1].split("x")]
     dims = (dims + [1])[:3]
     host = tuple(min(d, b) for d, b in zip(dims, (2, 2, 1)))
