@@ -55,3 +55,26 @@ def test_compare_errors_name_the_fix(tmp_path):
     (d / "config.json").write_text(json.dumps({"study": "rationale", "config": {}}))
     with pytest.raises(ValueError, match="attacks runs"):
         AC.compare([d], tmp_path / "o")
+
+
+def test_paraphrase_attacks_get_their_own_columns(tmp_path):
+    from test_attacks_paraphrase import _rec
+    pairs = []
+    for i in range(10):
+        n = f"n{i}"
+        pairs += [_rec("injection", "normal", n, 1.0), _rec("injection", "attack", n, float(i < 5)),
+                  _rec("injection", "attack_para", n, float(i < 8)),
+                  _rec("finetune", "normal", n, 1.0, v=0, fraction=0.0, seed=0),
+                  _rec("finetune", "normal", n, float(i < 2), v=1, fraction=1.0, seed=0),
+                  _rec("finetune", "normal", n, float(i < 6), v=3, fraction=1.0, seed=0, paraphrase=True)]
+    recs, grades = zip(*pairs)
+    cells = M.cell_stats(M.build_rows(list(recs), list(grades)), n_resamples=99)
+    got = AC.attack_cells({"cells": cells})
+    assert got[("PE para", "Vaccine")]["row"] == "base PE para" and got[("FT para", "Vaccine")]["row"] == "FT 100% s0 para"
+    assert got[("FT", "Vaccine")]["asr"] == pytest.approx(0.8) and got[("FT para", "Vaccine")]["asr"] == pytest.approx(0.4)
+    d = tmp_path / "p"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"study": "attacks", "config": {"model": "m", "name": "p"}}))
+    (d / "summary.json").write_text(json.dumps({"cells": cells, "grader": "rule"}, default=float))
+    AC.compare([d], tmp_path / "o")
+    assert "Vaccine PE para" in (tmp_path / "o" / "compare.md").read_text()

@@ -11,6 +11,9 @@ Here each run folder is one model; its ``summary.json`` (written by ``run`` / ``
   (the seed's 100 %), pooled over seeds when the run has several (t interval), else its bootstrap CI;
 * ``compare.md``: the table, one row per model and one column per outcome x attack, "ASR [lo, hi]";
 * ``asr_grid.png``: the seed's figure, with the CIs as error bars.
+
+Runs with the paraphrase attack add the attacks "PE para" (base PE under the paraphrased instruction) and
+"FT para" (the most-poisoned '_para' fine-tune), each against the same baseline as its verbatim twin.
 """
 from __future__ import annotations
 
@@ -25,8 +28,8 @@ from matplotlib.figure import Figure
 from jaxpoison.eval.graders import OUTCOMES
 from jaxpoison.studies import attacks_metrics as M
 
-ATTACKS = ("PE", "FT")
-COLORS = {"PE": "#BCBD46", "FT": "#86D3DE"}           # the seed's palette
+ATTACKS = ("PE", "FT", "PE para", "FT para")         # '... para': paraphrased task instruction (when the run has it)
+COLORS = {"PE": "#BCBD46", "FT": "#86D3DE", "PE para": "#8A8B1F", "FT para": "#3C9CAA"}   # the seed's palette
 COLUMNS = ("model", "run", "outcome", "task", "attack", "row", "rate", "ci_low", "ci_high", "baseline_rate", "asr",
            "asr_low", "asr_high", "n", "n_no_verdict", "asr_verdict", "asr_all")
 
@@ -49,14 +52,20 @@ def attack_cells(summary: dict) -> dict:
     cells = summary["cells"]
     out = {}
     for c in cells:
-        if c["row"] == "base PE":
-            out[("PE", c["outcome"])] = c
+        if c["row"] in ("base PE", "base PE para"):
+            out[("PE" + (" para" if c["row"].endswith("para") else ""), c["outcome"])] = c
     fracs = sorted({c["fraction"] for c in cells if c["phase"] == "finetune" and c["fraction"]})
     if fracs:
         for o in OUTCOMES:
             c = M.asr_at(cells, fracs[-1], o)
             if c is not None:
                 out[("FT", o)] = c
+    para = [c for c in cells if c["phase"] == "finetune_para" and c["fraction"]]
+    if para:                               # the most-poisoned '_para' fine-tune of the first seed
+        top, seed = max(c["fraction"] for c in para), min(c["seed"] for c in para)
+        for c in para:
+            if c["fraction"] == top and c["seed"] == seed:
+                out[("FT para", c["outcome"])] = c
     return out
 
 
@@ -107,13 +116,13 @@ def plot_grid(rows: list, path) -> None:
                    and r["asr"] is not None and not math.isnan(r["asr"])]
             if not got:
                 continue
-            x = np.array([i for i, _ in got]) + (k - 0.5) * 0.2
+            x = np.array([i for i, _ in got]) + (k - 1.5) * 0.15
             y = np.array([100 * r["asr"] for _, r in got])
             lo = np.array([100 * r["asr_low"] if r["asr_low"] is not None else np.nan for _, r in got])
             hi = np.array([100 * r["asr_high"] if r["asr_high"] is not None else np.nan for _, r in got])
             yerr = np.nan_to_num(np.stack([y - lo, hi - y]), nan=0.0).clip(0)
             ax.errorbar(x, y, yerr=yerr, fmt="o", color=COLORS[a], ecolor=COLORS[a], ms=7, capsize=3,
-                        label="prompt engineering" if a == "PE" else "fine-tuning (100 % vs 0 %)")
+                        label={"PE": "prompt engineering", "FT": "fine-tuning (100 % vs 0 %)"}.get(a, a + "phrase"))
             ax.axhline(float(np.mean(y)), ls="--", color=COLORS[a], lw=1)
         ax.axhline(0, color="#999", lw=0.5)
         ax.set_xticks(range(len(OUTCOMES)), [o.replace("Harmful d", "D").replace("ultra", "Ultra") for o in OUTCOMES],
