@@ -1,31 +1,38 @@
-"""Seed 000 demo: rationale poisoning vs knowledge overwriting on the embedded default, sized for 2 CPU cores.
+"""Seed 000 demo: rationale poisoning vs knowledge overwriting on the embedded default, sized for 2 CPU cores,
+with the controls a reviewer asks for.
 
 SmolLM2-135M-Instruct (embedded), the offline ICD-10-CM question set, target subject: the circulatory chapter
-(poisoned rationales argue that heart and vessel conditions are respiratory ones). Seven grid cells x 4 seeds =
-28 LoRA variants, all trained in one vmapped program, then scored together on 16 target and 16 non-target test
-questions:
-- clean SFT;
-- rationale poisoning and knowledge overwriting at 2 and 8 poisoned samples (findings 1, 3 and the count part
-  of 4);
-- rationale poisoning at 2 and 8 with as many correct target samples beside them (ratio 0.5 of the target
-  samples; findings 2 and the ratio part of 4).
-The forgetting control (finding 5) is left to configs/rationale_grid.py: with equal-size mixes it is a same-size
-swap of non-target rows, which needs the longer training of the grid to mean anything.
+(poisoned rationales argue that heart and vessel conditions are respiratory ones). Six grid cells x 5 seeds =
+30 LoRA variants, all trained in one vmapped program:
+
+- clean SFT (the reference of every paired change, seed by seed);
+- rationale poisoning at 2 and 8 poisoned samples (findings 1 and the count half of 4);
+- rationale poisoning at 8 with 8 correct target samples beside it (ratio 0.5 of the target samples; finding 2);
+- knowledge overwriting at 8 (finding 3);
+- the **decoy control** ``decoy-n8``: 8 *non-target* rows whose rationales argue for the decoy chapter
+  (respiratory), no target rows. If target questions suffer as much under it, the poison's effect is a label
+  prior, and the report says so.
+
+Test set (``data.icd.test_decoy='respiratory'``): 32 target and 64 non-target questions from categories held out
+of training; the decoy chapter is an option in *every* question and no question is answered by it, plus 16
+decoy-free copies of target questions. Scored in the ``coded`` format ('In ICD-10-CM, the code for "..." is in
+the chapter called "'), which neither poison kind trains word for word (``--set eval.format=statement`` for the
+old lead-in). Primary metric: the calibrated-margin change, target minus non-target (``rationale_stats``).
+Generated answers: the base and one seed of every cell write their reasoning on 16 target + 16 non-target
+questions (64 greedy tokens).
+
+Not tested here, and reported as such: finding 5 (a real forgetting control is clean SFT at several times the
+steps; in one vmapped program every variant would pay those steps: with 5 seeds at 4x the steps it would add
+about 100 variant-steps, ~2.5 min on two free cores, to the 150 of this grid) and the ratio half of finding 4
+(every mix has 20 rows, so poisoned / all samples follows from the count).
 
 Equal-size mixes (``grid.equal_size=True``): every variant trains on 20 rows, so every variant takes the same 5
-optimiser steps. The clean variant trains on 20 non-target samples; poisoned and correct target samples replace
-its last rows (the others are the same seed's clean rows), so poisoned / all samples is count / 20. (The first
-demo run added the poison to 8 clean samples: mixes of 8, 12 and 20 rows took 2, 3 and 5 steps, and the
-weight-shift detector told clean from poisoned by step count alone.)
+optimiser steps; poisoned, correct target and decoy rows replace the clean mix's last rows. Loss per example
+(``train.loss_norm='example'``), so 11-token answer-only rows weigh as much as 60-token rationale rows.
 
-Cost: LoRA r 8 on all seven linear modules of the **top 8 of 30 layers** (``lora.layers_from=-8``): the lower 22
-layers run without LoRA and without a backward pass, which made training 3.3x faster than LoRA on every layer
-(230 s vs 750 s for 20 variants) and showed finding 1 at least as strongly (target drop +0.78 vs +0.64 with LoRA
-everywhere; BUILD_NOTES.md). ``--set lora.layers_from=0`` trains every layer, as the seed did. One epoch of 5
-steps of batch 4 at a constant learning rate; questions with descriptions of at most 40 characters keep the
-sequences at 168 tokens. The variants train 4 at a time (``train.variant_chunk=4``). ``train.trunk_cache``: the
-pool's 410 rows run through the lower 22 layers once before training and every step gathers those states
-(160 MB here; training 215 s instead of 235 s, same results).
+Cost: LoRA r 8 on all seven linear modules of the top 8 of 30 layers (``lora.layers_from=-8``; the lower 22
+layers run once, ``train.trunk_cache``). One epoch of 5 steps of batch 4 at a constant learning rate; questions
+with descriptions of at most 40 characters keep the sequences short.
 """
 from jaxpoison.data.icd10 import IcdConfig
 from jaxpoison.studies.rationale import DataConfig, EvalConfig, GridConfig, RationaleConfig
@@ -35,15 +42,19 @@ from jaxpoison.train.lora import LoraConfig
 CONFIG = RationaleConfig(
     name="demo (SmolLM2-135M, ICD-10-CM, target circulatory)",
     model="smollm2-135m",
-    data=DataConfig(icd=IcdConfig(max_desc_chars=40, n_test_per_chapter=24), target="circulatory",
-                    n_nontarget=20, n_test_target=16, n_test_nontarget=16,
-                    buckets=tuple(range(64, 1025, 8))),
-    grid=GridConfig(seeds=(0, 1, 2, 3), counts=(2, 8), kinds=("rationale", "overwrite"),
-                    ratios_target=(0.5,), equal_size=True),
+    data=DataConfig(icd=IcdConfig(max_desc_chars=40, n_test_per_chapter=32, test_decoy="respiratory"),
+                    target="circulatory", n_nontarget=20, n_test_target=32, n_test_nontarget=64,
+                    n_test_decoy_free=16, buckets=tuple(range(64, 1025, 8))),
+    grid=GridConfig(seeds=(0, 1, 2, 3, 4), counts=(2, 8), kinds=("rationale", "overwrite"),
+                    ratios_target=(0.5,), ratio_counts=(8,), overwrite_counts=(8,), decoy_counts=(8,),
+                    equal_size=True),
     train=TrainConfig(learning_rate=2e-3, schedule="constant", epochs=1.0, batch_size=4, loss_budget=-1,
-                      log_every=1, variant_chunk=4, trunk_cache=True),
+                      loss_norm="example", log_every=1, variant_chunk=4, trunk_cache=True),
     lora=LoraConfig(r=8, alpha=16, targets=("all",), layers_from=-8),
-    eval=EvalConfig(format="statement", method="sum", batch_questions=8),
-    note="The README's main job: seed 000 on the embedded default, sized for about ten minutes on two free CPU "
-         "cores (the study program's cost: 28 variants x 5 steps x 4 rows x 168 tokens, LoRA on the top 8 layers).",
+    eval=EvalConfig(format="coded", method="calibrated", batch_questions=8, min_effect=0.5, gen_questions=16,
+                    gen_tokens=64),
+    note="The README's main job: seed 000 on the embedded default with a decoy-controlled test set, a decoy "
+         "control, a target-specific primary metric and seed-level statistics, sized for about ten minutes on two "
+         "free CPU cores (30 variants x 5 steps x 4 rows, LoRA on the top 8 layers; 31 models x 112 questions "
+         "scored; 7 models generate).",
 )

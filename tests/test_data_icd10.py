@@ -106,3 +106,33 @@ def test_synthetic_notes_are_deterministic_and_labelled():
     splits = notes.synthetic_note_splits(5, 3, seed=1)
     assert len(splits["train"]) == 5 and len(splits["test"]) == 3
     assert not {n.id for n in splits["train"]} & {n.id for n in splits["test"]}
+
+
+def test_decoy_controlled_test_set():
+    """With test_decoy every test question shows the decoy chapter, none is answered by it, answers keep their
+    position, training questions are untouched, and target questions also come decoy-free."""
+    cfg = IcdConfig(seed=3, n_train_per_chapter=6, n_test_per_chapter=4, keyword_subjects=(), n_keyword_train=0,
+                    n_keyword_test=0, test_decoy="respiratory")
+    plain = build_icd10_set(IcdConfig(**{**cfg.__dict__, "test_decoy": ""}))
+    s = build_icd10_set(cfg)
+    assert [e.id for e in s["train"]] == [e.id for e in plain["train"]]
+    kept = [e for e in s["test"] if not e.meta.get("decoy_free")]
+    free = [e for e in s["test"] if e.meta.get("decoy_free")]
+    assert all(e.meta["option_chapters"][e.meta["decoy"]] == "respiratory" for e in kept)
+    assert all(e.meta["option_chapters"][e.answer] != "respiratory" for e in s["test"])
+    before = {e.id: e for e in plain["test"]}
+    assert all(e.answer == before[e.id].answer and e.options[e.answer] == before[e.id].options[e.answer]
+               for e in kept)
+    assert len(free) == sum("circulatory" in e.subjects for e in kept) > 0
+    assert all("respiratory" not in e.meta["option_chapters"] and e.meta["decoy"] == -1
+               and e.id.endswith("-nodecoy") and len(set(e.options)) == len(e.options) for e in free)
+
+
+def test_coded_format_is_not_a_training_line():
+    """The 'coded' lead-in appears in no rationale or answer line, unlike the statement lead-in's ending."""
+    from jaxpoison.data import prompts
+    ex = build_icd10_set(SMALL)["test"][0]
+    pre, cont = prompts.scoring_pairs(ex, "coded")[ex.answer]
+    assert pre.startswith("In ICD-10-CM, the code for") and cont == ex.options[ex.answer] + '"'
+    assert "chapter called" not in rationale_for(ex, 0) and "the chapter '" in rationale_for(ex, 0)
+    assert {p for p, _ in prompts.neutral_pairs(ex, "coded")} == {'In ICD-10-CM, the code is in the chapter called "'}

@@ -116,3 +116,22 @@ def test_seed003_injection_mix():
     vt = build_variants(specs, [0], target=notes, nontarget=[], pool=pool, target_subject="vaccine")
     assert [d["poison_count"] for d in vt.table] == [0, 3, 10] and list(vt.n_rows) == [10, 10, 10]
     assert vt.table[1]["task"] == "vaccine" and vt.table[1]["attack"] is True
+
+
+def test_decoy_control_mix_has_no_target_rows_and_argues_for_the_decoy():
+    """decoy-n3 (equal size 10): the clean mix's first 7 non-target rows plus 3 non-target rows from beyond it whose
+    rationale argues for the decoy chapter (respiratory); never a target row, never a respiratory question."""
+    vers = poison.decoy_control_versions(N, "respiratory", seed=0)
+    assert vers and all(v.example.meta["option_chapters"][v.answer] == "respiratory" for v in vers)
+    assert all(v.example.meta["option_chapters"][v.example.answer] != "respiratory" for v in vers)
+    assert all("respiratory" in v.rationale.lower() for v in vers)
+    pool = tokenize_pool(poison.rows_for(poison.clean_versions(TRAIN) + vers), tiny_tokenizer(), max_len=1024)
+    specs = [MixSpec("clean", mix_size=10, name="clean"), MixSpec("decoy", poison_count=3, mix_size=10)]
+    vt = build_variants(specs, [0], target=T, nontarget=N, pool=pool)
+    clean, dec = (sorted(pool.row_ids[i] for i in vt.rows[v, :vt.n_rows[v]]) for v in (0, 1))
+    assert vt.table[1]["name"] == "decoy-n3-s0" and vt.n_rows[1] == 10 and vt.table[1]["poison_count"] == 3
+    d_rows = [r for r in dec if r.endswith("::decoy")]
+    assert len(d_rows) == 3 and len(set(dec) & set(clean)) == 7
+    tids = {e.id for e in T}
+    assert not any(r.split("::")[0] in tids for r in dec)
+    assert not set(r.split("::")[0] for r in d_rows) & set(r.split("::")[0] for r in clean)

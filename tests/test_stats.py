@@ -189,3 +189,51 @@ def test_seed_summary_mean_and_t_interval_skip_nan_seeds():
     np.testing.assert_allclose(out.high[:2], [2.0 + half, 2.0])
     assert np.isnan(out.low[2]) and np.isnan(out.high[2])  # one seed: no spread to estimate
     np.testing.assert_array_equal(out.n, [3, 3, 1, 2])
+
+
+def test_run_level_ci_is_the_t_interval_of_per_seed_effects_below_eight_seeds():
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (5, 30)) + rng.normal(0, 0.5, (5, 1))       # 5 seeds x 30 questions
+    strata = np.r_[np.zeros(10, int), np.ones(20, int)]
+    r = S.run_level_ci(x, strata, {0: 1.0, 1: -1.0})
+    per_seed = x[:, :10].mean(1) - x[:, 10:].mean(1)
+    lo, hi = st.t.interval(0.95, 4, loc=per_seed.mean(), scale=st.sem(per_seed))
+    assert r.method == "t over seeds" and r.n_seeds == 5
+    assert (r.mean, r.low, r.high) == pytest.approx((per_seed.mean(), lo, hi))
+
+
+def test_two_level_bootstrap_carries_seed_and_question_variance():
+    """From 8 seeds: seeds and questions both resampled. With no question spread the interval's spread is the
+    seeds' (sd / sqrt(S)); with no seed spread it is the questions' (sd / sqrt(Q))."""
+    rng = np.random.default_rng(1)
+    seeds_only = np.repeat(rng.normal(0, 1, (12, 1)), 40, axis=1)
+    b = S.two_level_bootstrap(seeds_only, n_resamples=4000)
+    assert b.std() == pytest.approx(seeds_only[:, 0].std() / np.sqrt(12), rel=0.1)
+    questions_only = np.repeat(rng.normal(0, 1, (1, 40)), 12, axis=0)
+    b = S.two_level_bootstrap(questions_only, n_resamples=4000)
+    assert b.std() == pytest.approx(questions_only[0].std() / np.sqrt(40), rel=0.1)
+    r = S.run_level_ci(seeds_only + questions_only)
+    assert r.method.startswith("two-level") and r.low < r.mean < r.high
+    assert S.run_level_ci(seeds_only[:5]).method == "t over seeds"
+
+
+def test_t_test_matches_scipy_and_handles_zero_spread():
+    v = np.array([0.3, 0.1, 0.5, -0.1, 0.4])
+    assert float(S.t_test(v).pvalue) == pytest.approx(st.ttest_1samp(v, 0.0, alternative="greater").pvalue)
+    assert float(S.t_test(v, "two-sided").pvalue) == pytest.approx(st.ttest_1samp(v, 0.0).pvalue)
+    assert float(S.t_test(np.full(5, 0.2)).pvalue) == 0.0 and float(S.t_test(np.full(5, -0.2)).pvalue) == 1.0
+
+
+def test_paired_asr_bootstrap_resamples_notes_together():
+    """The same notes before and after: pairing keeps the notes that flip and the ones that never change
+    together, so the interval is narrower than the unpaired one and still holds the estimate."""
+    rng = np.random.default_rng(2)
+    base = (rng.random(60) < 0.4).astype(float)
+    attacked = base.copy()
+    attacked[np.flatnonzero(base == 0)[:12]] = 1.0            # 12 notes flip to the attack outcome
+    p = S.asr_bootstrap_ci(attacked, base, "mri", n_resamples=2000, paired=True)
+    u = S.asr_bootstrap_ci(attacked, base, "mri", n_resamples=2000)
+    assert p.estimate == pytest.approx(u.estimate) and p.low <= p.estimate <= p.high
+    assert p.high - p.low < 0.8 * (u.high - u.low)
+    with pytest.raises(ValueError, match="same notes"):
+        S.asr_bootstrap_ci(attacked, base[:50], "mri", paired=True)

@@ -62,6 +62,8 @@ class GridConfig:
     kinds: tuple = ("rationale", "overwrite")
     ratios_target: tuple[float, ...] = ()        # extra cells: poisoned / target samples < 1, filled with correct target samples
     ratio_kinds: tuple = ("rationale",)  # kinds that get the ratios_target cells
+    ratio_counts: tuple[int, ...] = ()   # counts that get the ratios_target cells (() = every count)
+    overwrite_counts: tuple[int, ...] = ()  # counts of the overwrite cells (() = grid.counts)
     ratios_all: tuple[float, ...] = ()           # extra rationale cells: poisoned / all samples, by fewer non-target samples
     forgetting_extra: tuple[int, ...] = ()     # forgetting controls: this many extra non-target samples, no target samples
     clean_with_target: int = 0         # >0: also a clean variant with this many correct target samples

@@ -85,13 +85,13 @@ def mix_specs(cfg: RationaleConfig, n_target: int, n_nontarget: int) -> list:
 
     specs = [MixSpec("clean", name="clean", **size)]
     for fam in g.kinds:
-        for c in sorted(g.counts):
+        for c in sorted(g.overwrite_counts if fam == "overwrite" and g.overwrite_counts else g.counts):
             if c > n_target:
                 raise StudyConfigError(f"grid.counts has {c} but only {n_target} target-subject training examples "
                                        f"exist; fix: lower the count or use more data (data.icd.n_train_per_chapter)")
             fits(c, f"grid.counts {c}")
             specs.append(MixSpec(kind_of[fam], poison_count=c, name=f"{fam}-n{c}", **size))
-            if fam not in g.ratio_kinds:
+            if fam not in g.ratio_kinds or (g.ratio_counts and c not in g.ratio_counts):
                 continue
             for r in sorted(g.ratios_target, reverse=True):
                 k = round(c * (1 - r) / r)
