@@ -68,38 +68,46 @@ def _fingerprint_files(files: list[pathlib.Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def load_model(spec: str, dtype="float32", sharding: Optional[Any] = None, tokenizer: bool = True) -> LM:
+def load_model(spec: str, dtype="float32", sharding: Optional[Any] = None, tokenizer: bool = True,
+               attention: str = "auto", transform=None) -> LM:
     """Load ``spec`` into an :class:`LM`. Params are stored in ``dtype`` (fp32 or bf16).
 
-    ``sharding``: a ``jax.sharding.Sharding`` or a callable ``path -> Sharding`` used to place each array.
+    ``sharding``: a ``jax.sharding.Sharding``, a callable ``path -> Sharding`` or a pytree of shardings shaped
+    like the base, used to place each array; a HF checkpoint is read straight into it (:func:`hf.load_hf_base`).
+    ``attention``: ``ModelConfig.attention`` (``auto`` picks by backend). ``transform(path, array)``: applied to
+    each HF leaf as it is placed (e.g. quantisation).
     """
     jdt = parse_dtype(dtype)
-    npdt = np.float32  # host-side dtype; cast once on device placement
     if spec in EMBEDDED:
         from .gguf import find_embedded_gguf, load_embedded
-        cfg, params = load_embedded(npdt)
+        cfg, params = load_embedded(np.float32)       # 135M parameters: dequantised on the host, then placed
         path = find_embedded_gguf()
         tok = None
         if tokenizer:
             from .gguf_tokenizer import tokenizer_from_gguf
             tok = tokenizer_from_gguf(path)
         fp = _fingerprint_files([path])
+        params = place_params(params, jdt, sharding)
+        if transform is not None:
+            params = jax.tree_util.tree_map_with_path(lambda p, x: transform(tuple(k.key for k in p), x), params)
     else:
         d = hf.resolve_model_dir(spec)
         cfg = hf.read_hf_config(d, name=spec)
-        params = hf.load_hf_params(d, cfg, npdt)
+        params = hf.load_hf_base(d, cfg, jdt, sharding, transform)
         tok = load_hf_tokenizer(d) if tokenizer else None
         fp = _fingerprint_files(hf.safetensors_files(d))
-    params = place_params(params, jdt, sharding)
+    cfg = dataclasses.replace(cfg, attention=attention)
     return LM(cfg, params, tok, spec, fp, jdt)
 
 
 def place_params(params, dtype, sharding=None):
+    """Host arrays -> device arrays of ``dtype``; ``sharding`` as in :func:`load_model`."""
     def put(path, x):
         x = jnp.asarray(x, dtype)
         if sharding is None:
             return x
-        s = sharding(path) if callable(sharding) else sharding
+        s = sharding if isinstance(sharding, jax.sharding.Sharding) else \
+            sharding(path) if callable(sharding) else hf._leaf(sharding, path)
         return jax.device_put(x, s)
 
     return jax.tree_util.tree_map_with_path(lambda p, x: put(tuple(k.key for k in p), x), params)
