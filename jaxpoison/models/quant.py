@@ -157,12 +157,14 @@ def bytes_per_param(kind: str, in_features: int = 4096, out_features: int = 4096
 @jax.jit
 def _nf4_layer(w: Array):
     """[in, out] -> (codes uint8 [in_pad/2, out], absmax fp32 [in_pad/64, out]); bitsandbytes' arithmetic:
-    ``clip(w * (1 / max(absmax, 1e-38)), -1, 1)`` bucketed at the code midpoints."""
+    ``clip(w * (1 / absmax), -1, 1)`` bucketed at the fp32 code midpoints. (bitsandbytes clamps absmax to 1e-38, a
+    subnormal that XLA flushes to zero, so a zero block is handled explicitly.)"""
     i, o = w.shape
     nb = -(-i // NF4_BLOCK)
     w = jnp.pad(w.astype(jnp.float32), ((0, nb * NF4_BLOCK - i), (0, 0))).reshape(nb, NF4_BLOCK, o)
     absmax = jnp.abs(w).max(axis=1)
-    x = jnp.clip(w * (1.0 / jnp.maximum(absmax, 1e-38))[:, None, :], -1.0, 1.0)
+    inv = jnp.where(absmax > 0, 1.0 / jnp.where(absmax > 0, absmax, 1.0), 0.0)    # an all-zero block: codes of 0
+    x = jnp.clip(w * inv[:, None, :], -1.0, 1.0)
     q = jnp.searchsorted(jnp.asarray(NF4_BOUNDS), x, side="left").astype(jnp.uint8).reshape(nb * NF4_BLOCK // 2, 2, o)
     return (q[:, 0] << 4) | q[:, 1], absmax
 
@@ -191,7 +193,7 @@ def _int8_layer(w: Array):
     """[in, out] -> (codes int8 [in, out], absmax fp32 [1, out]): round(127 w / absmax) per output channel."""
     w = w.astype(jnp.float32)
     absmax = jnp.abs(w).max(axis=0, keepdims=True)
-    q = jnp.round(w * (127.0 / jnp.maximum(absmax, 1e-38)))
+    q = jnp.round(w * jnp.where(absmax > 0, 127.0 / jnp.where(absmax > 0, absmax, 1.0), 0.0))
     return jnp.clip(q, -127, 127).astype(jnp.int8), absmax
 
 
@@ -267,14 +269,16 @@ def _dq_absmax(q: QuantKernel) -> Array:
     if pad:
         flat = jnp.pad(flat, [(0, 0)] * (flat.ndim - 1) + [(0, pad)])
     vals = jnp.asarray(DYNAMIC_CODE)[flat.astype(jnp.int32)].reshape(flat.shape[:-1] + (n2, DQ_BLOCK))
+    # op by op this is bitsandbytes' arithmetic bit for bit; inside a jit XLA:CPU contracts the multiply and the add
+    # below into one FMA (no barrier or bitcast stops it), which can move the scale by 1 ulp (tests/test_quant.py)
     vals = (vals * q.scale2[..., None]).reshape(flat.shape)[..., :nb * o]
     return jnp.swapaxes(vals.reshape(s.shape[:-2] + (o, nb)), -1, -2) + q.offset[..., None, None]
 
 
 def dequantize(q: QuantKernel, dtype=jnp.float32) -> Array:
     """The ``[..., in, out]`` kernel in ``dtype`` (the products are formed in fp32, as bitsandbytes does)."""
-    if q.kind == "int8":
-        return (q.codes.astype(jnp.float32) * (q.scale / 127.0)).astype(dtype)
+    if q.kind == "int8":     # bitsandbytes' int8_vectorwise_dequant: codes * absmax * fp32(1/127)
+        return (q.codes.astype(jnp.float32) * q.scale * np.float32(1 / 127)).astype(dtype)
     if q.kind not in ("nf4", "nf4-dq"):
         raise QuantError(f"unknown QuantKernel kind {q.kind!r}")
     absmax = _dq_absmax(q) if q.kind == "nf4-dq" else q.scale
