@@ -162,6 +162,18 @@ def test_rerun_resumes_without_retraining(run_dir):
         R.run(other, run_dir, progress=False, base_override=(CFG_M, base, tiny_tokenizer()))
 
 
+def test_rerun_onto_another_mesh_resumes(run_dir, monkeypatch):
+    """``--set mesh.variant=2 --set mesh.fsdp=2``: the run folder accepts another mesh, the checkpoint is restored
+    onto it (4 of the 8 emulated devices) and nothing is retrained or rescored."""
+    monkeypatch.setenv("JAXPOISON_SKIP_FIT_CHECK", "1")         # the fit check is not what this test is about
+    cfg = apply_override(apply_override(CFG, "mesh.variant=2"), "mesh.fsdp=2")
+    assert (cfg.mesh.variant, cfg.mesh.fsdp) == (2, 2)
+    base = init_params(CFG_M, jax.random.PRNGKey(0))
+    before = (run_dir / "scores.npz").read_bytes()
+    assert R.run(cfg, run_dir, progress=False, base_override=(CFG_M, base, tiny_tokenizer())) == 0
+    assert (run_dir / "scores.npz").read_bytes() == before
+
+
 @pytest.mark.parametrize("override, words", [
     ("grid.counts=0,4", "grid.counts"),
     ("grid.seeds=1", "at least 2 seeds"),
