@@ -118,5 +118,7 @@ def test_a_tiny_run_with_the_base_as_paraphraser_trains_para_variants(tmp_path):
     rows = {c["row"] for c in json.loads((tmp_path / "summary.json").read_text())["cells"]}
     assert {"base PE para", "FT 100% s0 para", "FT 0% s0 para"} <= rows
     assert (tmp_path / "plots" / "asr_paraphrase.png").exists()
+    md = (tmp_path / "report.md").read_text()
+    assert "Paraphrase attack: task instructions rephrased by `base`" in md and "**Paraphrased task instruction**" in md
     with pytest.raises(A.StudyConfigError, match="paraphrase.model"):
         A.check_config(dataclasses.replace(cfg, paraphrase=A.ParaphraseConfig()))

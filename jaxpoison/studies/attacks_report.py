@@ -380,7 +380,11 @@ def write_doc(run, cfg, cells, cap, figs, reading, timing, data, table, records,
         f"epochs, batch {tr['batch_size']}, LR {tr['learning_rate']} {tr['schedule']}, clip {tr['clip_norm']}, loss on "
         f"{'the whole sequence' if cfg['loss_on'] == 'all' else 'the completion'}; {timing.get('train_steps', '?')} steps.",
         f"Grader: {cfg['grader']['primary']}" + (f" (judge `{cfg['grader']['judge']}` also run)" if cfg['grader']['judge']
-                                                 else "") + f"; 95 % BCa bootstrap CIs, {cfg['n_resamples']} resamples."])
+                                                 else "") + f"; 95 % BCa bootstrap CIs, {cfg['n_resamples']} resamples."]
+        + ([f"Paraphrase attack: task instructions rephrased by `{cfg['paraphrase']['model']}` (one per "
+            f"{cfg['paraphrase']['per']}), the malicious instruction verbatim; fine-tunes on "
+            + ("verbatim and paraphrased prompts (the '_para' variants)." if True in cfg["grid"].get("paraphrase", [])
+               else "verbatim prompts only.")] if cfg.get("paraphrase", {}).get("model") else []))
     d.h("Reading")
     for line in reading:
         d.p(line)
@@ -426,7 +430,10 @@ def write_doc(run, cfg, cells, cap, figs, reading, timing, data, table, records,
         "`responses/{injection,source,finetune}.jsonl`: every answer (regrade without the model: `python -m "
         "jaxpoison report RUN`); `responses/judge.jsonl` when a judge ran.",
         "`rates.csv` (seed layout), `rates_long.csv` (one row per model x outcome, numeric), `capability.csv`, "
-        "`summary.json`, `variants.json`, `metrics.jsonl`, `checkpoints/`."])
+        "`summary.json`, `variants.json`, `metrics.jsonl`, `checkpoints/`.",
+        "`generation.json`: the sampling settings that ran; `api_cache.jsonl` (when an API model was used): every "
+        "request and reply, so a rerun sends none twice; `responses/paraphrase.jsonl`, `injection_para.jsonl`, "
+        "`capability.jsonl` when those phases ran."])
     if timing:
         d.p("Wall time: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in timing.items() if k.endswith("_s")) + ".")
     d.write(run)
