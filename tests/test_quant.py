@@ -111,6 +111,14 @@ def test_quantize_base_touches_only_decoder_layer_kernels():
         Q.quantize_base(base, "fp4")
 
 
+def test_abstract_base_has_the_shapes_of_the_quantised_one():
+    base = tiny_base()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base)
+    for kind in ("nf4", "nf4-dq", "int8"):
+        real = jax.tree.map(lambda x: (x.shape, x.dtype), Q.quantize_base(base, kind))
+        assert jax.tree.map(lambda x: (x.shape, x.dtype), Q.quantize_base(abstract, kind)) == real
+
+
 def test_bytes_per_param_match_the_stored_arrays():
     w = _weights((1, 256, 512))
     for kind, want in (("nf4", 0.5625), ("nf4-dq", 0.5 + 1 / 64 + 4 / (64 * 256)), ("int8", 1 + 4 / 256)):

@@ -216,6 +216,8 @@ def quantize_kernel(w, kind: str, double: bool = False) -> QuantKernel:
     if getattr(w, "ndim", 0) < 2:
         raise QuantError(f"a kernel is [..., in, out]; got shape {getattr(w, 'shape', None)}")
     lead, (i, o) = tuple(w.shape[:-2]), tuple(w.shape[-2:])
+    if isinstance(w, jax.ShapeDtypeStruct):
+        return abstract_kernel(w.shape, "nf4-dq" if double else kind)
     flat = w.reshape((-1, i, o)) if lead else w[None]
     fn = _int8_layer if kind == "int8" else _nf4_layer
     parts = [fn(jnp.asarray(flat[n])) for n in range(flat.shape[0])]
@@ -232,9 +234,27 @@ def quantize_kernel(w, kind: str, double: bool = False) -> QuantKernel:
                        kind="nf4-dq" if double else kind, in_features=i)
 
 
+def abstract_kernel(shape: tuple, kind: str) -> QuantKernel:
+    """The :class:`QuantKernel` of a ``shape`` = [..., in, out] kernel with ``jax.ShapeDtypeStruct`` leaves (the
+    planner compiles against it without weights); :func:`quantize_kernel` returns it for an abstract kernel."""
+    kind = parse_quant(kind)
+    *lead, i, o = shape
+    lead, sds = tuple(lead), jax.ShapeDtypeStruct
+    if kind == "int8":
+        return QuantKernel(sds(lead + (i, o), jnp.int8), sds(lead + (1, o), jnp.float32), kind=kind, in_features=i)
+    nb = -(-i // NF4_BLOCK)
+    codes = sds(lead + (nb * NF4_BLOCK // 2, o), jnp.uint8)
+    if kind == "nf4":
+        return QuantKernel(codes, sds(lead + (nb, o), jnp.float32), kind=kind, in_features=i)
+    n2 = -(-nb * o // DQ_BLOCK)
+    return QuantKernel(codes, sds(lead + (nb, o), jnp.uint8), sds(lead + (n2,), jnp.float32),
+                       sds(lead, jnp.float32), kind=kind, in_features=i)
+
+
 def quantize_base(base: dict, kind: str, double: bool = False) -> dict:
     """The base tree with the kernels of the decoder layers' linear modules quantised (``kind`` 'none': the tree
-    unchanged). Everything else (embedding, norms, biases, lm_head) is the same object as before."""
+    unchanged). Everything else (embedding, norms, biases, lm_head) is the same object as before. An abstract base
+    (``jax.ShapeDtypeStruct`` leaves) gets abstract quantised kernels (:func:`abstract_kernel`)."""
     kind = parse_quant(kind)
     if kind == "none" and not double:
         return base
