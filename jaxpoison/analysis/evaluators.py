@@ -84,9 +84,10 @@ def _load_base(model: str, dtype: str, fingerprint: str, base_override):
 
 
 def _mc_evaluator(mcfg, params, mc, is_target, method: str, dtype, batch_questions: int,
-                  share_trunk: bool = True) -> Callable:
+                  share_trunk: bool = True, nontarget=None) -> Callable:
     from jaxpoison.eval.score import choice_metrics, score_options
     tgt = np.asarray(is_target, bool)
+    non = ~tgt if nontarget is None else np.asarray(nontarget, bool)   # decoy-free target copies are neither
     has = (np.asarray(mc.decoy) >= 0) & tgt
 
     def evaluate(lora, scale):
@@ -97,7 +98,7 @@ def _mc_evaluator(mcfg, params, mc, is_target, method: str, dtype, batch_questio
         cor = m["correct"].astype(float)
         nan = np.full(cor.shape[0], np.nan)
         out = {"target_acc": cor[:, tgt].mean(1) if tgt.any() else nan,
-               "nontarget_acc": cor[:, ~tgt].mean(1) if (~tgt).any() else nan,
+               "nontarget_acc": cor[:, non].mean(1) if non.any() else nan,
                "target_decoy_rate": ((m["pick"] == mc.decoy[None]) & has[None]).sum(1) / has.sum()
                if has.any() else nan}
         out["attack"], out["capability"] = out["target_acc"], out["nontarget_acc"]
@@ -135,10 +136,11 @@ def rationale_evaluator(run_dir, base_override=None, share_trunk: bool = True) -
         raise AnalysisError("the test questions rebuilt from config.json tokenize differently from the run's "
                             "(eval hash mismatch: another tokenizer or code version)")
     method = cfg["eval"].get("method", "sum")
+    nontarget = (np.array([str(g) for g in z["group"]]) == "nontarget") if "group" in z.files else ~is_target
     ev = _mc_evaluator(mcfg, params, mc, is_target, method, dtype, int(cfg["eval"].get("batch_questions", 8)),
-                       share_trunk)
+                       share_trunk, nontarget)
     return Evaluator(ev, "target-subject accuracy", "non-target accuracy", attack_lower_is_better=False,
-                     note=f"{int(is_target.sum())} target and {int((~is_target).sum())} non-target test questions "
+                     note=f"{int(is_target.sum())} target and {int(nontarget.sum())} non-target test questions "
                           f"of the run, option scores `{method}`")
 
 
