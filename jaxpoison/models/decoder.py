@@ -28,10 +28,10 @@ import numpy as np
 
 from jax.ad_checkpoint import checkpoint_name
 
-from .attention import attention, causal_attention  # noqa: F401  (re-exported)
+from .attention import attention, cached_attention, causal_attention, self_attention  # noqa: F401
 from .config import ModelConfig
-from .sharding import Rules, constrain, layer_kernel_axes
 from .quant import is_quantized, kernel_value
+from .sharding import Rules, constrain, layer_kernel_axes
 
 Array = jax.Array
 
@@ -192,12 +192,9 @@ class Block(nn.Module):
             ck = jax.lax.dynamic_update_slice(cache["k"], k[None].astype(cache["k"].dtype), (layer, 0, slot, 0, 0))
             cv = jax.lax.dynamic_update_slice(cache["v"], v[None].astype(cache["v"].dtype), (layer, 0, slot, 0, 0))
             cache = {"k": ck, "v": cv}
-            k, v = ck[layer].astype(self.dtype), cv[layer].astype(self.dtype)
-
-        if cache is None:
-            attn = causal_attention(q, k, v, mask)
+            attn = cached_attention(q, ck, cv, layer, mask, slot + T)     # reads the filled slots only
         else:
-            attn = attention(q, k, v, mask)
+            attn = self_attention(q, k, v, mask, cfg.attention, self.rules)
         x = checkpoint_name(x + lin("o", cfg.hidden_size, attn), "x_mid")
 
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="mlp_norm")(x)
