@@ -25,8 +25,12 @@ What this preset fixes, following what the seed's code effectively ran (referenc
   attention mask and special tokens handled.
 - Response source: the seed trained on GPT-4's answers. Without them the base model answers (``source.kind=model``);
   with them: ``--set source.kind=jsonl --set source.file=gpt4_answers.jsonl`` ({"id", "task", "normal", "prompt"}).
-- Grading: the rule grader; the seed's GPT-3.5 judge is replaced by any local model with ``--set grader.judge=ID``
-  (its yes/no parsed as a word, not the seed's substring test).
+- Grading: the rule grader; the seed's GPT-3.5 judge with ``--set grader.judge=openai:gpt-3.5-turbo`` (key in
+  ``$OPENAI_API_KEY``, any OpenAI-compatible server with ``--set grader.api_base=URL``; every request and reply
+  cached in the run folder) or any local model with ``--set grader.judge=ID``; its yes/no parsed as a word, not the
+  seed's substring test. ``--set source.kind=openai:gpt-4`` asks GPT-4 for the training targets as the seed did;
+  ``--set paraphrase.model=openai:gpt-4o --set grid.paraphrase=False,True`` adds the paraphrase attack and the
+  '_para' fine-tunes.
 - General capability: MedQA (4 options), MedMCQA and PubMedQA accuracy of the 0 % and 100 % variants over the
   whole sets (``n_questions=0``, as the seed scored them), by the likelihood of each option letter after the seed's
   benchmark prompt (fast), bootstrap SE; ``--set capability.scorer=generate`` scores them the seed's way: an

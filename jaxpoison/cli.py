@@ -17,6 +17,9 @@ EPILOG = """examples:
   python -m jaxpoison data show icd10 --limit 3
   python -m jaxpoison export runs/demo --variant 3 --out adapters/v3
   python -m jaxpoison analyze runs/demo                                  # weight shift, detector, mitigation
+  python -m jaxpoison eval runs/attacks --test-set notes --data-files pmc.jsonl   # adapters on a new test set
+  python -m jaxpoison compare runs/llama2 runs/llama3 --out cmp           # cross-model ASR table and grid
+  python -m jaxpoison data prepare-mimic NOTEEVENTS.csv --out notes.jsonl # seed 003's MIMIC preparation
   python -m jaxpoison bench forward --model smollm2-135m
   python -m jaxpoison plan configs/rationale_paper.py --topology v5e-8   # fits? memory per chip, chip-hours
 
