@@ -65,12 +65,14 @@ def dataclass_from_dict(cls, d: dict):
     return cls(**kw)
 
 
-def _load_base(model: str, dtype: str, fingerprint: str, base_override):
-    """(cfg, params, tokenizer, jnp dtype) of the run's base model, checked against its fingerprint."""
+def _load_base(model: str, dtype: str, fingerprint: str, base_override, quant: str = "none"):
+    """(cfg, params, tokenizer, jnp dtype) of the run's base model, checked against its fingerprint and quantised
+    as the run's config says (``quant``, :func:`jaxpoison.models.quant.quantize_base`)."""
     import jax.numpy as jnp
+    from jaxpoison.models.quant import quantize_base
     if base_override is not None:
         cfg, params, tok = base_override[:3]
-        return cfg, params, tok, jnp.float32
+        return cfg, quantize_base(params, quant), tok, jnp.float32
     if model in ("", "override"):
         raise AnalysisError("the run was trained on a base passed in from Python (tests), which the command line "
                             "cannot reload; call jaxpoison.analysis.run.analyze(..., base_override=(cfg, params, "
@@ -80,7 +82,7 @@ def _load_base(model: str, dtype: str, fingerprint: str, base_override):
     if fingerprint and lm.fingerprint != fingerprint:
         raise AnalysisError(f"the base model {model!r} found here (fingerprint {lm.fingerprint[:12]}) is not the one "
                             f"the run trained on ({fingerprint[:12]}); the adapters would be scored on another model")
-    return lm.cfg, lm.params, lm.tokenizer, lm.dtype
+    return lm.cfg, quantize_base(lm.params, quant), lm.tokenizer, lm.dtype
 
 
 def _mc_evaluator(mcfg, params, mc, is_target, method: str, dtype, batch_questions: int,
@@ -129,7 +131,7 @@ def rationale_evaluator(run_dir, base_override=None, share_trunk: bool = True) -
     base = json.loads((run / "data.json").read_text()).get("base", {}) if (run / "data.json").exists() else {}
     model = "override" if base.get("name") == "override" else cfg["model"]
     mcfg, params, tok, dtype = _load_base(model, cfg.get("dtype", "float32"), base.get("fingerprint", ""),
-                                          base_override)
+                                          base_override, cfg.get("quant", "none"))
     mc = build_mc_eval([by_id[i] for i in ids], tok, cfg["eval"]["format"], max_len=d.max_len, buckets=EVAL_BUCKETS)
     want = json.loads((run / "data.json").read_text()).get("eval_hash") if (run / "data.json").exists() else None
     if want and mc.data_hash != want:
@@ -183,7 +185,8 @@ def capability_scorer(mcfg, params, tok, jdt, study_cfg: Optional[dict] = None, 
 def capability_evaluator(model: str, dtype: str, fingerprint: str, base_override=None,
                          n_questions: int = 64, study_cfg: Optional[dict] = None) -> Evaluator:
     """Capability only (a study without an attack evaluator): :func:`capability_scorer` on the run's base."""
-    mcfg, params, tok, jdt = _load_base(model, dtype, fingerprint, base_override)
+    mcfg, params, tok, jdt = _load_base(model, dtype, fingerprint, base_override,
+                                        (study_cfg or {}).get("quant", "none"))
     score, what, name = capability_scorer(mcfg, params, tok, jdt, study_cfg, n_questions)
 
     def evaluate(lora, scale):

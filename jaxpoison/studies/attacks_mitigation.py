@@ -123,7 +123,7 @@ class AttacksMitigation:
         data = json.loads((run / "data.json").read_text())
         base = data.get("base", {})
         model = "override" if base.get("name") == "override" else cfg.model
-        mcfg, params, tok, dtype = _load_base(model, cfg.dtype, base.get("fingerprint", ""), base_override)
+        mcfg, params, tok, dtype = _load_base(model, cfg.dtype, base.get("fingerprint", ""), base_override, cfg.quant)
         self.lm = LM(mcfg, params, tok, model, base.get("fingerprint", ""), dtype)
         _, test = D.load_notes(cfg.notes, tok)
         if data.get("test_ids") and [n.id for n in test] != list(data["test_ids"]):
