@@ -252,6 +252,8 @@ def run(cfg: AttacksConfig, out_dir: pathlib.Path, resume: bool = True, progress
     from jaxpoison.studies import attacks_steps as S
 
     check_config(cfg)
+    from jaxpoison.plan.preflight import check_fit
+    check_fit(cfg, base_override)      # stops a study that cannot fit before any weights load
     t_start, timing = time.time(), {}
     out = RF.prepare(out_dir, STUDY, _jsonable(cfg), resume, ("checkpoints", "responses", "capability.npz"),
                      ignore=())

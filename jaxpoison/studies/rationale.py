@@ -85,6 +85,8 @@ def run(cfg: RationaleConfig, out_dir: pathlib.Path, resume: bool = True, progre
     from jaxpoison.train.trainer import StudyData, train_study
 
     check_config(cfg)
+    from jaxpoison.plan.preflight import check_fit
+    check_fit(cfg, base_override)      # stops a study that cannot fit before any weights load
     t_start, timing = time.time(), {}
     out = RF.prepare(out_dir, STUDY, _jsonable(cfg), resume, ("checkpoints", "scores.npz"))
     t = time.time()
