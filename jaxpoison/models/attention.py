@@ -157,6 +157,14 @@ def resolve_attention(impl: str = "auto", platform: str | None = None, dtype=Non
     return "blocked"
 
 
+def kernel_manifest(impl: str = "auto", dtype=None, platform: str | None = None) -> dict:
+    """What a run's manifest records about its kernels: the attention setting, what it resolved to on this
+    backend with this compute dtype, and the backend (the KV-cache decode path is the same everywhere)."""
+    platform = platform or jax.default_backend()
+    return {"attention": resolve_attention(impl, platform, dtype), "attention_setting": impl, "backend": platform,
+            "decode_attention": "blocked_filled_slots"}
+
+
 def self_attention(q: Array, k: Array, v: Array, mask: Array, impl: str = "auto", rules=None) -> Array:
     """:func:`causal_attention`'s contract (q [B, T, H, hd], k/v [B, T, K, hd], ``mask`` [B, T, T] causal and
     padding -> [B, T, H*hd]) through the implementation ``impl`` names (:func:`resolve_attention`). Outputs
