@@ -72,10 +72,6 @@ def evaluate_run(run_dir, test_set: str, data_files: Optional[Sequence[str]] = N
     base = data.get("base", {})
     model = "override" if base.get("name") == "override" else cfg.model
     mcfg, params, tok, dtype = _load_base(model, cfg.dtype, base.get("fingerprint", ""), base_override, cfg.quant)
-    quant = getattr(cfg, "quant", "none")
-    if quant != "none":
-        from jaxpoison.models.quant import quantize_base
-        params = quantize_base(params, quant)
     lm = LM(mcfg, params, tok, base.get("name", model), base.get("fingerprint", ""), dtype)
     if data.get("generation"):
         g = data["generation"]
