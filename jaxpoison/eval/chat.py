@@ -2,8 +2,9 @@
 
 A model spec ``openai:MODEL`` (``grader.judge=openai:gpt-3.5-turbo``, ``source.kind=openai:gpt-4``,
 ``paraphrase.model=openai:gpt-4o``) names a model behind any server that speaks the OpenAI chat-completions API
-(``POST {api_base}/chat/completions``): OpenAI itself (the default base ``https://api.openai.com/v1``), Azure's
-OpenAI-compatible endpoint, vLLM, llama.cpp's server, Ollama, LiteLLM. The key is read from the environment
+(``POST {api_base}/chat/completions`` with ``Authorization: Bearer <key>``): OpenAI itself (the default base
+``https://api.openai.com/v1``) and the servers that mimic it (vLLM, llama.cpp's server, Ollama, LiteLLM; Azure
+deployments that want an ``api-key`` header instead go through such a proxy). The key is read from the environment
 (``OPENAI_API_KEY`` by default), never from a config file, so it never lands in a run folder.
 
 Why the standard library (``urllib.request`` + a thread pool) and not ``httpx`` or the ``openai`` package: one
