@@ -127,3 +127,39 @@ def test_splash_path_compiles_for_tpu_v5e(mesh_shape):
     assert compiled.memory_analysis().temp_size_in_bytes > 0
     if rules is not None:       # each chip runs the kernel on its own variant and batch rows: nothing gathered
         assert hlo.count("all-gather") == 0 and hlo.count("all-reduce") > 0      # (the LoRA gradient is summed)
+
+
+def test_run_manifest_records_the_attention_choice():
+    import dataclasses
+    from tiny import TINY, tiny_study
+    from jaxpoison.train.config import TrainConfig
+    from jaxpoison.train.engine import Static
+    from jaxpoison.train.lora import LoraConfig
+    from jaxpoison.train.trainer import run_metadata
+    sd = tiny_study(V=2)
+    auto = run_metadata(Static(TINY, TrainConfig(), LoraConfig()), sd, "", "", None)
+    assert auto["kernels"] == {"attention": "blocked", "attention_setting": "auto", "backend": "cpu",
+                               "decode_attention": "blocked_filled_slots"}
+    xla = run_metadata(Static(dataclasses.replace(TINY, attention="xla"), TrainConfig(), LoraConfig()), sd, "", "", None)
+    assert xla["kernels"]["attention"] == "xla"
+    assert "attention" not in xla["model"] and xla["model"] == auto["model"]      # not part of the model's identity
+
+
+@pytest.mark.parametrize("impl", ["xla", "splash_interpret"])
+def test_model_logprobs_equal_blocked_path(impl, tmp_path):
+    """The whole decoder (GQA, Llama-3 RoPE, left and right padding) scores the same through each kernel."""
+    import dataclasses
+    from hf_tiny import make_hf_model
+    from jaxpoison.models.lm import load_model, sequence_logprobs
+    make_hf_model("llama_gqa_rope3", seed=2).save_pretrained(tmp_path)
+    lm = load_model(str(tmp_path), tokenizer=False)
+    r = np.random.default_rng(0)
+    tokens = jnp.asarray(r.integers(3, lm.cfg.vocab_size, (3, 40)), jnp.int32)
+    am = np.ones((3, 40), bool)
+    am[1, :9] = False
+    am[2, 31:] = False
+    ref = np.asarray(sequence_logprobs(lm.params, tokens, jnp.asarray(am), cfg=lm.cfg))
+    got = np.asarray(sequence_logprobs(lm.params, tokens, jnp.asarray(am), cfg=dataclasses.replace(lm.cfg, attention=impl)))
+    valid = am[:, 1:] & am[:, :-1]
+    assert np.abs(ref[valid]).min() > 0
+    np.testing.assert_allclose(got[valid], ref[valid], atol=2e-5)

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from jaxpoison.models.decoder import pool_trunk
+from jaxpoison.models.attention import kernel_manifest
 from jaxpoison.models.lm import parse_dtype
 
 from .checkpoint import Checkpoints, abstract_like, package_versions
@@ -82,7 +83,8 @@ def run_metadata(st: Static, sd: StudyData, base_name: str, base_fingerprint: st
         "model": st.cfg.to_json(), "train": dataclasses.asdict(st.tcfg),
         "lora": {**dataclasses.asdict(st.lcfg), "targets": list(st.lcfg.targets), "scale": st.lcfg.scale},
         "variants": sd.table, "data_hash": sd.data_hash, "versions": package_versions(),
-        "base": {"name": base_name, "fingerprint": base_fingerprint}, **(extra or {}),
+        "base": {"name": base_name, "fingerprint": base_fingerprint},
+        "kernels": kernel_manifest(st.cfg.attention, parse_dtype(st.tcfg.dtype)), **(extra or {}),
     }
 
 
