@@ -144,15 +144,35 @@ def test_lora_gradients_through_a_quantised_base_equal_those_through_its_dequant
             h, _ = Decoder(TINY, lora_scale=lcfg.scale).apply({"params": b}, toks, lora=lora)
         return -token_logprobs(b, TINY, h[:, :-1], toks[:, 1:], lora=lora, lora_scale=lcfg.scale).mean()
 
-    for lora_from in (0, 1):        # the Decoder's nn.scan, and run_layers (hidden_lora_from, scoring)
-        gq = jax.jit(jax.grad(loss), static_argnums=2)(lora, qb, lora_from)
-        gd = jax.jit(jax.grad(loss), static_argnums=2)(lora, deq, lora_from)
-        for a, b in zip(jax.tree.leaves(gq), jax.tree.leaves(gd)):
-            assert np.all(np.isfinite(a))
-            np.testing.assert_allclose(a, b, atol=1e-5)
-        assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(gq)) > 1e-4
+    gq = jax.jit(jax.grad(loss), static_argnums=2)(lora, qb, 0)        # the Decoder's nn.scan (with remat)
+    gd = jax.jit(jax.grad(loss), static_argnums=2)(lora, deq, 0)
+    for a, b in zip(jax.tree.leaves(gq), jax.tree.leaves(gd)):
+        assert np.all(np.isfinite(a))
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(gq)) > 1e-4
     # and the quantised base is a different model from the float one (the test above compares like with like)
     assert float(loss(lora, qb, 0)) != float(loss(lora, base, 0))
+
+
+def test_study_trainer_on_a_quantised_base_equals_training_on_its_dequantised_weights():
+    """The real program (train_study) takes the quantised tree as its base; with ``layers_from`` the lower layers
+    run through run_layers (the path scoring uses too)."""
+    from jaxpoison.train.config import TrainConfig
+    from jaxpoison.train.engine import Static
+    from jaxpoison.train.trainer import train_study
+    from tests.tiny import tiny_study
+    base = tiny_base()
+    qb = Q.quantize_base(base, "nf4-dq")
+    deq = {**base, "layers": {m: {k: Q.dequantize(v) if Q.is_quantized(v) else v for k, v in d.items()}
+                              for m, d in qb["layers"].items()}}
+    st = Static(TINY, TrainConfig(learning_rate=5e-3, epochs=1, batch_size=4, log_every=2),
+                LoraConfig(r=4, alpha=8, targets=("q", "v"), layers_from=1))
+    sd = tiny_study(V=2)
+    rq, rd = train_study(qb, st, sd, progress=False), train_study(deq, st, sd, progress=False)
+    assert rq.metrics["applied"].sum() > 0 and np.isfinite(rq.metrics["loss"][rq.metrics["applied"]]).all()
+    for a, b in zip(jax.tree.leaves(rq.lora), jax.tree.leaves(rd.lora)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    assert np.abs(np.asarray(rq.lora["q"]["b"])).max() > 1e-4
 
 
 def test_quant_is_part_of_the_run_config(tmp_path):
