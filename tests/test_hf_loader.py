@@ -186,3 +186,19 @@ def test_bf16_load_peak_host_memory_within_1_3x(tmp_path):
     np.testing.assert_array_equal(loaded["embed"], want("model.embed_tokens.weight", (131000, 131002), (4090, 4093)))
     np.testing.assert_array_equal(loaded["q_0"], want("model.layers.0.self_attn.q_proj.weight", (1000, 1003), (4095, 4096), True)[0])
     np.testing.assert_array_equal(loaded["norm_2"], want("model.layers.2.post_attention_layernorm.weight", (0, 1), (0, 3))[0])
+
+
+def test_loads_into_the_study_mesh_base_shardings(tiny_dir, monkeypatch):
+    """The shardings train.mesh gives the base on a (variant 2, fsdp 2, model 2) mesh, from the config alone
+    (hf.abstract_base), are what the loader places into; chunked leaves too."""
+    from jaxpoison.train.mesh import MeshConfig, base_shardings, make_mesh
+    monkeypatch.setattr(hf, "CHUNK_BYTES", 8192)
+    cfg = hf.read_hf_config(tiny_dir)
+    mesh = make_mesh(MeshConfig(variant=2, data=1, fsdp=2, model=2))
+    target = base_shardings(mesh, hf.abstract_base(cfg, jnp.bfloat16))
+    assert any("fsdp" in str(s.spec) for s in jax.tree.leaves(target))
+    lm = load_model(str(tiny_dir), "bfloat16", sharding=target, tokenizer=False)
+    ref = hf.load_hf_params(tiny_dir, cfg, jnp.bfloat16)
+    for got, want, sh in zip(jax.tree.leaves(lm.params), jax.tree.leaves(ref), jax.tree.leaves(target)):
+        assert got.sharding == sh and got.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(got), want)
