@@ -77,6 +77,14 @@ def _suggest(shape: StudyShape, target: Target, best_chunk: int) -> list:
     if best_chunk:
         return out
     alt = []
+    from jaxpoison.train.mesh import MeshConfig
+    for f in (d for d in range(2, target.chips + 1) if target.chips % d == 0):     # the fewest fsdp shards
+        mesh = dataclasses.replace(shape.mesh if isinstance(shape.mesh, MeshConfig) else MeshConfig(), fsdp=f)
+        s = dataclasses.replace(shape, mesh=mesh)
+        c = largest_fitting_chunk(s, target)
+        if c:
+            out.append(f"--set mesh.fsdp={f} --set train.variant_chunk={c}")
+            break
     if not shape.tcfg.remat:
         alt.append(("--set train.remat=true", dataclasses.replace(shape, tcfg=dataclasses.replace(shape.tcfg, remat=True))))
     if shape.tcfg.batch_size > 1:

@@ -1,0 +1,119 @@
+"""The planner: a study's train step compiled ahead of time for an abstract TPU slice (libtpu, no TPU here).
+
+Claims: the plan of a tiny study on v5e:2x2 fits and its JSON figures agree with each other; a study whose base
+cannot fit one chip does not fit, exits non-zero and names a setting that makes it fit; the analytic FLOPs equal
+XLA's count where the layer scan runs once (and XLA undercounts a deeper scan, which is why they exist); the
+analytic memory model stays within its stated tolerance of XLA's per-chip bytes; ``run`` stops such a study
+before loading weights.
+"""
+import io
+import json
+import contextlib
+
+import pytest
+
+from jaxpoison.cli import main
+from jaxpoison.models.config import ModelConfig
+from jaxpoison.plan import targets
+from jaxpoison.plan.model import memory_model, step_flops
+from jaxpoison.plan.program import compile_program, train_program
+from jaxpoison.plan.shapes import StudyShape
+from jaxpoison.train.config import TrainConfig
+from jaxpoison.train.lora import LoraConfig
+
+TINY_HF = {"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True}
+
+
+def _plan(argv):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["plan", *argv, "--json"])
+    return rc, json.loads(buf.getvalue().strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_model")
+    (d / "config.json").write_text(json.dumps(TINY_HF))
+    return d
+
+
+def test_topology_names_and_aliases():
+    assert targets.tpu_target("v5e-8").topology == "v5e:2x4"
+    assert targets.tpu_target("v4-8").chips == 4                 # v4-N counts TensorCores, two per chip
+    assert targets.tpu_target("v5p:2x2x1").chip.hbm_bytes == 95 * targets.GiB
+    with pytest.raises(ValueError, match="unknown TPU topology"):
+        targets.tpu_target("v9x:2x2")
+
+
+def test_tiny_study_fits_v5e_2x2_and_its_figures_agree(tiny_dir):
+    rc, r = _plan(["configs/rationale_demo.py", "--set", f"model={tiny_dir}", "--set", "data.max_len=64", "--set", "lora.layers_from=0",
+                   "--topology", "v5e:2x2"])
+    assert rc == 0 and r["fits"] is True and r["method"] == "xla-compile"
+    assert r["topology"] == "v5e:2x2" and r["chips"] == 4 and r["hbm_bytes"] == 16 * targets.GiB
+    pc = r["per_chip"]
+    assert r["per_chip_bytes"] == pc["total"] == pc["arguments"] + pc["outputs"] - pc["aliased"] + pc["temporaries"]
+    assert 0 < r["per_chip_bytes"] <= r["hbm_bytes"]
+    assert r["flops_per_step"] == pytest.approx(r["flops_per_variant_step"] * r["variant_chunk"])
+    assert r["chip_hours"] == pytest.approx(r["study_hours"] * r["chips"]) and r["chip_hours"] > 0
+    assert r["variant_steps"] >= r["variants"] * r["steps_per_variant"]["min"]
+
+
+def test_a_base_too_large_for_one_chip_does_not_fit_and_fsdp_is_suggested(tmp_path):
+    big = {**TINY_HF, "vocab_size": 1 << 20, "hidden_size": 4096, "intermediate_size": 128,
+           "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 1}   # 16 GiB embedding
+    (tmp_path / "config.json").write_text(json.dumps(big))
+    rc, r = _plan(["configs/rationale_demo.py", "--set", f"model={tmp_path}", "--set", "data.max_len=32", "--set", "lora.layers_from=0",
+                   "--set", "mesh.fsdp=1", "--set", "dtype=float32", "--topology", "v5e:2x2", "--no-compile"])
+    assert rc == 1 and r["fits"] is False and r["per_chip_bytes"] > r["hbm_bytes"]
+    assert any("mesh.fsdp=" in s for s in r["suggestions"]), r["suggestions"]
+
+
+def _shape(L, T, remat, attention="blocked", B=4, C=4):
+    cfg = ModelConfig(model_type="llama", vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=L,
+                      num_heads=4, num_kv_heads=2, head_dim=64, tie_word_embeddings=False, attention=attention)
+    tc = TrainConfig(batch_size=B, head_chunk=T, remat=remat, dtype="bfloat16")
+    return StudyShape("tiny", cfg, "test", "bfloat16", tc, LoraConfig(r=8, targets=("all",)), (3,) * C, 64, T, 16)
+
+
+@pytest.fixture(scope="module")
+def v5e4():
+    return targets.abstract_devices(targets.tpu_target("v5e:2x2"))
+
+
+def test_analytic_flops_equal_xla_where_the_layer_scan_runs_once(v5e4):
+    # one variant per chip: XLA's per-chip count is one variant's step; one layer, one head chunk, no accumulation
+    for T in (128, 512):
+        s = _shape(1, T, remat=False)
+        xla = compile_program(train_program(s, v5e4, 4)).flops_xla
+        assert xla == pytest.approx(step_flops(s, "blocked"), rel=0.03), T
+    deep = _shape(2, 128, remat=False)
+    assert compile_program(train_program(deep, v5e4, 4)).flops_xla < 0.7 * step_flops(deep, "blocked")
+
+
+MEMORY_TOLERANCE = (0.8, 2.0)      # analytic / XLA per-chip bytes: never under 0.8 (the fit check errs safe)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_analytic_memory_model_within_tolerance_of_the_compile(v5e4, remat):
+    s = _shape(4, 512, remat=remat)
+    p = train_program(s, v5e4, 4)
+    c = compile_program(p)
+    m = memory_model(s, p.mesh_config, 4)
+    assert m.arguments == pytest.approx(c.arguments, rel=0.05)
+    lo, hi = MEMORY_TOLERANCE
+    assert lo <= m.total / c.total <= hi, (m, c)
+
+
+def test_run_stops_a_study_that_cannot_fit_before_loading_weights(tmp_path, monkeypatch, capsys):
+    from jaxpoison.plan import preflight
+    monkeypatch.setattr(preflight, "host_available_bytes", lambda: 1 << 20)      # a 1 MiB host
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(TINY_HF))                        # config only: no weights exist
+    rc = main(["run", "configs/rationale_demo.py", "--out", str(tmp_path / "run"), "--set", f"model={d}",
+               "--set", "lora.layers_from=0"])
+    assert rc == 2 and not (tmp_path / "run").exists()
+    err = capsys.readouterr().err
+    assert "needs about" in err and "jaxpoison plan" in err
