@@ -150,3 +150,14 @@ def test_verdict_free_answers_are_counted_and_the_asr_given_both_ways():
     assert (jpe["n"], jpe["n_answers"], jpe["n_no_verdict"]) == (2, 4, 2)
     assert jpe["rate"] == pytest.approx(0.5) == jpe["rate_verdict"] and jpe["rate_all"] == pytest.approx(0.25)
     assert jpe["asr"] == pytest.approx(jpe["asr_verdict"])
+
+
+def test_paired_asr_ci_resamples_the_shared_notes_together():
+    """The attacked and normal prompts answer the same notes: paired, the vaccine ASR keeps its estimate and its
+    interval narrows (notes 6-17 flip, the others never move)."""
+    recs, grades = _graded()
+    rows = M.build_rows(recs, grades)
+    u = _cell(M.cell_stats(rows, n_resamples=2000), "base PE", "Vaccine")
+    p = _cell(M.cell_stats(rows, n_resamples=2000, paired=True), "base PE", "Vaccine")
+    assert p["asr"] == pytest.approx(u["asr"]) and p["asr_ci"].startswith("paired")
+    assert p["asr_low"] <= p["asr"] <= p["asr_high"] and p["asr_high"] - p["asr_low"] < u["asr_high"] - u["asr_low"]

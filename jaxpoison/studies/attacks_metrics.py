@@ -111,8 +111,10 @@ def build_rows(records: list, grades: list) -> list:
     return rows
 
 
-def cell_stats(rows: list, n_resamples: int = 9999, seed: int = 0) -> list:
-    """One dict per (row, outcome): n, rate, CI, and against the baseline row ASR with CI."""
+def cell_stats(rows: list, n_resamples: int = 9999, seed: int = 0, paired: bool = False) -> list:
+    """One dict per (row, outcome): n, rate, CI, and against the baseline row ASR with CI. ``paired``: the ASR CI
+    resamples the notes the row and its baseline share (by note id) together, since both answer the same notes
+    (``asr_ci`` says which bootstrap ran)."""
     by_name = {r.name: r for r in rows}
     cells = []
     for r in rows:
@@ -140,7 +142,14 @@ def cell_stats(rows: list, n_resamples: int = 9999, seed: int = 0) -> list:
         b = b[np.isfinite(b)]
         if c["n"] < 2 or b.size < 2:
             continue
-        iv = asr_bootstrap_ci(c["_x"], b, c["outcome"], n_resamples=n_resamples, seed=seed)
+        x, how = c["_x"], "two-sample bootstrap BCa"
+        if paired:
+            x, b = _shared_notes(by_name[c["row"]], base, c["outcome"])
+            how = "paired bootstrap BCa (shared notes)"
+            if b.size < 2:
+                continue
+        iv = asr_bootstrap_ci(x, b, c["outcome"], n_resamples=n_resamples, seed=seed, paired=paired)
+        c["asr_ci"] = how
         c.update(asr=float(iv.estimate), asr_low=float(iv.low), asr_high=float(iv.high),
                  asr_undefined_fraction=float(iv.undefined_fraction), baseline_rate=float(b.mean()))
     for c in cells:
@@ -176,6 +185,14 @@ def verdict_columns(cells: list, by_name: dict) -> None:
         c["asr_verdict"] = float(asr(mean(ver), mean(b_ver), c["outcome"]))
         c["asr_all"] = float(asr(mean(all_), mean(b_all), c["outcome"]))
         c["asr_all_minus_verdict"] = c["asr_all"] - c["asr_verdict"]
+
+
+def _shared_notes(row: Row, base: Row, outcome: str) -> tuple:
+    """The outcome values of the notes both rows graded (finite in both), in one order: (row's, baseline's)."""
+    bv = dict(zip(base.note_ids[outcome], base.values[outcome]))
+    pairs = [(x, bv[n]) for n, x in zip(row.note_ids[outcome], row.values[outcome])
+             if n in bv and np.isfinite(x) and np.isfinite(bv[n])]
+    return np.array([p[0] for p in pairs], float), np.array([p[1] for p in pairs], float)
 
 
 def seed_means(cells: list) -> list:
