@@ -7,11 +7,12 @@ A model spec ``openai:MODEL`` (``grader.judge=openai:gpt-3.5-turbo``, ``source.k
 deployments that want an ``api-key`` header instead go through such a proxy). The key is read from the environment
 (``OPENAI_API_KEY`` by default), never from a config file, so it never lands in a run folder.
 
-Why the standard library (``urllib.request`` + a thread pool) and not ``httpx`` or the ``openai`` package: one
-chat completion is one JSON POST, which needs nothing more; neither package is in this project's requirements
-(``httpx`` is not installed here at all), and the ``openai`` package would add a dependency tree and its own retry
-policy for four lines of HTTP. Threads give the bounded concurrency (the requests wait on the network, not the
-CPU), and every behaviour the studies depend on is written here where it can be tested:
+Why ``httpx`` and not the ``openai`` package: one chat completion is one JSON POST, and every behaviour the
+studies depend on (which replies are retried, how long to wait, what a refused model looks like, the cache) has
+to be ours, written here where it can be tested against a stub server. ``httpx`` gives plain HTTP with a
+connection pool shared by the threads and separate connect/read timeouts; the ``openai`` package would add a
+dependency tree and its own retry and timeout policy on top of the one the studies need. Threads give the
+bounded concurrency (the requests wait on the network, not the CPU):
 
 * **bounded concurrency** (``concurrency`` requests in flight at most);
 * **retries with exponential backoff** on 429 and 5xx replies, timeouts and dropped connections (a
@@ -27,18 +28,17 @@ CPU), and every behaviour the studies depend on is written here where it can be 
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import os
 import pathlib
 import random
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
+
+import httpx
 
 API_PREFIX = "openai:"
 DEFAULT_API_BASE = "https://api.openai.com/v1"
@@ -128,6 +128,7 @@ class ChatClient:
                             f"{self.concurrency}, {self.max_retries}, {self.timeout_s}")
         self.cache = self.cache if self.cache is not None else ReplyCache()
         self._count_lock = threading.Lock()
+        self._client: Optional[httpx.Client] = None
 
     @property
     def url(self) -> str:
@@ -179,39 +180,47 @@ class ChatClient:
         return key
 
     def _send(self, k: str, body: dict, api_key: str) -> None:
-        data = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"}
         last = ""
         for attempt in range(self.max_retries + 1):
-            req = urllib.request.Request(self.url, data=data, method="POST", headers={
-                "Content-Type": "application/json", "Authorization": f"Bearer {api_key}"})
             retry_after = None
             try:
                 with self._count_lock:
                     self.requests_sent += 1
-                with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                    raw = resp.read()
-                self.cache.put(k, body, self._content(raw))
-                return
-            except urllib.error.HTTPError as e:
-                detail = _error_detail(e)
-                if e.code == 429 or e.code >= 500:
-                    last, retry_after = f"HTTP {e.code} from {self.url}: {detail}", e.headers.get("Retry-After")
-                elif e.code in (401, 403):
-                    raise ChatError(f"{self.url} refused the API key (HTTP {e.code}: {detail}); fix: check "
-                                    f"{self.key_env}") from None
-                elif e.code == 404 and "model" not in detail.lower():
-                    raise ChatError(f"{self.url} does not exist (HTTP 404: {detail}); fix: api_base is the URL "
-                                    f"before /chat/completions, e.g. https://api.openai.com/v1") from None
-                else:
-                    raise ChatError(f"{self.url} refused the request for model {self.model!r} (HTTP {e.code}: "
-                                    f"{detail}); fix: check the model name and that this server serves it") from None
-            except urllib.error.URLError as e:
-                last = f"cannot reach {self.url} ({e.reason}); fix: check api_base and that the server is running"
-            except (TimeoutError, OSError, http.client.HTTPException) as e:   # timeouts, connections dropped
+                resp = self._http().post(self.url, content=json.dumps(body).encode(), headers=headers)
+            except httpx.ConnectError as e:
+                last = f"cannot reach {self.url} ({e}); fix: check api_base and that the server is running"
+            except httpx.TransportError as e:        # timeouts, connections dropped mid-reply, protocol errors
                 last = f"no reply from {self.url} ({type(e).__name__}: {e}); the server is slow, down or unreachable"
+            else:
+                code = resp.status_code
+                if code < 300:
+                    self.cache.put(k, body, self._content(resp.content))
+                    return
+                detail = _error_detail(resp)
+                if code == 429 or code >= 500:
+                    last, retry_after = f"HTTP {code} from {self.url}: {detail}", resp.headers.get("Retry-After")
+                elif code in (401, 403):
+                    raise ChatError(f"{self.url} refused the API key (HTTP {code}: {detail}); fix: check "
+                                    f"{self.key_env}")
+                elif code == 404 and "model" not in detail.lower():
+                    raise ChatError(f"{self.url} does not exist (HTTP 404: {detail}); fix: api_base is the URL "
+                                    f"before /chat/completions, e.g. https://api.openai.com/v1")
+                else:
+                    raise ChatError(f"{self.url} refused the request for model {self.model!r} (HTTP {code}: "
+                                    f"{detail}); fix: check the model name and that this server serves it")
             if attempt < self.max_retries:
                 time.sleep(self._wait(attempt, retry_after))
         raise ChatError(f"{last} (after {self.max_retries + 1} attempts)")
+
+    def _http(self) -> httpx.Client:
+        """One connection pool for the client's threads (httpx.Client is thread-safe), made on first use."""
+        with self._count_lock:
+            if self._client is None:
+                self._client = httpx.Client(timeout=httpx.Timeout(self.timeout_s, connect=min(self.timeout_s, 30.0)),
+                                            limits=httpx.Limits(max_connections=self.concurrency),
+                                            follow_redirects=True)
+            return self._client
 
     def _wait(self, attempt: int, retry_after) -> float:
         try:
@@ -235,13 +244,12 @@ class ChatClient:
         return content
 
 
-def _error_detail(e: urllib.error.HTTPError) -> str:
+def _error_detail(resp: httpx.Response) -> str:
     try:
-        raw = e.read()
-        msg = json.loads(raw).get("error", {})
-        return str(msg.get("message") if isinstance(msg, dict) else msg) or raw[:200].decode("utf-8", "replace")
+        msg = resp.json().get("error", {})
+        return str(msg.get("message") if isinstance(msg, dict) else msg) or resp.text[:200]
     except Exception:
-        return str(e.reason)
+        return resp.reason_phrase or resp.text[:200]
 
 
 def client_for(spec: str, api_base: str = "", run_dir=None, api=None, **params) -> ChatClient:
