@@ -46,6 +46,21 @@ def test_self_attention_equals_plain_attention_forward_and_gradients(impl, T, H,
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=3e-6 * scale, err_msg=name)
 
 
+def test_dot_product_attention_padded_to_even_length_as_cudnn_needs():
+    """The cudnn path pads odd lengths to even (cuDNN trains with a bias only then): the same padding through
+    the xla implementation changes nothing on real queries, forward or backward."""
+    from jaxpoison.models.attention import _dot_product_attention
+    B, T, H, K, hd = 2, 21, 4, 2, 8
+    q, k, v = _qkv(B, T, H, K, hd, seed=3)
+    am, mask = _padded_causal(B, T)
+    w = jnp.asarray(am[:, :, None], jnp.float32)
+    f = lambda m: lambda q, k, v: (_dot_product_attention(q, k, v, mask, "xla", m) * w).sum()
+    np.testing.assert_allclose(np.asarray(_dot_product_attention(q, k, v, mask, "xla", 2))[am],
+                               np.asarray(attention(q, k, v, mask))[am], atol=2e-6)
+    for a, b in zip(jax.grad(f(1), (0, 1, 2))(q, k, v), jax.grad(f(2), (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-6)
+
+
 def test_auto_picks_by_backend_and_rejects_unknown():
     assert resolve_attention("auto") == "blocked"                 # this suite runs on CPU
     assert resolve_attention("auto", platform="tpu") == "splash"

@@ -175,10 +175,22 @@ def self_attention(q: Array, k: Array, v: Array, mask: Array, impl: str = "auto"
         return causal_attention(q, k, v, mask)
     B, T, H, hd = q.shape
     if impl in ("xla", "cudnn"):
-        q, k, v = checkpoint_name(q, "q"), checkpoint_name(k, "k"), checkpoint_name(v, "v")
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=True, implementation=impl)
-        return checkpoint_name(out, "attn_out").reshape(B, T, H * hd)
+        # cuDNN's flash attention with a bias (our mask) trains only on even lengths
+        return _dot_product_attention(q, k, v, mask, impl, multiple=2 if impl == "cudnn" else 1)
     return splash_attention(q, k, v, mask, rules=rules, interpret=impl == "splash_interpret")
+
+
+def _dot_product_attention(q, k, v, mask, impl: str, multiple: int = 1):
+    """``jax.nn.dot_product_attention`` (causal, ``mask`` as its boolean mask) with the sequence padded to a
+    ``multiple`` (padded queries see no key: their rows are dropped)."""
+    B, T, H, hd = q.shape
+    pad = -T % multiple
+    if pad:
+        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+        mask = jnp.pad(mask, ((0, 0), (0, pad), (0, pad)))
+    q, k, v = checkpoint_name(q, "q"), checkpoint_name(k, "k"), checkpoint_name(v, "v")
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=True, implementation=impl)
+    return checkpoint_name(out, "attn_out")[:, :T].reshape(B, T, H * hd)
 
 
 def _splash_block(n: int) -> int:
