@@ -110,13 +110,15 @@ def _same_run(old: dict, new: dict) -> list[str]:
 
 def variant_chunks(n_rows: np.ndarray, tcfg: TrainConfig) -> list[np.ndarray]:
     """Variant indices per chunk: all variants in their own order when ``variant_chunk`` is 0 or covers them;
-    otherwise sorted by number of updates (most first, stable) and cut into chunks of ``variant_chunk``, so a
-    chunk's variants finish together."""
+    otherwise sorted by number of updates (most first, stable) and cut into chunks of at most ``variant_chunk``,
+    so a chunk's variants finish together (the last chunk may be smaller when no size near it divides V)."""
     V, C = len(n_rows), tcfg.variant_chunk
     if not C or C >= V:
         return [np.arange(V)]
+    # equal chunks compile once: the largest size <= C that divides V, unless that would more than halve C
+    size = next((n for n in range(C, (C + 1) // 2, -1) if V % n == 0), C)
     order = np.argsort(-np.asarray(total_updates(np.asarray(n_rows), tcfg)), kind="stable")
-    return [order[i:i + C] for i in range(0, V, C)]
+    return [order[i:i + size] for i in range(0, V, size)]
 
 
 def tree_bytes(tree) -> int:
@@ -178,15 +180,25 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
         return jax.device_put(tree, put(jmesh, tree, st.rules))
 
     resident = len(chunks) == 1         # the state stays on the devices between segments
+    # chunked: ``state`` is a list of per-chunk states waiting in host memory (numpy); on CPU the devices' memory
+    # is host memory, so they wait there as they are (no copies)
+    wait = (lambda x: x) if jax.devices()[0].platform == "cpu" else jax.device_get
     init = init_program(st, jmesh)
-    chunk_in = [(place(keys[c]), place(var.take(c))) for c in chunks] if resident else None
+    chunk_in = [(place(keys[c]), place(var.take(c))) for c in chunks]
     if resident:
         state = init(chunk_in[0][0])
     else:
-        parts = [jax.device_get(init(place(keys[c]))) for c in chunks]
-        state = jax.tree.map(lambda *xs: np.zeros((V,) + xs[0].shape[1:], xs[0].dtype), *parts)
+        state = [wait(init(k)) for k, _ in chunk_in]
+
+    def study_order(state) -> TrainState:
+        """The whole state in the study's variant order (on the host when chunked): checkpoints, the result."""
+        if resident:
+            return state
+        parts = [jax.device_get(p) for p in state]
+        full = jax.tree.map(lambda *xs: np.zeros((V,) + xs[0].shape[1:], xs[0].dtype), *parts)
         for c, part in zip(chunks, parts):
-            _put_rows(state, c, part)
+            _put_rows(full, c, part)
+        return full
 
     ckpt = Checkpoints(run_dir, tcfg.keep_last) if run_dir else None
     start, resumed = 0, None
@@ -196,8 +208,11 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
         if diff:
             raise ValueError(f"{run_dir} holds a run with a different {', '.join(diff)}: resume needs the same "
                              "command. Use another --out folder, or delete this one to start afresh.")
-        start, saved, _ = ckpt.restore(abstract_like(state.to_dict()) if resident else state.to_dict())
-        state = TrainState.from_dict(saved if resident else jax.tree.map(np.array, saved))   # writable copies
+        target = study_order(state).to_dict()       # numpy when chunked: restored to the host, then placed
+        start, saved, _ = ckpt.restore(abstract_like(target) if resident else target)
+        state = TrainState.from_dict(saved)
+        if not resident:
+            state = [wait(place(_take(state, c))) for c in chunks]
         resumed = start
     metrics_path = pathlib.Path(run_dir) / "metrics.jsonl" if run_dir else None
     kept = []
@@ -221,26 +236,29 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
     last_done = [time.time()]
 
     def run_chunks(state, s):
-        """One segment of every chunk that still has steps at ``s``: host state in, host state out; one chunk
-        computes while the previous one comes back. Returns (state, metrics [K, V] on the host)."""
+        """One segment of every chunk that still has steps at ``s``, one chunk on the devices at a time; the next
+        chunk computes while the previous one goes back to wait. Returns (state, metrics [K, V] on the host)."""
+        frozen = np.zeros(V, bool)
+        for c, part in zip(chunks, state):
+            frozen[c] = jax.device_get(part.frozen)
         m_all = {"loss": np.full((K, V), np.nan, np.float32), "grad_norm": np.full((K, V), np.nan, np.float32),
                  "lr": np.zeros((K, V), np.float32), "tokens": np.zeros((K, V), np.float32),
-                 "applied": np.zeros((K, V), bool), "frozen": np.repeat(state.frozen[None], K, 0)}
+                 "applied": np.zeros((K, V), bool), "frozen": np.repeat(frozen[None], K, 0)}
         inflight = None
 
         def land(inflight):
-            c, new, m = inflight
-            _put_rows(state, c, jax.device_get(new))
+            i, new, m = inflight
+            state[i] = wait(new)
             for k, v in jax.device_get(m).items():
-                m_all[k][:, c] = v
+                m_all[k][:, chunks[i]] = v
 
-        for c, steps_c in zip(chunks, chunk_steps):
+        for i, steps_c in enumerate(chunk_steps):
             if steps_c <= s:
                 continue                    # every variant of this chunk has finished: no compute
-            new, m = seg(place(_take(state, c)), np.int32(s), place(keys[c]), base, pool, place(var.take(c)))
+            new, m = seg(place(state[i]), np.int32(s), chunk_in[i][0], base, pool, chunk_in[i][1])
             if inflight:
                 land(inflight)
-            inflight = (c, new, m)
+            inflight = (i, new, m)
         if inflight:
             land(inflight)
         return state, m_all
@@ -283,7 +301,7 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
             s += K
             if ckpt and (tcfg.save_every or s >= S):
                 meta["step"] = min(s, S)
-                ckpt.save(min(s, S), state.to_dict(), meta)
+                ckpt.save(min(s, S), study_order(state).to_dict(), meta)
                 if os.environ.get("JAXPOISON_TEST_SIGKILL_AFTER") == str(min(s, S)):
                     # test hook: die like a pre-empted job, with the next segment already dispatched
                     state, m = advance(state, s)
@@ -294,6 +312,7 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
         bar.close()
     if ckpt:
         ckpt.close()
+    state = study_order(state)
     metrics = {k: np.concatenate(v) for k, v in history.items()} if history else {}
     return TrainResult(state, metrics, S, time.time() - t0, resumed)
 
