@@ -183,6 +183,13 @@ def test_quant_is_part_of_the_run_config(tmp_path):
     nf4 = _jsonable(RationaleConfig(quant="nf4"))
     with pytest.raises(RF.StudyConfigError, match="quant"):
         RF.prepare(tmp_path, "rationale", nf4, True, ())
+    old = json.loads((tmp_path / "config.json").read_text())
+    del old["config"]["quant"]                          # a run folder from before the field existed
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    RF.prepare(tmp_path, "rationale", _jsonable(cfg), True, ())          # resumes as the float base it was
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    with pytest.raises(RF.StudyConfigError, match="quant"):
+        RF.prepare(tmp_path, "rationale", nf4, True, ())
     with pytest.raises(RF.StudyConfigError, match="quant: one of"):
         check_config(RationaleConfig(quant="q4"))
     lm = RF.load_base("", "float32", (TINY, tiny_base(), None), "int8")

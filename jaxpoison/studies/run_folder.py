@@ -12,6 +12,10 @@ import shutil
 from typing import Sequence
 
 
+# top-level fields added after runs were made, with the value such a run had: an old folder resumes unchanged
+ADDED_FIELDS = {"quant": "none"}
+
+
 class StudyConfigError(ValueError):
     """A config value that cannot work, or a run folder that holds another config. The message names the field
     (or folder) and what to do."""
@@ -26,7 +30,7 @@ def prepare(out_dir, study: str, cfg_json: dict, resume: bool, stale: Sequence[s
     out.mkdir(parents=True, exist_ok=True)
     cf = out / "config.json"
     if cf.exists() and resume:
-        old = json.loads(cf.read_text()).get("config", {})
+        old = {**ADDED_FIELDS, **json.loads(cf.read_text()).get("config", {})}
         diff = [k for k in cfg_json if k not in ignore and _without(old.get(k), k, ignore) !=
                 _without(cfg_json[k], k, ignore)]
         if diff:
