@@ -196,6 +196,37 @@ def test_quant_is_part_of_the_run_config(tmp_path):
     assert Q.base_quant(lm.params) == "int8"
 
 
+def test_a_sharded_kernel_gives_leaves_sharded_like_it():
+    """On a (fsdp=2, model=4) mesh of the emulated CPU devices the leaves keep the kernel's spec where it divides
+    (codes and absmax: in and out split) and drop it where it does not (int8's one-row scale)."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("fsdp", "model"))
+    w = _weights((2, 256, 64), seed=5)
+    ws = jax.device_put(w, NamedSharding(mesh, P(None, "fsdp", "model")))
+    for kind in ("nf4", "nf4-dq", "int8"):
+        q = Q.quantize_kernel(ws, kind)
+        assert q.codes.sharding.spec == P(None, "fsdp", "model")
+        assert q.scale.sharding.spec == (P(None, None, "model") if kind == "int8" else P(None, "fsdp", "model"))
+        np.testing.assert_array_equal(np.asarray(Q.dequantize(q)),
+                                      np.asarray(Q.dequantize(Q.quantize_kernel(w, kind))))
+
+
+def test_load_base_quantises_each_kernel_as_the_loader_places_it(tmp_path):
+    from hf_tiny import make_hf_model, save_tiny_tokenizer
+    make_hf_model("qwen2_untied", seed=4, hidden=64).save_pretrained(tmp_path)
+    save_tiny_tokenizer(tmp_path)
+    lm = RF.load_base(str(tmp_path), "float32", None, "nf4")
+    plain = RF.load_base(str(tmp_path), "float32")
+    assert Q.base_quant(lm.params) == "nf4" and Q.base_quant(plain.params) == "none"
+    for m in Q.QUANTIZED_MODULES:
+        np.testing.assert_array_equal(np.asarray(Q.dequantize(lm.params["layers"][m]["kernel"])),
+                                      np.asarray(Q.dequantize(Q.quantize_kernel(plain.params["layers"][m]["kernel"],
+                                                                                "nf4"))))
+    assert not Q.is_quantized(lm.params["layers"]["q"]["bias"])
+    assert not Q.is_quantized(lm.params["lm_head"]["kernel"])
+    assert Q.kernel_transform("nf4")(("lm_head", "kernel"), 1) == 1
+
+
 # ---- bitsandbytes' own quantize_4bit / int8 on CPU ------------------------------------------------------------------
 @pytest.fixture(autouse=True, scope="module")
 def _no_torch_compile():

@@ -230,8 +230,40 @@ def quantize_kernel(w, kind: str, double: bool = False) -> QuantKernel:
         scale2 = jnp.stack([d[1] for d in dq])
         offset = jnp.stack([d[2] for d in dq])
     shape_back = lambda x: None if x is None else x.reshape(lead + x.shape[1:]) if lead else x[0]
-    return QuantKernel(shape_back(codes), shape_back(scale), shape_back(scale2), shape_back(offset),
-                       kind="nf4-dq" if double else kind, in_features=i)
+    q = QuantKernel(shape_back(codes), shape_back(scale), shape_back(scale2), shape_back(offset),
+                    kind="nf4-dq" if double else kind, in_features=i)
+    sharding = getattr(w, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        q = jax.tree.map(lambda x: jax.device_put(x, like_kernel(sharding, x.shape)), q)
+    return q
+
+
+def like_kernel(sharding: "jax.sharding.NamedSharding", shape: tuple) -> "jax.sharding.NamedSharding":
+    """The kernel's sharding for one of its quantised leaves: its partition spec cut to the leaf's ndim, without
+    the mesh axes that do not divide the leaf's dim (a scale of 1 row, a small second-level scale)."""
+    mesh, spec = sharding.mesh, tuple(sharding.spec) + (None,) * len(shape)
+
+    def fits(axes, dim):
+        axes = axes if isinstance(axes, tuple) else (axes,)
+        return dim % int(np.prod([mesh.shape[a] for a in axes])) == 0
+
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+        *[a if a is None or fits(a, d) else None for a, d in zip(spec, shape)]))
+
+
+def kernel_transform(kind: str):
+    """``transform(path, array)`` for :func:`jaxpoison.models.lm.load_model`: quantises each decoder-layer kernel
+    as soon as it is placed (so the float kernel of one module, not the whole float base, is the peak), and
+    leaves every other array as it is."""
+    kind = parse_quant(kind)
+
+    def transform(path: tuple, x):
+        if kind != "none" and len(path) == 3 and path[0] == "layers" and path[1] in QUANTIZED_MODULES \
+                and path[2] == "kernel":
+            return quantize_kernel(x, kind)
+        return x
+
+    return transform
 
 
 def abstract_kernel(shape: tuple, kind: str) -> QuantKernel:

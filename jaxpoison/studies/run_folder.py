@@ -59,10 +59,10 @@ def load_base(model: str, dtype: str, base_override=None, quant: str = "none"):
     other than 'none' quantises the decoder layers' kernels (:func:`jaxpoison.models.quant.quantize_base`); the
     fingerprint stays that of the weights, the run's config records ``quant``."""
     import dataclasses
-    from jaxpoison.models.quant import quantize_base
-    if base_override is None:
+    from jaxpoison.models.quant import kernel_transform, quantize_base
+    if base_override is None:       # each kernel is quantised as it is placed: never the whole float base at once
         from jaxpoison.models.lm import load_model
-        lm = load_model(model, dtype)
+        return load_model(model, dtype, transform=None if quant == "none" else kernel_transform(quant))
     else:
         import jax.numpy as jnp
         from jaxpoison.models.lm import LM
