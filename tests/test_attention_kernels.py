@@ -178,3 +178,25 @@ def test_model_logprobs_equal_blocked_path(impl, tmp_path):
     valid = am[:, 1:] & am[:, :-1]
     assert np.abs(ref[valid]).min() > 0
     np.testing.assert_allclose(got[valid], ref[valid], atol=2e-5)
+
+
+def test_cached_generation_compiles_for_tpu_v5e():
+    """Generation (prefill and decode through the blocked cache attention with its dynamic trip count) lowers
+    and compiles for one abstract v5e chip, as the planner needs."""
+    from jax.experimental import topologies
+    from jaxpoison.models.config import ModelConfig
+    from jaxpoison.models.generate import generate_tokens
+    from jaxpoison.models.hf import abstract_base
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    chip = jax.sharding.SingleDeviceSharding(
+        topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices[0])
+    cfg = ModelConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=32, attention="splash")
+    base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=chip), abstract_base(cfg, jnp.bfloat16))
+    B, P = 4, 64
+    args = (base, jax.ShapeDtypeStruct((B, P), jnp.int32, sharding=chip), jax.ShapeDtypeStruct((B, P), bool, sharding=chip),
+            jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=chip))
+    compiled = generate_tokens.lower(*args, cfg=cfg, max_new_tokens=32, dtype=jnp.bfloat16).compile()
+    hlo = compiled.as_text()
+    assert "while" in hlo and "dynamic-slice" in hlo            # the decode loop over filled KV blocks
+    assert compiled.memory_analysis().temp_size_in_bytes > 0
