@@ -56,16 +56,12 @@ def _without(section, name: str, ignore: Sequence[str]):
 def load_base(model: str, dtype: str, base_override=None, quant: str = "none"):
     """The study's base model as an :class:`jaxpoison.models.lm.LM`; ``base_override`` = (model cfg, params,
     tokenizer) replaces it (tests use tiny random models; its name is ``override``, fingerprint empty). ``quant``
-    other than 'none' quantises the decoder layers' kernels (:func:`jaxpoison.models.quant.quantize_base`); the
+    other than 'none' quantises the decoder layers' kernels (:mod:`jaxpoison.models.quant`); the
     fingerprint stays that of the weights, the run's config records ``quant``."""
-    import dataclasses
+    import jax.numpy as jnp
+    from jaxpoison.models.lm import LM, load_model
     from jaxpoison.models.quant import kernel_transform, quantize_base
     if base_override is None:       # each kernel is quantised as it is placed: never the whole float base at once
-        from jaxpoison.models.lm import load_model
         return load_model(model, dtype, transform=None if quant == "none" else kernel_transform(quant))
-    else:
-        import jax.numpy as jnp
-        from jaxpoison.models.lm import LM
-        mcfg, params, tok = base_override
-        lm = LM(mcfg, params, tok, "override", "", jnp.float32)
-    return lm if quant == "none" else dataclasses.replace(lm, params=quantize_base(lm.params, quant))
+    mcfg, params, tok = base_override
+    return LM(mcfg, quantize_base(params, quant), tok, "override", "", jnp.float32)
