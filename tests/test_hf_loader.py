@@ -31,9 +31,12 @@ def _mesh():
 
 
 def _specs(params):
-    """An FSDP + tensor-parallel placement: kernels [L, in, out] over (None, fsdp, model), the rest by dim 0."""
+    """An FSDP + tensor-parallel placement: kernels [L, in, out] over (None, fsdp, model), the rest by dim 0; the
+    up kernel over (fsdp, None, model), which leaves no axis to chunk along (it goes shard by shard)."""
     def spec(path, x):
         keys = tuple(k.key for k in path)
+        if keys[1:] == ("up", "kernel"):
+            return P("fsdp", None, "model")
         if keys[-1] == "kernel" and x.ndim == 3:
             return P(None, "fsdp", "model")
         return P("fsdp") if x.shape[0] % 2 == 0 else P()

@@ -369,8 +369,8 @@ def load_hf_base(d: pathlib.Path, cfg: ModelConfig, dtype=np.float32, shardings=
     (bf16 stays bf16; no fp32 copy of the model). A leaf larger than :data:`CHUNK_BYTES` is placed in chunks
     along an axis its sharding does not split (preferably the one HF's rows run along): zeros in the target
     sharding, then each chunk written in place (``dynamic_update_slice`` with the buffer donated), so the host
-    holds a chunk or two at a time, never a whole stacked leaf, and a device only what its shard needs. Large
-    kernels travel in HF's ``[out, in]`` orientation and are transposed on the device as they are written.
+    holds a chunk or two at a time, never a whole stacked leaf, and a device only what its shard needs (a large
+    leaf that its sharding splits along every such axis goes shard by shard instead). Large kernels travel in HF's ``[out, in]`` orientation and are transposed on the device as they are written.
     ``transform(path, array)`` (optional) maps each leaf as soon as it is placed (e.g. quantising a kernel),
     before the next is read.
     """
@@ -410,6 +410,17 @@ def load_hf_base(d: pathlib.Path, cfg: ModelConfig, dtype=np.float32, shardings=
 
         return jax.make_array_from_callback(shape, sharding, cb)
 
+    def shard_by_shard(path, shape, sharding):
+        """A large leaf split along every axis that could be chunked: each device's shard read and put on its
+        device in turn (the host holds one shard, not all of them as ``make_array_from_callback`` would)."""
+        arrays = []
+        for device, index in sharding.addressable_devices_indices_map(shape).items():
+            host = ckpt.read(path, index, dtype, fhs)
+            arrays.append(jax.device_put(host, device))
+            arrays[-1].block_until_ready()
+            del host
+        return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
     def place(path, shape):
         sharding = sharding_of(path)
         nbytes = int(np.prod(shape)) * dtype.itemsize
@@ -418,7 +429,9 @@ def load_hf_base(d: pathlib.Path, cfg: ModelConfig, dtype=np.float32, shardings=
         if hf_sharding is None:
             perm, hf_sharding = None, sharding
         axes = [a for a in dict.fromkeys([_hf_row_axis(path), 0]) if _unsharded(sharding, a)]
-        if nbytes <= CHUNK_BYTES or not axes:
+        if nbytes > CHUNK_BYTES and not axes:
+            arr = shard_by_shard(path, shape, sharding)
+        elif nbytes <= CHUNK_BYTES:
             if perm is None:
                 arr = from_callback(path, shape, sharding)
             else:
