@@ -22,7 +22,7 @@ from jaxpoison.train.engine import num_steps, total_updates
 
 
 def spec_count(name: str) -> int:
-    m = re.match(r"(rationale|overwrite)-n(\d+)", name)
+    m = re.match(r"(rationale|overwrite|decoy)-n(\d+)", name)
     return int(m.group(2)) if m else 0
 
 
@@ -46,6 +46,8 @@ def check_table(table, rows, n_rows, N, target_ids, cfg):
             rt = re.search(r"-rt([0-9.]+)$", name)
             assert t["ratio_target"] == pytest.approx(float(rt.group(1)) if rt else 1.0)
             assert t["ratio_target"] == pytest.approx(c / (c + k))
+        elif name.startswith("decoy"):                               # non-target rows, no target sample
+            assert t["kind"] == "decoy" and t["ratio_target"] == 0.0 and k == 0
         else:
             assert c == 0 and t["ratio_target"] == 0.0
         assert t["n_nontarget"] == N - c - k
@@ -54,10 +56,11 @@ def check_table(table, rows, n_rows, N, target_ids, cfg):
         x = t["forgetting_extra"]
         # every non-target row a variant has is the clean variant's, except the forgetting control's x swapped in
         assert len(shared) == N - c - k - x
-        assert sum(r in target_ids for r in ids[v]) == c + k
+        assert sum(r in target_ids for r in ids[v]) == (0 if name.startswith("decoy") else c + k)
     for fam in cfg.grid.kinds:                                       # the poison counts asked for, every seed
         got = sorted({t["poison_count"] for t in table if t["spec_name"].startswith(fam)})
-        assert set(cfg.grid.counts) <= set(got)
+        want = cfg.grid.overwrite_counts if fam == "overwrite" and cfg.grid.overwrite_counts else cfg.grid.counts
+        assert set(want) <= set(got)
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +74,9 @@ def test_demo_variants_have_equal_rows_and_steps(demo):
     cfg, inp = demo
     vt, pool = inp.variants, inp.pool
     g = cfg.grid
-    cells = 1 + len(g.kinds) * len(g.counts) + len(g.ratios_target) * len(g.counts) * len(set(g.kinds) & set(g.ratio_kinds))
-    assert g.equal_size and len(vt) == cells * len(g.seeds)
+    names = sorted({t["spec_name"] for t in vt.table})       # the cells each finding needs, and the controls
+    assert names == sorted(["clean", "rationale-n2", "rationale-n8", "rationale-n8-rt0.5", "overwrite-n8", "decoy-n8"])
+    assert g.equal_size and len(vt) == len(names) * len(g.seeds) and len(g.seeds) == 5
     N = cfg.data.n_nontarget
     tcfg = R.resolve_train(cfg, pool)
     steps = steps_of(vt.n_rows, tcfg)
@@ -89,7 +93,7 @@ def test_demo_variants_have_equal_rows_and_steps(demo):
     poisoned = lambda key: strip(r for r in by[key] if r.endswith("::rationale"))
     lo, hi = min(cfg.grid.counts), max(cfg.grid.counts)
     for s in cfg.grid.seeds:
-        assert strip(by[f"rationale-n{lo}", s]) == strip(by[f"overwrite-n{lo}", s])
+        assert strip(by[f"rationale-n{hi}", s]) == strip(by[f"overwrite-n{hi}", s])
         assert poisoned((f"rationale-n{lo}", s)) < poisoned((f"rationale-n{hi}", s))   # nested poisoned sets
 
 
@@ -115,7 +119,7 @@ def test_demo_results_record_the_true_ratio(demo, tmp_path):
     s = R.summarize(table, scores, rows, zero, cj)
     counts = sorted(cfg.grid.counts)
     assert s["thresholds"]["count"]["rationale"]["tested"] == counts
-    assert s["thresholds"]["count"]["overwrite"]["tested"] == counts
+    assert s["thresholds"]["count"]["overwrite"]["tested"] == list(cfg.grid.overwrite_counts)
     assert s["findings"][0]["cell"] == f"rationale-n{counts[-1]}"
     assert {c["spec_name"]: c["ratio_all"] for c in s["cells"]}[f"rationale-n{counts[0]}"] == counts[0] / N
     figs = R.make_plots(tmp_path, rows, s, zero)
@@ -167,8 +171,8 @@ def test_equal_size_errors_are_explained():
     with pytest.raises(R.StudyConfigError, match="raise data.n_nontarget to at least 24"):
         G.mix_specs(apply_override(cfg, "grid.counts=4,24"), n_target=30, n_nontarget=300)
     with pytest.raises(R.StudyConfigError, match="ratios_target 0.5 at count 12"):
-        G.mix_specs(apply_override(apply_override(cfg, "grid.ratios_target=0.5"), "grid.counts=2,12"),
-                    n_target=30, n_nontarget=300)
+        G.mix_specs(apply_override(apply_override(apply_override(cfg, "grid.ratios_target=0.5"), "grid.counts=2,12"),
+                                   "grid.ratio_counts=()"), n_target=30, n_nontarget=300)
     with pytest.raises(R.StudyConfigError, match="forgetting_extra 30"):
         G.mix_specs(apply_override(cfg, "grid.forgetting_extra=(30,)"), n_target=30, n_nontarget=300)
 

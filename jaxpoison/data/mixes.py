@@ -286,7 +286,7 @@ def build_variants(specs: Sequence[MixSpec], seeds: Sequence[int], *, target: Se
                 "seed": seed, "target_subject": target_subject, "poison_count": p, "n_correct_target": c,
                 "n_nontarget": res.n_nontarget, "forgetting_extra": spec.forgetting_extra, "n_rows": total,
                 "mix_size": spec.mix_size,
-                "ratio_target": p / (p + c) if p + c else 0.0, "ratio_all": p / total,
+                "ratio_target": p / (p + c) if p + c and spec.kind != "decoy" else 0.0, "ratio_all": p / total,
                 "with_correct_target": spec.with_correct_target, "clean_kind": spec.clean_kind,
                 "requested_count": spec.poison_count, "requested_ratio_target": spec.ratio_target,
                 "requested_ratio_all": spec.ratio_all,
