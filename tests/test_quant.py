@@ -156,9 +156,11 @@ def test_lora_gradients_through_a_quantised_base_equal_those_through_its_dequant
 
 def test_study_trainer_on_a_quantised_base_equals_training_on_its_dequantised_weights():
     """The real program (train_study) takes the quantised tree as its base; with ``layers_from`` the lower layers
-    run through run_layers (the path scoring uses too)."""
+    run through run_layers (the path scoring uses too). On a (variant 1, data 1, fsdp 2, model 2) mesh the
+    quantised leaves are stored split like the kernels and gathered per layer: same adapters."""
     from jaxpoison.train.config import TrainConfig
     from jaxpoison.train.engine import Static
+    from jaxpoison.train.mesh import MeshConfig
     from jaxpoison.train.trainer import train_study
     from tests.tiny import tiny_study
     base = tiny_base()
@@ -168,10 +170,13 @@ def test_study_trainer_on_a_quantised_base_equals_training_on_its_dequantised_we
     st = Static(TINY, TrainConfig(learning_rate=5e-3, epochs=1, batch_size=4, log_every=2),
                 LoraConfig(r=4, alpha=8, targets=("q", "v"), layers_from=1))
     sd = tiny_study(V=2)
-    rq, rd = train_study(qb, st, sd, progress=False), train_study(deq, st, sd, progress=False)
+    one = MeshConfig(1, 1, 1, 1)
+    rq, rd = train_study(qb, st, sd, mesh=one, progress=False), train_study(deq, st, sd, mesh=one, progress=False)
+    rm = train_study(qb, st, sd, mesh=MeshConfig(1, 1, 2, 2), progress=False)
     assert rq.metrics["applied"].sum() > 0 and np.isfinite(rq.metrics["loss"][rq.metrics["applied"]]).all()
-    for a, b in zip(jax.tree.leaves(rq.lora), jax.tree.leaves(rd.lora)):
+    for a, b, c in zip(jax.tree.leaves(rq.lora), jax.tree.leaves(rd.lora), jax.tree.leaves(rm.lora)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(c), np.asarray(a), atol=1e-5)
     assert np.abs(np.asarray(rq.lora["q"]["b"])).max() > 1e-4
 
 
