@@ -154,6 +154,36 @@ def test_lora_gradients_through_a_quantised_base_equal_those_through_its_dequant
     assert float(loss(lora, qb, 0)) != float(loss(lora, base, 0))
 
 
+def test_no_whole_dequantised_kernel_exists_outside_the_layer_scan():
+    """The jaxpr of the training gradient on an NF4 base: at its top level (outside the scan bodies) no float array
+    has a stacked kernel's [L, in, out] shape, so the base is dequantised one layer at a time, inside the scan."""
+    qb = Q.quantize_base(tiny_base(), "nf4")
+    lcfg = LoraConfig(r=4, targets=("q", "v"))
+    lora = init_lora(jax.random.PRNGKey(1), TINY, lcfg)
+    toks = jnp.asarray(np.random.default_rng(0).integers(3, TINY.vocab_size, (3, 8)), jnp.int32)
+
+    def loss(lora, b):
+        h, _ = Decoder(TINY, lora_scale=lcfg.scale).apply({"params": b}, toks, lora=lora)
+        return -token_logprobs(b, TINY, h[:, :-1], toks[:, 1:], lora=lora, lora_scale=lcfg.scale).mean()
+
+    def float_shapes(jaxpr, into_scans):
+        out = set()
+        for e in jaxpr.eqns:
+            out |= {tuple(v.aval.shape) for v in e.outvars if jnp.issubdtype(v.aval.dtype, jnp.floating)}
+            if e.primitive.name == "scan" and not into_scans:
+                continue
+            for p in e.params.values():
+                for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+                    if isinstance(sub, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr)):
+                        out |= float_shapes(getattr(sub, "jaxpr", sub), into_scans)
+        return out
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(lora, qb).jaxpr
+    kernels = {tuple(q.shape) for q in jax.tree.leaves(qb["layers"], is_leaf=Q.is_quantized) if Q.is_quantized(q)}
+    assert not float_shapes(jaxpr, into_scans=False) & kernels
+    assert {k[1:] for k in kernels} <= float_shapes(jaxpr, into_scans=True)     # one layer's kernels, in the scan
+
+
 def test_study_trainer_on_a_quantised_base_equals_training_on_its_dequantised_weights():
     """The real program (train_study) takes the quantised tree as its base; with ``layers_from`` the lower layers
     run through run_layers (the path scoring uses too). On a (variant 1, data 1, fsdp 2, model 2) mesh the
