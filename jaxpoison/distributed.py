@@ -341,6 +341,17 @@ def barrier(name: str, timeout_s: Optional[float] = None) -> None:
         c.wait_at_barrier(_key(name), int(1000 * (timeout_s or _launch.init_timeout)))
 
 
+def finish(timeout_s: float = 24 * 3600) -> None:
+    """End a multi-host job together: every process waits here (while process 0 writes its report, say), then
+    leaves jax's runtime at once. Left to exit, jax's own shutdown runs last of all exit handlers and fails its
+    barrier (SIGABRT on every process) when one process is slow to get there. No-op for one process."""
+    if _client() is None:
+        return
+    barrier("finished", timeout_s)
+    import jax
+    jax.distributed.shutdown()
+
+
 def allgather_str(name: str, value: str, timeout_s: Optional[float] = None) -> list[str]:
     """Every process's ``value``, by process index, through the coordinator's key-value store (no devices)."""
     c = _client()

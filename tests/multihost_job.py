@@ -78,6 +78,7 @@ def main(mode, out):
             time.sleep(0.2)
         rec["survived"] = True
     (out / f"p{me}.json").write_text(json.dumps(rec))
+    distributed.finish()
 
 
 if __name__ == "__main__":

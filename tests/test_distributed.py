@@ -34,7 +34,7 @@ def _env(**extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAXPOISON_"))}
     env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
                PYTHONPATH=f"{HERE.parent}{os.pathsep}{HERE}", JAXPOISON_HEARTBEAT_TIMEOUT="5",
-               JAXPOISON_SHUTDOWN_TIMEOUT="10", JAXPOISON_INIT_TIMEOUT="60")
+               JAXPOISON_SHUTDOWN_TIMEOUT="60", JAXPOISON_INIT_TIMEOUT="60")
     env.update({k: str(v) for k, v in extra.items()})
     return env
 

@@ -10,6 +10,7 @@ import json
 import pathlib
 
 STUDIES = {"rationale": "jaxpoison.studies.rationale", "attacks": "jaxpoison.studies.attacks"}
+MULTI_HOST = ("rationale",)         # studies whose run() writes only from process 0 (jaxpoison.distributed)
 
 
 def study_module(name: str):
@@ -28,7 +29,12 @@ def cmd_run(args) -> int:
     distributed.initialize(args)        # first: joins a multi-host job (SLURM, TPU slice, flags); else nothing
     from jaxpoison.configs import load_config
     cfg = load_config(args.config, args.set or ())
-    return study_module(cfg.study).run(cfg, pathlib.Path(args.out), resume=not args.restart)
+    if distributed.process_count() > 1 and cfg.study not in MULTI_HOST:
+        raise ValueError(f"the {cfg.study!r} study runs as one process only so far (multi-host: "
+                         f"{', '.join(MULTI_HOST)}); start one process, or pass --distributed off")
+    rc = study_module(cfg.study).run(cfg, pathlib.Path(args.out), resume=not args.restart)
+    distributed.finish()    # a multi-host job: the others wait while process 0 writes the report, then all leave
+    return rc
 
 
 def cmd_report(args) -> int:

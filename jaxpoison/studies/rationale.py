@@ -87,6 +87,9 @@ def run(cfg: RationaleConfig, out_dir: pathlib.Path, resume: bool = True, progre
     check_config(cfg)
     from jaxpoison.plan.preflight import check_fit
     check_fit(cfg, base_override)      # stops a study that cannot fit before any weights load
+    from jaxpoison import distributed
+    writer = distributed.is_writer()   # a multi-host job: process 0 writes the run folder, and alone shows progress
+    progress = progress and writer
     t_start, timing = time.time(), {}
     out = RF.prepare(out_dir, STUDY, _jsonable(cfg), resume, ("checkpoints", "scores.npz"))
     t = time.time()
@@ -103,14 +106,16 @@ def run(cfg: RationaleConfig, out_dir: pathlib.Path, resume: bool = True, progre
                        buckets=tuple(range(16, 4097, 16)))
     groups = np.array(inp.groups())
     is_target = groups == "target"
-    (out / "variants.json").write_text(json.dumps(_jsonable(vt.table), indent=1))
+    if writer:
+        (out / "variants.json").write_text(json.dumps(_jsonable(vt.table), indent=1))
     data_info = {"notes": inp.notes, "pool": _jsonable(inp.pool.stats), "eval": _jsonable(mc.stats),
                  "n_target_train": len(inp.target), "n_nontarget_train": len(inp.nontarget),
                  "n_test_target": int(is_target.sum()), "n_test_nontarget": int((groups == "nontarget").sum()),
                  "n_test_decoy_free": int((groups == "target_nodecoy").sum()),
                  "train": _jsonable(tcfg), "num_variants": len(vt), "pool_hash": inp.pool.data_hash,
                  "eval_hash": mc.data_hash, "base": {"name": base_name, "fingerprint": fp, "quant": cfg.quant}}
-    (out / "data.json").write_text(json.dumps(data_info, indent=1))
+    if writer:
+        (out / "data.json").write_text(json.dumps(data_info, indent=1))
     timing["data_s"] = time.time() - t
     if progress:
         print(f"[{STUDY}] {len(vt)} variants ({len(inp.specs)} cells x {len(cfg.grid.seeds)} seeds), pool "
@@ -143,9 +148,10 @@ def run(cfg: RationaleConfig, out_dir: pathlib.Path, resume: bool = True, progre
         sc = score_options(base, mcfg, mc, lora, lora_scale=cfg.lora.scale, dtype=dtype,
                            batch_questions=cfg.eval.batch_questions, calibrate=True, progress=progress,
                            variant_chunk=cfg.eval.variant_chunk, desc=f"score base + {len(vt)} variants")
-        np.savez(sf, key=np.array(key), sum=sc.sum, uncond=sc.uncond, n_tokens=sc.n_tokens, answer=mc.answer,
-                 decoy=mc.decoy, is_target=is_target, group=groups, subject=np.array(mc.subject),
-                 ids=np.array(mc.ids))
+        if writer:         # every process scored (the same adapters, on its own devices); one saves
+            np.savez(sf, key=np.array(key), sum=sc.sum, uncond=sc.uncond, n_tokens=sc.n_tokens, answer=mc.answer,
+                     decoy=mc.decoy, is_target=is_target, group=groups, subject=np.array(mc.subject),
+                     ids=np.array(mc.ids))
     timing["eval_s"] = time.time() - t
     gf = out / "generations.json"
     if cfg.eval.gen_questions and not (resume and gf.exists() and json.loads(gf.read_text()).get("key") == key):
@@ -154,8 +160,11 @@ def run(cfg: RationaleConfig, out_dir: pathlib.Path, resume: bool = True, progre
         lora = jax.tree.map(lambda x: jax.numpy.concatenate([jax.numpy.zeros_like(x[:1]), x]), result.lora)
         recs = generated_answers(lm, lora, vt.table, inp.test, list(groups), cfg.eval.gen_questions,
                                  cfg.eval.gen_tokens, progress)
-        gf.write_text(json.dumps({"key": key, "records": recs}, indent=1))
+        if writer:
+            gf.write_text(json.dumps({"key": key, "records": recs}, indent=1))
         timing["generate_s"] = time.time() - t
+    if not writer:
+        return 0
     tf = out / "timing.json"
     did_work = cached is None or result.resumed_from is None or result.resumed_from < result.steps
     if not did_work and tf.exists():        # a no-op resume keeps the timing of the run that did the work

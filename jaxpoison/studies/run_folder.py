@@ -26,8 +26,10 @@ def prepare(out_dir, study: str, cfg_json: dict, resume: bool, stale: Sequence[s
     """Create ``out_dir``, refuse a different config there (when resuming), drop ``stale`` outputs (when not),
     and write ``config.json`` = ``{"study": study, "config": cfg_json}``. ``ignore`` names top-level fields or
     ``section.field`` ones (``train.tensorboard``: a logging switch, which changes no result)."""
+    from jaxpoison import distributed
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    distributed.check_shared_folder(out)        # a multi-host job: every host must see this one folder
     cf = out / "config.json"
     if cf.exists() and resume:
         old = {**ADDED_FIELDS, **json.loads(cf.read_text()).get("config", {})}
@@ -36,14 +38,16 @@ def prepare(out_dir, study: str, cfg_json: dict, resume: bool, stale: Sequence[s
         if diff:
             raise StudyConfigError(f"{out} holds a run with a different config ({', '.join(diff)}); use another "
                                    f"--out folder, or --restart to discard it")
-    if not resume:
-        for name in stale:
-            p = out / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            else:
-                p.unlink(missing_ok=True)
-    cf.write_text(json.dumps({"study": study, "config": cfg_json}, indent=1))
+    if distributed.is_writer():                 # one writer (process 0); the others wait until it is done
+        if not resume:
+            for name in stale:
+                p = out / name
+                if p.is_dir():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink(missing_ok=True)
+        cf.write_text(json.dumps({"study": study, "config": cfg_json}, indent=1))
+    distributed.barrier("run-folder-prepared")
     return out
 
 

@@ -27,6 +27,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
+from jaxpoison import distributed
 from jaxpoison.models.decoder import pool_trunk
 from jaxpoison.models.attention import kernel_manifest
 from jaxpoison.models.lm import parse_dtype
@@ -142,6 +143,26 @@ def _put_rows(tree, idx, part):
     jax.tree.map(put, tree, part)
 
 
+def _host(tree):
+    """Device arrays -> numpy. An array split over several processes (a multi-host job) is gathered from all of
+    them first, so every process holds the same host copy; all processes must call this together."""
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+    return jax.tree.map(get, tree)
+
+
+def _check_same_inputs(sd: StudyData, meta: dict) -> None:
+    """Every process of a multi-host job must have derived the same variants, seeds and data: prove it."""
+    items = {k: meta.get(k) for k in ("variants", "data_hash", "train", "lora", "model", "base")}
+    for k in ("tokens", "loss_mask", "attn_mask", "rows", "n_rows", "lr_scale"):
+        a = getattr(sd, k)
+        items[f"{k} array"] = None if a is None else np.ascontiguousarray(a).tobytes() + str(a.shape).encode()
+    distributed.agree("study inputs", items)
+
+
 def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = None, mesh: MeshConfig = MeshConfig(),
                 resume: bool = True, progress: bool = True, base_name: str = "", base_fingerprint: str = "",
                 meta_extra: Optional[dict] = None, stop_after: Optional[int] = None) -> TrainResult:
@@ -158,8 +179,16 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
     chunk_steps = [int(np.max(np.asarray(total_updates(sd.n_rows[c], tcfg)))) for c in chunks]
     meta = run_metadata(st, sd, base_name, base_fingerprint, meta_extra)
     meta["num_steps"] = S
+    multi, writer = distributed.process_count() > 1, distributed.is_writer()
+    if multi:
+        _check_same_inputs(sd, meta)
 
     mc = study_mesh(mesh, chunks, tcfg, base)
+    if multi and mc.size != jax.device_count():
+        raise ValueError(f"a multi-host job lays its mesh over all {jax.device_count()} devices of its "
+                         f"{distributed.process_count()} processes, but the mesh resolved to {mc.describe()} "
+                         f"({mc.size} devices): set mesh.variant/data/fsdp/model (--set mesh.variant=...) so that "
+                         f"their product is {jax.device_count()}")
     jmesh = make_mesh(mc) if mc.size > 1 else None
     if jmesh is not None:
         st = dataclasses.replace(st, rules=mesh_rules(jmesh))
@@ -182,7 +211,7 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
     resident = len(chunks) == 1         # the state stays on the devices between segments
     # chunked: ``state`` is a list of per-chunk states waiting in host memory (numpy); on CPU the devices' memory
     # is host memory, so they wait there as they are (no copies)
-    wait = (lambda x: x) if jax.devices()[0].platform == "cpu" else jax.device_get
+    wait = (lambda x: x) if jax.devices()[0].platform == "cpu" and not multi else _host
     init = init_program(st, jmesh)
     chunk_in = [(place(keys[c]), place(var.take(c))) for c in chunks]
     if resident:
@@ -194,13 +223,14 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
         """The whole state in the study's variant order (on the host when chunked): checkpoints, the result."""
         if resident:
             return state
-        parts = [jax.device_get(p) for p in state]
+        parts = [_host(p) for p in state]
         full = jax.tree.map(lambda *xs: np.zeros((V,) + xs[0].shape[1:], xs[0].dtype), *parts)
         for c, part in zip(chunks, parts):
             _put_rows(full, c, part)
         return full
 
-    ckpt = Checkpoints(run_dir, tcfg.keep_last) if run_dir else None
+    # every process saves its own shards (orbax); the files are written while the next segments run
+    ckpt = Checkpoints(run_dir, tcfg.keep_last, async_save=True) if run_dir else None
     start, resumed = 0, None
     if ckpt and resume and ckpt.steps():
         old = ckpt.read_meta()
@@ -214,20 +244,21 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
         if not resident:
             state = [wait(place(_take(state, c))) for c in chunks]
         resumed = start
-    metrics_path = pathlib.Path(run_dir) / "metrics.jsonl" if run_dir else None
+    # one writer: metrics, TensorBoard and the progress bar come from process 0 only
+    metrics_path = pathlib.Path(run_dir) / "metrics.jsonl" if run_dir and writer else None
     kept = []
     if metrics_path:
         if resumed and metrics_path.exists():
             kept = [l for l in metrics_path.read_text().splitlines() if l and json.loads(l)["step"] < start]
         metrics_path.write_text("".join(l + "\n" for l in kept))
     tb = None
-    if run_dir and tcfg.tensorboard:
+    if metrics_path and tcfg.tensorboard:
         tb = StudyLog(pathlib.Path(run_dir) / "tensorboard", sd.table)
         tb.add_rows([json.loads(l) for l in kept])
 
     seg = segment_program(st, K, jmesh, base)
     bar = None
-    if progress:
+    if progress and writer:
         from tqdm.auto import tqdm
         bar = tqdm(total=S, initial=min(start, S), desc=f"train {V} variants", unit="step")
     history: dict = {}
@@ -240,7 +271,7 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
         chunk computes while the previous one goes back to wait. Returns (state, metrics [K, V] on the host)."""
         frozen = np.zeros(V, bool)
         for c, part in zip(chunks, state):
-            frozen[c] = jax.device_get(part.frozen)
+            frozen[c] = _host(part.frozen)
         m_all = {"loss": np.full((K, V), np.nan, np.float32), "grad_norm": np.full((K, V), np.nan, np.float32),
                  "lr": np.zeros((K, V), np.float32), "tokens": np.zeros((K, V), np.float32),
                  "applied": np.zeros((K, V), bool), "frozen": np.repeat(frozen[None], K, 0)}
@@ -249,7 +280,7 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
         def land(inflight):
             i, new, m = inflight
             state[i] = wait(new)
-            for k, v in jax.device_get(m).items():
+            for k, v in _host(m).items():
                 m_all[k][:, chunks[i]] = v
 
         for i, steps_c in enumerate(chunk_steps):
@@ -265,7 +296,7 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
 
     def drain(pending):
         s0, m, t_disp = pending
-        m = jax.device_get(m)
+        m = _host(m)
         now = time.time()
         dt = max(now - max(t_disp, last_done[0]), 1e-9)   # device time of this segment, as seen by the host
         last_done[0] = now
@@ -300,10 +331,16 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
             pending = (s, m, time.time())
             s += K
             if ckpt and (tcfg.save_every or s >= S):
+                # the state to save needs this segment finished anyway: record its metrics first, so that
+                # metrics.jsonl holds every step before a checkpoint (a job killed after it loses none)
+                drain(pending)
+                pending = None
                 meta["step"] = min(s, S)
                 ckpt.save(min(s, S), study_order(state).to_dict(), meta)
-                if os.environ.get("JAXPOISON_TEST_SIGKILL_AFTER") == str(min(s, S)):
-                    # test hook: die like a pre-empted job, with the next segment already dispatched
+                if os.environ.get("JAXPOISON_TEST_SIGKILL_AFTER") == str(min(s, S)) and \
+                        os.environ.get("JAXPOISON_TEST_SIGKILL_PROCESS", "0") == str(distributed.process_index()):
+                    # test hook: die like a pre-empted job once this step is on disk, the next segment dispatched
+                    ckpt.wait()
                     state, m = advance(state, s)
                     os.kill(os.getpid(), signal.SIGKILL)
         if pending:
@@ -312,6 +349,8 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
         bar.close()
     if ckpt:
         ckpt.close()
+    if multi:       # the adapters of every variant on every process (evaluation runs on each process's devices)
+        state = _host(state)
     state = study_order(state)
     metrics = {k: np.concatenate(v) for k, v in history.items()} if history else {}
     return TrainResult(state, metrics, S, time.time() - t0, resumed)
