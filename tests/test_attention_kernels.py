@@ -97,8 +97,18 @@ def test_cached_attention_reads_only_filled_slots(T, slot):
     np.testing.assert_allclose(np.asarray(got)[seen], np.asarray(ref)[seen], atol=2e-6)
 
 
+@pytest.fixture
+def no_persistent_cache():
+    """Ahead-of-time TPU executables cannot be read back from jax's persistent cache without a TPU client (jax
+    warns on every hit): compile them without it."""
+    before = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    yield
+    jax.config.update("jax_enable_compilation_cache", before)
+
+
 @pytest.mark.parametrize("mesh_shape", [(1, 1, 1, 1), (2, 2, 1, 1)])
-def test_splash_path_compiles_for_tpu_v5e(mesh_shape):
+def test_splash_path_compiles_for_tpu_v5e(mesh_shape, no_persistent_cache):
     """A tiny model's LoRA forward + backward with the TPU splash kernel lowers and compiles for an abstract
     v5e:2x2 topology (libtpu, no TPU): on one chip, and vmapped over variants on a (variant 2, data 2) mesh, where
     the kernel runs in shard_map with no all-gather of activations around it."""
@@ -180,7 +190,7 @@ def test_model_logprobs_equal_blocked_path(impl, tmp_path):
     np.testing.assert_allclose(got[valid], ref[valid], atol=2e-5)
 
 
-def test_cached_generation_compiles_for_tpu_v5e():
+def test_cached_generation_compiles_for_tpu_v5e(no_persistent_cache):
     """Generation (prefill and decode through the blocked cache attention with its dynamic trip count) lowers
     and compiles for one abstract v5e chip, as the planner needs."""
     from jax.experimental import topologies
