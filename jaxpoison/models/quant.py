@@ -98,7 +98,6 @@ def _linspace32(start, end, steps):
 
 
 DYNAMIC_CODE = dynamic_map()
-DYNAMIC_BOUNDS = ((DYNAMIC_CODE[:-1] + DYNAMIC_CODE[1:]) / np.float32(2)).astype(np.float32)
 
 
 class QuantError(ValueError):
