@@ -208,3 +208,14 @@ def test_loads_into_the_study_mesh_base_shardings(tiny_dir, monkeypatch):
     for got, want, sh in zip(jax.tree.leaves(lm.params), jax.tree.leaves(ref), jax.tree.leaves(target)):
         assert got.sharding == sh and got.dtype == jnp.bfloat16
         np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_truncated_file_is_named(tiny_dir, tmp_path):
+    import shutil
+    d = tmp_path / "m"
+    shutil.copytree(tiny_dir, d)
+    f = d / "model.safetensors"
+    with open(f, "r+b") as fh:
+        fh.truncate(f.stat().st_size - 100)
+    with pytest.raises(hf.WeightsError, match=r"model\.safetensors: tensor .* ends early: the file is truncated"):
+        load_model(str(d), tokenizer=False)
