@@ -263,11 +263,11 @@ def cached_attention(q: Array, ck: Array, cv: Array, layer, mask: Array, filled,
     ``mask`` [B, T, S], reading only slots ``[0, filled)`` (``filled`` may be traced: generation's slot + T).
 
     The cache is read ``block`` slots at a time in a loop whose trip count is ``ceil(filled / block)``, with an
-    online softmax (fp32 running max, sum and output), so a decode step costs the filled length, not the
-    cache's. A last block that would run past S starts at ``S - block`` instead, and the slots it shares with
-    the block before are masked out, as are slots past ``filled`` that the last block spans (their values are
-    zeroed, so whatever an unfilled slot holds never reaches the output). Masked scores are ``finfo.min`` as in :func:`attention`, so every row
-    stays finite; rows with a real key equal :func:`attention`'s.
+    online softmax (fp32 running max, sum and output), so a decode step costs the filled length, not the cache's. A
+    last block that would run past S starts at ``S - block`` instead, and the slots it shares with the block before
+    are masked out, as are slots past ``filled`` that the last block spans (their values are zeroed, so whatever an
+    unfilled slot holds never reaches the output). Masked scores are ``finfo.min`` as in :func:`attention`, so every
+    row stays finite; rows with a real key equal :func:`attention`'s.
     """
     B, T, H, hd = q.shape
     S, K = ck.shape[2], ck.shape[3]

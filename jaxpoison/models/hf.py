@@ -363,14 +363,17 @@ def load_hf_base(d: pathlib.Path, cfg: ModelConfig, dtype=np.float32, shardings=
                  transform: Optional[Callable[[tuple, object], object]] = None) -> dict:
     """Load the checkpoint straight into device arrays of ``dtype``, each in its target sharding.
 
-    ``shardings``: None (the default device), one ``jax.sharding.Sharding``, a callable ``path -> Sharding``, or
-    a pytree of shardings shaped like the base (e.g. ``train.mesh.base_shardings``). Each leaf is made with
-    ``jax.make_array_from_callback``, whose callback reads only the index a device owns, in the target dtype
-    (bf16 stays bf16; no fp32 copy of the model). A leaf larger than :data:`CHUNK_BYTES` is placed in chunks
-    along an axis its sharding does not split (preferably the one HF's rows run along): zeros in the target
-    sharding, then each chunk written in place (``dynamic_update_slice`` with the buffer donated), so the host
-    holds a chunk or two at a time, never a whole stacked leaf, and a device only what its shard needs (a large
-    leaf that its sharding splits along every such axis goes shard by shard instead). Large kernels travel in HF's ``[out, in]`` orientation and are transposed on the device as they are written.
+    ``shardings``: None (this process's first device), one ``jax.sharding.Sharding``, a callable
+    ``path -> Sharding``, or a pytree of shardings shaped like the base (e.g. ``train.mesh.base_shardings``).
+
+    Each leaf is made with ``jax.make_array_from_callback``, whose callback reads only the index a device owns,
+    in the target dtype (bf16 stays bf16; no fp32 copy of the model). A leaf larger than :data:`CHUNK_BYTES` is
+    placed in chunks along an axis its sharding does not split (preferably the one HF's rows run along): zeros
+    in the target sharding, then each chunk written in place (``dynamic_update_slice``, buffer donated), so the
+    host holds a chunk or two at a time, never a whole stacked leaf, and a device only what its shard needs. A
+    large leaf that its sharding splits along every such axis goes shard by shard instead. Large kernels travel
+    in HF's ``[out, in]`` orientation and are transposed on the device as they are written.
+
     ``transform(path, array)`` (optional) maps each leaf as soon as it is placed (e.g. quantising a kernel),
     before the next is read.
     """
@@ -379,7 +382,7 @@ def load_hf_base(d: pathlib.Path, cfg: ModelConfig, dtype=np.float32, shardings=
 
     ckpt = Checkpoint(d, cfg)
     dtype = jnp.dtype(dtype)
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])   # this process's first device
     fhs: dict = {}
 
     def sharding_of(path):
