@@ -130,3 +130,14 @@ def test_sharded_chunk_gathers_base_layers_only():
     reduces = [c for c in coll if c[0] == "all-reduce"]
     assert reduces and all(c[2] <= act for c in reduces), reduces
     assert len(reduces) <= 2 * L + 2
+
+
+def test_top_layers_path_with_trunk_cache_sharded_equals_unsharded():
+    """LoRA on the top layer only (``lora.layers_from``, the functional ``run_layers`` path) with the trunk cache:
+    the same constraints and per-layer gathers apply there, and the result equals the one-device run."""
+    st = dataclasses.replace(ST, tcfg=dataclasses.replace(ST.tcfg, trunk_cache=True, variant_chunk=4),
+                             lcfg=dataclasses.replace(ST.lcfg, layers_from=1))
+    one = train_study(tiny_base(), st, tiny_study(V=8), progress=False)
+    sharded = train_study(tiny_base(), st, tiny_study(V=8), mesh=MeshConfig(2, 1, 2, 2), progress=False)
+    assert np.abs(np.asarray(one.lora["q"]["b"])[:, 1]).max() > 1e-4      # the top layer trained
+    _close(sharded.lora, one.lora)
