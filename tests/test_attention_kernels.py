@@ -144,7 +144,8 @@ def test_splash_path_compiles_for_tpu_v5e(mesh_shape, no_persistent_cache):
     args = (jax.tree.map(lambda x: jax.ShapeDtypeStruct((V,) + x.shape, x.dtype, sharding=var), lora),
             jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), base,
                          base_shardings(mesh, base)),
-            jax.ShapeDtypeStruct((V, B, T), jnp.int32, sharding=var), jax.ShapeDtypeStruct((V, B, T), bool, sharding=var))
+            jax.ShapeDtypeStruct((V, B, T), jnp.int32, sharding=var),
+            jax.ShapeDtypeStruct((V, B, T), bool, sharding=var))
     with jax.set_mesh(mesh):
         compiled = jax.jit(step).lower(*args).compile()
     hlo = compiled.as_text()
@@ -165,7 +166,8 @@ def test_run_manifest_records_the_attention_choice():
     auto = run_metadata(Static(TINY, TrainConfig(), LoraConfig()), sd, "", "", None)
     assert auto["kernels"] == {"attention": "blocked", "attention_setting": "auto", "backend": "cpu",
                                "decode_attention": "blocked_filled_slots"}
-    xla = run_metadata(Static(dataclasses.replace(TINY, attention="xla"), TrainConfig(), LoraConfig()), sd, "", "", None)
+    xla_cfg = dataclasses.replace(TINY, attention="xla")
+    xla = run_metadata(Static(xla_cfg, TrainConfig(), LoraConfig()), sd, "", "", None)
     assert xla["kernels"]["attention"] == "xla"
     assert "attention" not in xla["model"] and xla["model"] == auto["model"]      # not part of the model's identity
 
@@ -184,7 +186,8 @@ def test_model_logprobs_equal_blocked_path(impl, tmp_path):
     am[1, :9] = False
     am[2, 31:] = False
     ref = np.asarray(sequence_logprobs(lm.params, tokens, jnp.asarray(am), cfg=lm.cfg))
-    got = np.asarray(sequence_logprobs(lm.params, tokens, jnp.asarray(am), cfg=dataclasses.replace(lm.cfg, attention=impl)))
+    cfg = dataclasses.replace(lm.cfg, attention=impl)
+    got = np.asarray(sequence_logprobs(lm.params, tokens, jnp.asarray(am), cfg=cfg))
     valid = am[:, 1:] & am[:, :-1]
     assert np.abs(ref[valid]).min() > 0
     np.testing.assert_allclose(got[valid], ref[valid], atol=2e-5)
@@ -202,10 +205,11 @@ def test_cached_generation_compiles_for_tpu_v5e(no_persistent_cache):
         topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices[0])
     cfg = ModelConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
                       num_kv_heads=2, head_dim=32, attention="splash")
-    base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=chip), abstract_base(cfg, jnp.bfloat16))
+    base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=chip),
+                        abstract_base(cfg, jnp.bfloat16))
     B, P = 4, 64
-    args = (base, jax.ShapeDtypeStruct((B, P), jnp.int32, sharding=chip), jax.ShapeDtypeStruct((B, P), bool, sharding=chip),
-            jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=chip))
+    args = (base, jax.ShapeDtypeStruct((B, P), jnp.int32, sharding=chip),
+            jax.ShapeDtypeStruct((B, P), bool, sharding=chip), jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=chip))
     compiled = generate_tokens.lower(*args, cfg=cfg, max_new_tokens=32, dtype=jnp.bfloat16).compile()
     hlo = compiled.as_text()
     assert "while" in hlo and "dynamic-slice" in hlo            # the decode loop over filled KV blocks

@@ -75,7 +75,8 @@ def test_bf16_load_equals_rounded_fp32_and_kernels_are_transposed(tiny_dir):
     np.testing.assert_array_equal(np.asarray(f32["layers"]["down"]["kernel"][1]),
                                   raw["model.layers.1.mlp.down_proj.weight"].T)
     np.testing.assert_array_equal(np.asarray(f32["lm_head"]["kernel"]), raw["lm_head.weight"].T)
-    np.testing.assert_array_equal(np.asarray(f32["layers"]["k"]["bias"][0]), raw["model.layers.0.self_attn.k_proj.bias"])
+    np.testing.assert_array_equal(np.asarray(f32["layers"]["k"]["bias"][0]),
+                                  raw["model.layers.0.self_attn.k_proj.bias"])
     assert cfg.num_layers == 2
 
 
@@ -187,11 +188,12 @@ def test_bf16_load_peak_host_memory_within_1_3x(tmp_path):
         block = np.asarray(_pattern(k, rows[0], rows[1], C)[:, cols[0]:cols[1]], np.float32)
         return block.T if transpose else block
 
-    np.testing.assert_array_equal(loaded["down_1"], want("model.layers.1.mlp.down_proj.weight", (7, 10), (100, 103), True))
-    np.testing.assert_array_equal(loaded["gate_2"], want("model.layers.2.mlp.gate_proj.weight", (11000, 11003), (4000, 4002), True))
-    np.testing.assert_array_equal(loaded["embed"], want("model.embed_tokens.weight", (131000, 131002), (4090, 4093)))
-    np.testing.assert_array_equal(loaded["q_0"], want("model.layers.0.self_attn.q_proj.weight", (1000, 1003), (4095, 4096), True)[0])
-    np.testing.assert_array_equal(loaded["norm_2"], want("model.layers.2.post_attention_layernorm.weight", (0, 1), (0, 3))[0])
+    eq = np.testing.assert_array_equal
+    eq(loaded["down_1"], want("model.layers.1.mlp.down_proj.weight", (7, 10), (100, 103), True))
+    eq(loaded["gate_2"], want("model.layers.2.mlp.gate_proj.weight", (11000, 11003), (4000, 4002), True))
+    eq(loaded["embed"], want("model.embed_tokens.weight", (131000, 131002), (4090, 4093)))
+    eq(loaded["q_0"], want("model.layers.0.self_attn.q_proj.weight", (1000, 1003), (4095, 4096), True)[0])
+    eq(loaded["norm_2"], want("model.layers.2.post_attention_layernorm.weight", (0, 1), (0, 3))[0])
 
 
 def test_loads_into_the_study_mesh_base_shardings(tiny_dir, monkeypatch):
