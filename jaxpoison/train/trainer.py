@@ -22,7 +22,7 @@ import os
 import pathlib
 import signal
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import numpy as np
