@@ -253,3 +253,12 @@ def test_sharded_splash_equals_unsharded_blocked_on_cpu_mesh():
         scale = float(jnp.abs(a).max())
         assert scale > 1e-3
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5 * scale)
+
+
+def test_sharded_splash_without_a_mesh_says_what_to_do():
+    from jaxpoison.models.attention import splash_attention
+    from jaxpoison.models.sharding import Rules
+    q, k, v = _qkv(2, 16, 4, 2, 8, seed=0)
+    _, mask = _padded_causal(2, 16)
+    with pytest.raises(ValueError, match=r"jax\.set_mesh"):
+        splash_attention(q, k, v, mask, rules=Rules(sizes=(("data", 2),)), interpret=True)

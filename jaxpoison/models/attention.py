@@ -244,9 +244,13 @@ def splash_attention(q: Array, k: Array, v: Array, mask: Array, *, rules=None, i
         return jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=sk.SegmentIds(s, s)))(qt, kt, vt, real)
 
     if rules is not None and (batch_spec is not None or head_axis is not None):
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            raise ValueError("the splash attention kernel under sharding rules runs in shard_map over the current "
+                             "mesh: trace the program inside `with jax.set_mesh(mesh):`")
         qkv = P(batch_spec, head_axis)
-        run = jax.shard_map(run, mesh=jax.sharding.get_abstract_mesh(), in_specs=(qkv, qkv, qkv, P(batch_spec)),
-                            out_specs=qkv, check_vma=False)
+        run = jax.shard_map(run, mesh=mesh, in_specs=(qkv, qkv, qkv, P(batch_spec)), out_specs=qkv,
+                            check_vma=False)
     out = run(qt, kt, vt, real)[:, :, :T]                                          # [B, H, T, hd]
     return out.transpose(0, 2, 1, 3).reshape(B, T, H * hd)
 
