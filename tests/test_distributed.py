@@ -190,3 +190,16 @@ def test_multi_process_async_checkpoints_restore_into_one_process_and_another_sh
         np.testing.assert_array_equal(np.asarray(got["n"]), np.full(8, s))
     r0 = json.loads((tmp_path / "p0.json").read_text())
     assert r0["final_w0"] == (w * 2 + 1)[0, 0]
+
+
+def test_process_0_says_when_the_coordinator_port_is_taken(monkeypatch):
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        monkeypatch.setattr(distributed, "_launch", distributed.Launch())
+        with pytest.raises(distributed.DistributedError, match=f"port {port} is in use"):
+            distributed.initialize(env={distributed.ENV_COORDINATOR: f"127.0.0.1:{port}",
+                                        distributed.ENV_NUM_PROCESSES: "2", distributed.ENV_PROCESS_ID: "0"})
+    import jax
+    assert not jax.distributed.is_initialized()
