@@ -138,8 +138,14 @@ def _slurm(env: Mapping[str, str]) -> Optional[dict]:
 
 def _jax_detect(cluster: Optional[str], timeout: int) -> tuple:
     """jax's own cluster detection, without initialising anything: (coordinator, n, id, local device ids)."""
-    from jax._src import clusters
-    return clusters.ClusterEnv.auto_detect_unset_distributed_params(None, None, None, None, cluster, timeout)
+    try:
+        from jax._src import clusters
+        detect = clusters.ClusterEnv.auto_detect_unset_distributed_params
+    except (ImportError, AttributeError):
+        raise DistributedError("this jax has no cluster detection where jaxpoison looks for it (jax._src.clusters); "
+                               "start each process with --coordinator HOST:PORT --num-processes N "
+                               "--process-id I instead") from None
+    return detect(None, None, None, None, cluster, timeout)
 
 
 def _tpu_slice_size() -> int:
@@ -152,8 +158,8 @@ def _tpu_slice_size() -> int:
         for env in (tpu.GkeTpuCluster, tpu.GceTpuCluster):
             if env.is_env_present():
                 return int(env.get_process_count())
-    except Exception:          # a jax without these internals: let jax.distributed.initialize() decide
-        return -1
+    except Exception:          # a jax without these internals: one process unless flags say otherwise
+        return 1
     return 1
 
 
@@ -180,8 +186,7 @@ def plan(args=None, env: Optional[Mapping[str, str]] = None) -> Launch:
             local = None
         return Launch(n, i, addr, tuple(local) if local else None,
                       f"SLURM job {env['SLURM_JOB_ID']} (task {i} of {n})", **t)
-    hosts = _tpu_slice_size()
-    if hosts > 1 or hosts == -1:
+    if _tpu_slice_size() > 1:
         addr, n, i, local = _jax_detect(None, t["init_timeout"])
         if n and n > 1:
             return Launch(n, i, addr, tuple(local) if local else None, f"TPU VM slice (host {i} of {n})", **t)
