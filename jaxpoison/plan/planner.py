@@ -160,9 +160,10 @@ def make_plan(shape: StudyShape, target: Target, mfu: float = 0.35, compile: boo
         rep["compile_seconds"] = round(compiled.seconds, 1)
         if compiled.ok:
             rep["per_chip"] = {"arguments": compiled.arguments, "temporaries": compiled.temporaries,
-                               "outputs": compiled.outputs, "aliased": compiled.aliased, "total": compiled.total}
+                               "outputs": compiled.outputs, "aliased": compiled.aliased, "peak": compiled.peak,
+                               "total": compiled.total}
             rep["per_chip_bytes"] = compiled.total
-            fits = compiled.total <= target.chip.hbm_bytes
+            fits = compiled.total <= target.usable_bytes
         else:
             rep["per_chip"] = None
             rep["per_chip_bytes"] = None
@@ -211,7 +212,7 @@ def confirm_chunk(shape: StudyShape, target: Target, chunk: int, devices=None, t
     cands = [c for c in chunk_candidates(shape.variants, target.chips) if c <= chunk]
     for c in cands[:tries]:
         r = kernel_fallback(shape, target, c, devices)[0]
-        if r.ok and r.total <= target.chip.hbm_bytes:
+        if r.ok and r.total <= target.usable_bytes:
             return c
     return 0
 

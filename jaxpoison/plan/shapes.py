@@ -79,8 +79,9 @@ def rationale_shape(cfg) -> dict:
 
 def attacks_shape(cfg) -> dict:
     n = cfg.notes.n_train
-    V = len(cfg.prompt.tasks) * len(cfg.grid.fractions) * len(cfg.grid.seeds)
-    return {"rows": [n] * V, "pool_rows": 2 * n * len(cfg.prompt.tasks), "T": cfg.max_len}
+    para = len(getattr(cfg.grid, "paraphrase", (False,)))
+    V = len(cfg.prompt.tasks) * len(cfg.grid.fractions) * len(cfg.grid.seeds) * para
+    return {"rows": [n] * V, "pool_rows": 2 * n * len(cfg.prompt.tasks) * para, "T": cfg.max_len}
 
 
 SHAPES = {"rationale": rationale_shape, "attacks": attacks_shape}

@@ -32,7 +32,7 @@ class Chip:
 
 TPU_CHIPS = {
     "v4": Chip("v4", "tpu", 32 * GiB, 275e12, "megacore"),
-    "v5e": Chip("v5e", "tpu", 16 * GiB, 197e12),
+    "v5e": Chip("v5e", "tpu", 16 * GiB, 197e12, usable=15.75 / 16),    # XLA: "available HBM 15.75G"
     "v5p": Chip("v5p", "tpu", 95 * GiB, 459e12, "megacore"),
     "v6e": Chip("v6e", "tpu", 32 * GiB, 918e12),
 }
