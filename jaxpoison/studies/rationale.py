@@ -75,6 +75,19 @@ def resolve_train(cfg: RationaleConfig, pool) -> TrainConfig:
     return cfg.train
 
 
+def base_first(lora):
+    """The stacked adapters with the zero-shot base in front as adapter 0 (its ``b`` is zero: x @ a @ 0 adds exactly
+    0), so scoring base and variants is one compiled program. Adapters on the host (chunked training leaves them
+    there) stay on the host: the scorer moves one ``eval.variant_chunk`` at a time to the devices."""
+    import jax
+
+    def one(x):
+        xp = np if isinstance(x, np.ndarray) else jax.numpy
+        return xp.concatenate([xp.zeros_like(x[:1]), x])
+
+    return jax.tree.map(one, lora)
+
+
 def run(cfg: RationaleConfig, out_dir: pathlib.Path, resume: bool = True, progress: bool = True,
         base_override=None) -> int:
     """Build, train, score and report one study into ``out_dir``. ``base_override`` = (cfg, params, tokenizer)
@@ -144,7 +157,7 @@ def run(cfg: RationaleConfig, out_dir: pathlib.Path, resume: bool = True, progre
     if cached is None:
         # the zero-shot base rides along as one more adapter whose b is zero (x @ a @ 0 adds exactly 0), so the
         # whole evaluation is one compiled program
-        lora = jax.tree.map(lambda x: jax.numpy.concatenate([jax.numpy.zeros_like(x[:1]), x]), result.lora)
+        lora = base_first(result.lora)
         sc = score_options(base, mcfg, mc, lora, lora_scale=cfg.lora.scale, dtype=dtype,
                            batch_questions=cfg.eval.batch_questions, calibrate=True, progress=progress,
                            variant_chunk=cfg.eval.variant_chunk, desc=f"score base + {len(vt)} variants")
@@ -157,7 +170,7 @@ def run(cfg: RationaleConfig, out_dir: pathlib.Path, resume: bool = True, progre
     if cfg.eval.gen_questions and not (resume and gf.exists() and json.loads(gf.read_text()).get("key") == key):
         from jaxpoison.studies.rationale_eval import generated_answers
         t = time.time()
-        lora = jax.tree.map(lambda x: jax.numpy.concatenate([jax.numpy.zeros_like(x[:1]), x]), result.lora)
+        lora = base_first(result.lora)
         recs = generated_answers(lm, lora, vt.table, inp.test, list(groups), cfg.eval.gen_questions,
                                  cfg.eval.gen_tokens, progress)
         if writer:
