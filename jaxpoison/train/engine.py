@@ -47,6 +47,7 @@ from jaxpoison.models.sharding import Rules, constrain, param_axes
 
 from .config import TrainConfig
 from .lora import LoraConfig, init_lora
+from .mesh import base_shardings, state_shardings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,7 +304,6 @@ def abstract_state(st: Static, n_variants: int) -> TrainState:
 
 
 def _state_shardings(st: Static, mesh):
-    from .mesh import state_shardings
     return state_shardings(mesh, abstract_state(st, dict(st.rules.sizes).get("variant", 1)), st.rules)
 
 
@@ -324,7 +324,6 @@ def segment_program(st: Static, length: int, mesh=None, base=None):
     fn = vmap_variants(make_segment(st, length), st, (0, None, 0, None, None, 0), (0, 1))
     if mesh is None:
         return jax.jit(fn, donate_argnums=(0,))
-    from .mesh import base_shardings
     v, rep = NamedSharding(mesh, P("variant")), NamedSharding(mesh, P())
     s_state = _state_shardings(st, mesh)
     s_base = base_shardings(mesh, base, st.rules) if base is not None else rep
