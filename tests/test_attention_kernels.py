@@ -101,10 +101,13 @@ def test_cached_attention_reads_only_filled_slots(T, slot):
 def no_persistent_cache():
     """Ahead-of-time TPU executables cannot be read back from jax's persistent cache without a TPU client (jax
     warns on every hit): compile them without it."""
+    from jax._src import compilation_cache     # jax decides once per process whether the cache is used
     before = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
     yield
     jax.config.update("jax_enable_compilation_cache", before)
+    compilation_cache.reset_cache()
 
 
 @pytest.mark.parametrize("mesh_shape", [(1, 1, 1, 1), (2, 2, 1, 1)])
