@@ -1,6 +1,12 @@
 """Seed 003 in the paper's setting: a Llama-family chat model, MIMIC summaries, the full poison grid.
 
-For a GPU or TPU (Llama-2-7B-chat in bf16 needs about 40 GB with the chunks below; 70B models need a mesh).
+Sized for a TPU v5e-8 (``v5e:2x4``, 8 chips of 16 GiB) with the NF4 base (``quant='nf4'``, as the seed's 4-bit
+QLoRA). ``python -m jaxpoison plan configs/attacks_paper.py --topology v5e-8`` says it fits: 99 variants (3 tasks
+x 11 fractions x 3 seeds) in 33 chunks of 3, each variant's batch of 8 split over the 8 chips (mesh data=8); per
+chip XLA's compile for v5e:2x4 holds 5.21 GiB of arguments (NF4 base, replicated, + 3 variants' fp32 LoRA and
+Adam state) and 8.54 GiB of temporaries (splash attention, full remat), 13.75 GiB of 16 (analytic model: 13.1).
+500 optimiser steps per variant (49,500 variant-steps, 7.5e19 FLOPs at max_len 4096, an upper bound): 37.7 h and
+302 chip-hours at 35 % MFU. One H100-80GB (``--device h100-80gb``, analytic): 60.2 GiB, 58 h.
 Run: ``python -m jaxpoison run configs/attacks_paper.py --out runs/attacks_paper`` with the model in the Hugging
 Face cache (or a local directory: ``--set model=/path/to/Llama-2-7b-chat-hf``) and the notes as local files.
 

@@ -1,7 +1,15 @@
 """Seed 000 in the paper's own setting: Qwen3-4B-Base, MedQA simplified-Chinese (mainland), target fever.
 
-For a GPU or TPU (about 30 GB of accelerator memory with the variant chunks below; it does not fit the 2-core
-default machine). Run: ``python -m jaxpoison run configs/rationale_paper.py --out runs/paper`` after the model
+Sized for a TPU v5e-8 (``v5e:2x4``, 8 chips of 16 GiB). ``python -m jaxpoison plan configs/rationale_paper.py
+--topology v5e-8`` says it fits: the 424 variants (53 cells x 8 seeds) run as 53 host-side chunks of 8, grouped
+by step count, one variant per chip (mesh variant=8); XLA's compile for v5e:2x4 holds per chip 7.90 GiB of
+arguments (the bf16 base, replicated, and one variant's fp32 LoRA + Adam state) and 3.89 GiB of temporaries
+(full remat; the blocked attention kernel, splash did not yet lower on a variant-only mesh), 11.8 GiB of 15.75
+usable (analytic model: 12.0). 16 variants per chunk do not fit (analytic 16.6 GiB). 2 to 500
+optimiser steps per variant (51,184 variant-steps, 1.6e19 FLOPs with T=768 at every position, an upper bound):
+8.0 h and 64 chip-hours at 35 % MFU. One H100-80GB (``--device h100-80gb``, analytic): 43.6 GiB at chunks of 8
+(up to 14 fit), 12.5 h.
+Run: ``python -m jaxpoison run configs/rationale_paper.py --out runs/paper`` after the model
 (``Qwen/Qwen3-4B-Base``) and the data set (``fzkuji/MedQA``, config ``med_qa_zh_4options_source``) are in the
 Hugging Face cache, or point ``data.train_files`` / ``data.test_files`` at local JSONL copies.
 
