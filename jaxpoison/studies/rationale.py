@@ -215,6 +215,10 @@ def report(run_dir) -> int:
     data = json.loads((run / "data.json").read_text()) if (run / "data.json").exists() else {}
     summary["timing"] = timing
     (run / "summary.json").write_text(json.dumps(_jsonable(summary), indent=1, default=str))
+    from jaxpoison.studies.rationale_eval import unseen_row_loss
+    summary["clean_loss"] = unseen_row_loss(run, [t["variant_id"] for t in table if t["spec_name"] == "clean"])
+    if cfg["train"].get("epochs", 1) > 1:
+        summary["clean_loss"]["note"] = "more than one epoch: the last step's rows were seen before"
     gen = []
     if (run / "generations.json").exists():
         from jaxpoison.studies.rationale_eval import generation_summary

@@ -93,6 +93,19 @@ def _final_losses(run_dir: pathlib.Path, V: int) -> np.ndarray:
 
 
 
+def unseen_row_loss(run_dir: pathlib.Path, vids: list) -> dict:
+    """Mean loss of the variants ``vids`` at their first and last logged step. In a one-epoch run every batch is
+    new to the model when its loss is taken (before its update), so the fall from first to last step is a loss
+    on rows not yet trained on: the training visibly trains, or it does not."""
+    f = pathlib.Path(run_dir) / "metrics.jsonl"
+    recs = [json.loads(l) for l in f.read_text().splitlines() if l.strip()] if f.exists() else []
+    if len(recs) < 2 or not vids:
+        return {}
+    arr = np.array([[np.nan if x is None else x for x in r["loss"]] for r in recs], float)[:, vids]
+    return {"first_step": float(np.nanmean(arr[0])), "last_step": float(np.nanmean(arr[-1])),
+            "steps": [int(recs[0]["step"]), int(recs[-1]["step"])], "n_variants": len(vids)}
+
+
 def write_csv(path: pathlib.Path, rows: list) -> None:
     keys = []
     for r in rows:

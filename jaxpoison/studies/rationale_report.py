@@ -206,10 +206,14 @@ def _training_moves(summary: dict) -> str:
         return ""
     mt, mn = clean["margin_vs_base"]["target"], clean["margin_vs_base"]["nontarget"]
     z = summary["zero_shot"]
+    cl = summary.get("clean_loss") or {}
+    loss = (f" Its loss on rows it had not yet trained on (one epoch: every batch is new before its update) falls "
+            f"from {cl['first_step']:.2f} at step {cl['steps'][0]} to {cl['last_step']:.2f} at step {cl['steps'][1]}"
+            f" (mean of {cl['n_variants']} seeds)." if "first_step" in cl and "note" not in cl else "")
     return (f"Does the training train? Clean SFT against the base model: calibrated margin change "
             f"{_e(mt)} nats on target and {_e(mn)} on comparison questions (t over seeds), accuracy "
             f"{z['target_acc']:.2f} -> {clean['target_acc']['mean']:.2f} (target) and {z['nontarget_acc']:.2f} -> "
-            f"{clean['nontarget_acc']['mean']:.2f} (non-target).")
+            f"{clean['nontarget_acc']['mean']:.2f} (non-target)." + loss)
 
 
 def _reading(summary: dict, cfg: dict, gen: list) -> str:
