@@ -102,8 +102,14 @@ def unseen_row_loss(run_dir: pathlib.Path, vids: list) -> dict:
     if len(recs) < 2 or not vids:
         return {}
     arr = np.array([[np.nan if x is None else x for x in r["loss"]] for r in recs], float)[:, vids]
-    return {"first_step": float(np.nanmean(arr[0])), "last_step": float(np.nanmean(arr[-1])),
-            "steps": [int(recs[0]["step"]), int(recs[-1]["step"])], "n_variants": len(vids)}
+    ok = np.isfinite(arr)
+    if not ok.any(0).all():
+        return {}
+    first, last = ok.argmax(0), len(recs) - 1 - ok[::-1].argmax(0)      # a variant's own first and last step
+    steps = [int(recs[int(first.min())]["step"]), int(recs[int(last.max())]["step"])]
+    cols = np.arange(arr.shape[1])
+    return {"first_step": float(arr[first, cols].mean()), "last_step": float(arr[last, cols].mean()),
+            "steps": steps, "n_variants": len(vids)}
 
 
 def write_csv(path: pathlib.Path, rows: list) -> None:
