@@ -11,6 +11,10 @@ and has its own backward pass (``jax.custom_vjp``), written the way flash attent
   block (concatenated, never padded) and accumulates ``dk``/``dv`` into the key prefix in place. Autodiff
   of the blocked forward instead pads every block's ``dq``/``dk``/``dv`` to the full length and sums the
   pads, which is where the old backward lost most of its time (profile in BUILD_NOTES).
+
+:func:`self_attention` picks the implementation by backend (``ModelConfig.attention``): this blocked path on
+CPU, ``jax.nn.dot_product_attention`` (cuDNN) on GPU, the Pallas splash kernel on TPU. :func:`cached_attention`
+is the KV-cache form for generation and shared-prefix scoring; it reads only the filled slots.
 """
 from __future__ import annotations
 
@@ -173,7 +177,6 @@ def self_attention(q: Array, k: Array, v: Array, mask: Array, impl: str = "auto"
     impl = resolve_attention(impl, dtype=q.dtype)
     if impl == "blocked":
         return causal_attention(q, k, v, mask)
-    B, T, H, hd = q.shape
     if impl in ("xla", "cudnn"):
         # cuDNN's flash attention with a bias (our mask) trains only on even lengths
         return _dot_product_attention(q, k, v, mask, impl, multiple=2 if impl == "cudnn" else 1)
