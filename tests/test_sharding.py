@@ -141,3 +141,14 @@ def test_top_layers_path_with_trunk_cache_sharded_equals_unsharded():
     sharded = train_study(tiny_base(), st, tiny_study(V=8), mesh=MeshConfig(2, 1, 2, 2), progress=False)
     assert np.abs(np.asarray(one.lora["q"]["b"])[:, 1]).max() > 1e-4      # the top layer trained
     _close(sharded.lora, one.lora)
+
+
+@pytest.mark.parametrize("waiting, shape", [("pinned_host", (2, 1, 2, 2)), ("numpy", (2, 1, 2, 2)),
+                                            ("pinned_host", (1, 1, 1, 1))])
+def test_chunks_waiting_in_host_memory_give_the_same_adapters(reference, waiting, shape, monkeypatch):
+    """Waiting chunks in the pinned_host memory of their devices (what accelerators use) or as numpy arrays:
+    the same adapters as the one-device run (CPU keeps them in place by default, so force the mode)."""
+    import jaxpoison.train.trainer as trainer
+    monkeypatch.setattr(trainer, "WAITING", waiting)
+    res = train_study(tiny_base(), CHUNKED, tiny_study(V=16), mesh=MeshConfig(*shape), progress=False)
+    _close(res.lora, reference.lora)

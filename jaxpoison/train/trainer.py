@@ -6,8 +6,9 @@ waiting on the host.
 
 Variant chunks (``TrainConfig.variant_chunk``): when not every variant's state fits on the devices at once,
 variants are sorted by their number of updates and cut into chunks; the state of every chunk lives in host
-memory (numpy), and each segment moves one chunk at a time onto the devices (split over the ``variant`` axis),
-runs it, and brings it back while the next chunk runs. A chunk whose variants have all finished is not run at
+memory (the ``pinned_host`` memory of its own devices, same sharding; see ``WAITING``), and each segment moves
+one chunk at a time onto the devices (split over the ``variant`` axis), runs it, and moves it back while the next
+chunk runs. A chunk whose variants have all finished is not run at
 all, so variants with fewer steps cost no compute. With one chunk the state never leaves the devices.
 Checkpoints hold every variant in the study's own order whatever the chunks or the mesh, so a run resumes onto
 another mesh or chunk size.
@@ -88,6 +89,11 @@ def run_metadata(st: Static, sd: StudyData, base_name: str, base_fingerprint: st
         "kernels": kernel_manifest(st.cfg.attention, parse_dtype(st.tcfg.dtype)), **(extra or {}),
     }
 
+
+# Where the state of waiting variant chunks lives: 'auto' = as it is on CPU (the devices' memory is host memory),
+# else 'pinned_host' (host memory of the chunk's own devices, same sharding: transfers are DMA, and a multi-host
+# job keeps each shard on its own host); 'numpy' = plain host arrays (a multi-host job gathers them).
+WAITING = "auto"
 
 _SAME_RESULT = ("tensorboard", "variant_chunk")     # logging and placement switches: a run may resume across them
 
@@ -204,14 +210,17 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
 
     def place(tree):        # per-variant arrays of one chunk onto the devices
         if jmesh is None:
-            return jax.tree.map(jax.numpy.asarray, tree)
+            return jax.device_put(tree, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
         put = state_shardings if isinstance(tree, TrainState) else variant_shardings
         return jax.device_put(tree, put(jmesh, tree, st.rules))
 
     resident = len(chunks) == 1         # the state stays on the devices between segments
-    # chunked: ``state`` is a list of per-chunk states waiting in host memory (numpy); on CPU the devices' memory
-    # is host memory, so they wait there as they are (no copies)
-    wait = (lambda x: x) if jax.devices()[0].platform == "cpu" and not multi else _host
+    # chunked: ``state`` is a list of per-chunk states waiting in host memory (module constant WAITING)
+    where = WAITING if WAITING != "auto" else "device" if jax.devices()[0].platform == "cpu" else "pinned_host"
+    where = "numpy" if multi else where
+    wait = {"device": lambda x: x, "numpy": _host,
+            "pinned_host": lambda t: jax.device_put(t, jax.tree.map(
+                lambda x: x.sharding.with_memory_kind("pinned_host"), t))}[where]
     init = init_program(st, jmesh)
     chunk_in = [(place(keys[c]), place(var.take(c))) for c in chunks]
     if resident:
