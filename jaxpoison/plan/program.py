@@ -152,6 +152,9 @@ def is_oom(e: Exception) -> bool:
 def compile_program(p: Program) -> Compiled:
     """Lower and compile; XLA's out-of-memory verdict becomes ``Compiled.error``."""
     t = time.time()
+    # an executable for abstract chips cannot be loaded back from jax's persistent cache: keep it out of there
+    cache_on = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
     try:
         with jax.set_mesh(p.mesh):
             lowered = p.fn.lower(*p.args)
@@ -161,6 +164,8 @@ def compile_program(p: Program) -> Compiled:
             raise
         msg = next((l for l in str(e).splitlines() if "exceeds" in l or "RESOURCE_EXHAUSTED" in l), str(e))
         return Compiled(seconds=time.time() - t, error=msg.strip()[:400])
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache_on)
     ma = c.memory_analysis()
     ca = c.cost_analysis()
     ca = ca[0] if isinstance(ca, (list, tuple)) else ca
