@@ -116,3 +116,18 @@ def test_run_stops_a_study_that_cannot_fit_before_loading_weights(tmp_path, monk
     assert rc == 2 and not (tmp_path / "run").exists()
     err = capsys.readouterr().err
     assert "needs about" in err and "jaxpoison plan" in err
+
+
+def test_fit_check_on_cpu_counts_the_explicit_mesh(tmp_path):
+    """On CPU an explicit mesh over emulated devices is checked against host memory (its devices' shares add up),
+    not refused for want of devices; an `auto` mesh is one CPU device."""
+    from jaxpoison.configs import load_config
+    from jaxpoison.plan import preflight
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(TINY_HF))
+    sets = [f"model={d}", "lora.layers_from=0"]
+    one = preflight.check_fit(load_config("configs/rationale_demo.py", sets))
+    four = preflight.check_fit(load_config("configs/rationale_demo.py", sets + ["mesh.variant=2", "mesh.fsdp=2"]))
+    assert one["platform"] == four["platform"] == "cpu"
+    assert four["analytic_bytes"] > one["analytic_bytes"] > 0     # four devices' shares on one host

@@ -45,7 +45,14 @@ def check_fit(cfg, base_override=None) -> dict:
     platform = devices[0].platform
     chunk = shape.chunk
     if platform == "cpu":
-        limit, n = host_available_bytes(), 1
+        # CPU devices share the host's memory, and `auto` axes resolve to one device there (train.mesh.resolve):
+        # the mesh has as many devices as the config's explicit axes ask for, and their shares add up
+        from jaxpoison.train.mesh import AUTO, AXES
+        mc0 = getattr(cfg, "mesh", None)
+        n = 1
+        for a in AXES if mc0 is not None else ():
+            n *= 1 if getattr(mc0, a) == AUTO else int(getattr(mc0, a))
+        limit = host_available_bytes()
     else:
         limit, n = device_bytes(devices[0]) or 0, len(devices)
     mc = mesh_config(shape, n, chunk, limit)
