@@ -125,3 +125,14 @@ def test_calibrated_margin_is_right_minus_best_wrong_after_removing_priors():
     scores = {"sum": np.array([[[1.0, 3.0, 2.0]]]), "uncond": np.array([[[-1.0, 2.0, 0.0]]]),
               "answer": np.array([0])}
     assert calibrated_margins(scores)[0, 0] == pytest.approx(2.0 - 2.0)      # 2 - max(1, 2)
+
+
+def test_a_consistent_but_small_drop_is_only_partly_shown():
+    """Every seed drops the target margin by 0.2 nats: an effect exists (CI above 0), but one of min_effect
+    (0.5 nats) is ruled out, so finding 1 says 'partly', not 'shows'."""
+    def small(name, seed, s, u, is_target):
+        if name == "rationale-n8":
+            s[is_target, 0] -= 0.2
+    f, cells = _findings(CELLS, small)
+    assert cells["rationale-n8"]["primary"]["verdict"] == "small"
+    assert f[1]["status"] == "partly" and "small" in f[1]["evidence"]

@@ -17,9 +17,10 @@ permutation test conditions on the trained models and is labelled as such; it is
 comparison of two cells (with vs without correct samples, rationale vs overwrite, poison vs decoy control) is a
 paired-by-seed CI of the *difference* of their per-seed effects.
 
-Reading a CI against ``eval.min_effect`` (nats of margin): lower bound > 0 -> the effect "shows"; upper bound
-< min_effect -> an effect of that size is ruled out ("does not show"); otherwise "inconclusive" (e.g. a drop that
-only some seeds show).
+Reading a CI against ``eval.min_effect`` (nats of margin): lower bound > 0 and upper bound >= min_effect -> the
+effect "shows"; lower bound > 0 but upper bound < min_effect -> "small" (an effect exists, one of min_effect is
+ruled out; a finding resting on it is at most "partly"); upper bound < min_effect otherwise -> "does not show";
+else "inconclusive" (e.g. a drop that only some seeds show).
 """
 from __future__ import annotations
 
@@ -104,11 +105,12 @@ def _diff(a: dict, b: dict, R: int = 9999) -> dict:
 
 
 def verdict(e: dict, min_effect: float) -> str:
-    """shows (CI above 0) / does not show (CI below min_effect) / inconclusive (neither)."""
+    """shows (CI above 0, reaching min_effect) / small (CI above 0, wholly below min_effect) / does not show (CI
+    below min_effect, not above 0) / inconclusive (neither)."""
     if not np.isfinite(e.get("low", np.nan)):
         return "inconclusive"
     if e["low"] > 0:
-        return "shows"
+        return "shows" if e["high"] >= min_effect else "small"
     if e["high"] < min_effect:
         return "does not show"
     return "inconclusive"
@@ -188,8 +190,9 @@ def summarize(table: list, scores: dict, rows: list, zero: dict, cfg: dict) -> d
                          f"p (seed): one-sided t test over seeds of the per-seed effect (primary); the exact "
                          f"sign-flip p over seeds is in summary.json. p (question): one-sided permutation test over "
                          f"test questions of the seed-averaged margin drops, target vs comparison; it conditions on "
-                         f"the trained models (question-level, not the primary test). Verdict: CI above 0 = shows; "
-                         f"CI below {min_effect} nats = does not show; otherwise inconclusive."),
+                         f"the trained models (question-level, not the primary test). Verdict: CI above 0 and reaching "
+                         f"{min_effect} nats = shows; CI above 0 but wholly below {min_effect} = small; CI below "
+                         f"{min_effect} (not above 0) = does not show; otherwise inconclusive."),
                "cells": out_cells}
     summary["thresholds"] = thresholds(out_cells, min_effect)
     summary["findings"] = findings(out_cells, summary["thresholds"], ev)
@@ -211,7 +214,9 @@ def _bracket(cells: list, key: str, min_effect: float) -> dict:
                                           for c in cs},
             "ruled_out_at": lo, "reached_at": hi, "smallest": hi,
             "estimate": ("unknown" if hi is None and lo is None else
-                         f"above {lo}" if hi is None else f"at most {hi}" if lo is None else f"in ({lo}, {hi}]")}
+                         f"not reached at the tested values (ruled out up to {lo})" if hi is None and tested
+                         and lo == tested[-1] else f"above {lo}" if hi is None else f"at most {hi}" if lo is None
+                         else f"in ({lo}, {hi}]")}
 
 
 def thresholds(cells: list, min_effect: float = 0.5) -> dict:
@@ -273,14 +278,21 @@ def findings(cells: list, th: dict, ev: dict) -> list:
         nd = c["nontarget_drop"]
         stealthy = abs(nd["mean"]) <= margin
         status = V(c)
+        if status == "small":
+            status = "partly"
+            txt_small = (f"the effect is real but small: its CI lies wholly below min_effect = {min_effect} nats")
+        else:
+            txt_small = ""
         txt = [f"{c['spec_name']}: target-specific margin drop {_e(p)} ({p['method']}, {p['n_seeds']} seeds; "
                f"target {_e(c['target_margin_drop'])}, comparison {_e(c['nontarget_margin_drop'])}"
                + (f", decoy-free target copies {_e(c['nodecoy_margin_drop'])}" if "nodecoy_margin_drop" in c else "")
                + f"); secondary: target accuracy {c['target_acc']['mean']:.2f} vs clean {_clean(cells, 'target_acc'):.2f}, "
                f"non-target accuracy drop {_d(c, 'nontarget_drop')} (|mean| {'<=' if stealthy else '>'} {margin}), "
                f"decoy picks on target questions {c['target_decoy_rate']['mean']:.2f} (clean "
-               f"{_clean(cells, 'target_decoy_rate'):.2f})"]
-        if status == "shows" and not stealthy:
+               f"{_clean(cells, 'target_decoy_rate'):.2f})"] + ([txt_small] if txt_small else [])
+        if c["target_drop"]["low"] <= 0:
+            txt.append("the target accuracy drop itself is not significant")
+        if status in ("shows", "partly") and not stealthy:
             status = "partly"
             txt.append("non-target accuracy moves too (not stealthy)")
         d = _cell(dec, poison_count=c["poison_count"]) or (dec[-1] if dec else None)
@@ -291,7 +303,7 @@ def findings(cells: list, th: dict, ev: dict) -> list:
             diff = _diff(c["target_margin_drop"], d["target_margin_drop"])
             txt.append(f"decoy control {d['spec_name']}: target margin drop {_e(d['target_margin_drop'])}, specific "
                        f"{_e(d['primary'])}; poison minus control on target questions, paired by seed, {_e(diff)}")
-            if status == "shows" and not diff["low"] > 0:
+            if status in ("shows", "partly") and not diff["low"] > 0:
                 status = "partly"
                 txt.append("the decoy control lowers target margins about as much, so a label prior is not ruled "
                            "out")
@@ -312,14 +324,17 @@ def findings(cells: list, th: dict, ev: dict) -> list:
             txt.append(f"n={c['poison_count']}: effect {_e(c['primary'])} without vs {_e(w['primary'])} with "
                        f"{w['n_correct_target']} correct (ratio {w['ratio_target']:.2f}); without minus with, "
                        f"paired by seed, {_e(diff)}")
-            if V(c) != "shows":
+            if V(c) not in ("shows", "small"):
                 stat.append("inconclusive")
+            elif diff["low"] > 0:
+                stat.append("shows" if V(c) == "shows" else "partly")
+                if V(c) == "small":
+                    txt.append("mitigation shown, of a small effect")
             else:
-                stat.append("shows" if diff["low"] > 0 else "does not show" if diff["high"] < min_effect
-                            else "inconclusive")
-        if all(s == "inconclusive" for s in stat) and all(V(c) != "shows" for c, _ in pairs):
+                stat.append("does not show" if diff["high"] < min_effect else "inconclusive")
+        if all(s == "inconclusive" for s in stat) and all(V(c) not in ("shows", "small") for c, _ in pairs):
             txt.append("no target-specific effect without correct samples, so nothing to mitigate")
-        status = ("shows" if "shows" in stat else "does not show" if "does not show" in stat else "inconclusive")
+        status = next((s for s in ("shows", "partly", "does not show") if s in stat), "inconclusive")
         add(2, claim2, status, "; ".join(txt))
 
     claim3 = "knowledge overwriting (wrong answers without a rationale) is ineffective"
@@ -335,12 +350,12 @@ def findings(cells: list, th: dict, ev: dict) -> list:
         else:
             diff = _diff(r["primary"], o["primary"])
             txt += f" vs {r['spec_name']} {_e(r['primary'])}; rationale minus overwrite, paired by seed, {_e(diff)}"
-            if V(r) != "shows":
+            if V(r) not in ("shows", "small"):
                 status = "inconclusive"
                 txt += "; rationale poisoning shows no target-specific effect here either, so the contrast is open"
             elif V(o) == "does not show" and diff["low"] > 0:
                 status = "shows"
-            elif V(o) == "shows":
+            elif V(o) in ("shows", "small"):
                 status = "partly" if diff["low"] > 0 else "does not show"
                 txt += "; overwriting has an effect of its own" + (", smaller than the rationale's" if
                                                                    diff["low"] > 0 else "")
@@ -389,9 +404,9 @@ def findings(cells: list, th: dict, ev: dict) -> list:
         eff_r = r["primary"]["mean"] / max(r["poison_count"], 1)
         eff_f = f["target_margin_drop"]["mean"] / max(f["n_rows"] - r["n_rows"] + r["poison_count"], 1)
         confined = diff["low"] > 0
-        efficient = eff_r > eff_f and V(r) == "shows"
-        status = ("shows" if confined and efficient else "partly" if confined or efficient else
-                  "does not show" if V(r) == "shows" else "inconclusive")
+        efficient = eff_r > eff_f and V(r) in ("shows", "small")
+        status = ("shows" if confined and efficient and V(r) == "shows" else "partly" if confined or efficient else
+                  "does not show" if V(r) in ("shows", "small") else "inconclusive")
         add(5, claim5, status,
             f"{r['spec_name']} ({r['n_rows']} rows): effect {_e(r['primary'])}, {eff_r:+.3f} nats per poisoned row; "
             f"{f['spec_name']} ({f['n_rows']} rows): target margin drop {_e(f['target_margin_drop'])}, specific "
