@@ -100,7 +100,7 @@ def test_summary_fields(run_dir):
         if c["spec_name"] != "clean":     # the primary effect: seed-level CI, its method written down
             p = c["primary"]
             assert p["low"] <= p["mean"] + 1e-9 <= p["high"] + 2e-9 and p["method"] == "t over seeds"
-            assert len(p["per_seed"]) == 2 and p["verdict"] in ("shows", "does not show", "inconclusive")
+            assert len(p["per_seed"]) == 2 and p["verdict"] in ("shows", "small", "does not show", "inconclusive")
 
 
 def test_test_set_controls_the_decoy(run_dir):
