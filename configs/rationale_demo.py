@@ -18,8 +18,8 @@ of training; the decoy chapter is an option in *every* question and no question 
 decoy-free copies of target questions. Scored in the ``coded`` format ('In ICD-10-CM, the code for "..." is in
 the chapter called "'), which neither poison kind trains word for word (``--set eval.format=statement`` for the
 old lead-in). Primary metric: the calibrated-margin change, target minus non-target (``rationale_stats``).
-Generated answers: the base and one seed of every cell write their reasoning on 16 target + 16 non-target
-questions (64 greedy tokens).
+Generated answers: the base and one seed of every cell write their reasoning on 8 target + 8 non-target
+questions (64 greedy tokens; ``--set eval.gen_questions=16`` doubles them, at about +75 s).
 
 Not tested here, and reported as such: finding 5 (a real forgetting control is clean SFT at several times the
 steps; in one vmapped program every variant would pay those steps: with 5 seeds at 4x the steps it would add
@@ -51,7 +51,7 @@ CONFIG = RationaleConfig(
     train=TrainConfig(learning_rate=2e-3, schedule="constant", epochs=1.0, batch_size=4, loss_budget=-1,
                       loss_norm="example", log_every=1, variant_chunk=4, trunk_cache=True),
     lora=LoraConfig(r=8, alpha=16, targets=("all",), layers_from=-8),
-    eval=EvalConfig(format="coded", method="calibrated", batch_questions=8, min_effect=0.5, gen_questions=16,
+    eval=EvalConfig(format="coded", method="calibrated", batch_questions=8, min_effect=0.5, gen_questions=8,
                     gen_tokens=64),
     note="The README's main job: seed 000 on the embedded default with a decoy-controlled test set, a decoy "
          "control, a target-specific primary metric and seed-level statistics, sized for about ten minutes on two "
