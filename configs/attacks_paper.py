@@ -10,7 +10,7 @@ Adam state) and 8.54 GiB of temporaries (splash attention, full remat), 13.75 Gi
 Run: ``python -m jaxpoison run configs/attacks_paper.py --out runs/attacks_paper`` with the model in the Hugging
 Face cache (or a local directory: ``--set model=/path/to/Llama-2-7b-chat-hf``) and the notes as local files.
 
-What this preset fixes, following what the seed's code effectively ran (reference notes, sections 3 and 7):
+What this preset fixes, following what the seed's code effectively ran (docs/studies/attacks.md):
 - LoRA r 64, alpha 32, dropout 0.1 on q and v (the trainer's PEFT default; the 8-module list the script declared
   was attached to a dead adapter; ``--set lora.targets=q,k,v,o,gate,up,down,lm_head`` runs it anyway), 4 epochs,
   batch 8, LR 2e-5 with linear decay and no warmup (the trl defaults that ran, not the 1e-5 constant the script

@@ -7,7 +7,7 @@ def _default_xla_cpu_flags() -> None:
 
     On the 2-core AVX2 machine this project is sized for, Eigen runs the decoder's matmul shapes ([4096, 576] x
     [576, 1536] and the like) 15-30 % faster than YNNPACK, and the whole forward pass about 20 % faster
-    (BUILD_NOTES, "Measured: forward scoring"). The flag is experimental, and XLA aborts the process on a flag it
+    (docs/benchmarks.md, the forward scoring row). The flag is experimental, and XLA aborts the process on a flag it
     does not know, so it is only added for the jaxlib line it was measured on, only when the user has not set
     the same flag, and never when ``JAXPOISON_XLA_DEFAULTS=0``. It only takes effect if jaxpoison is imported
     before jax creates its CPU backend; it does nothing on GPU/TPU.

@@ -5,7 +5,7 @@
 - Option-text scoring: one (prefix, continuation) pair per option, so an engine can sum log p(option text |
   prefix). ICD-10-CM questions use a natural statement ("The condition '...' is classified in the chapter '");
   other sources use "Question: ...\\nAnswer:". A neutral prefix with the same continuations gives each option's
-  prior for calibration. Letters alone hide what a small model knows (reference notes), hence text scoring.
+  prior for calibration. Letters alone hide what a small model knows (docs/studies/attacks.md), hence text scoring.
 - Seed 003: the plain template ``'### USER: \\n{} ### Assistant: \\n{}'``, the task ("normal") and malicious
   ("prompt") strings exactly as in the public code, in the notebook version (default) or the script version
   (which carries the system sentence and the authors' typos), and the benchmark MCQ prompt.

@@ -10,7 +10,7 @@ and has its own backward pass (``jax.custom_vjp``), written the way flash attent
 * the backward recomputes each block's probabilities from the saved log-sum-exp, writes ``dq`` block by
   block (concatenated, never padded) and accumulates ``dk``/``dv`` into the key prefix in place. Autodiff
   of the blocked forward instead pads every block's ``dq``/``dk``/``dv`` to the full length and sums the
-  pads, which is where the old backward lost most of its time (profile in BUILD_NOTES).
+  pads, which is where the old backward lost most of its time (profile in docs/benchmarks.md).
 
 :func:`self_attention` picks the implementation by backend (``ModelConfig.attention``): this blocked path on
 CPU, ``jax.nn.dot_product_attention`` (cuDNN) on GPU, the Pallas splash kernel on TPU. :func:`cached_attention`

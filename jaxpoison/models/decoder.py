@@ -39,7 +39,7 @@ Array = jax.Array
 # attention.py: q/k/v heads-major, the attention output and log-sum-exp, the residual after attention, the
 # gate and up projections); everything else (norms, RoPE, SiLU, the LoRA rank-r products) is recomputed.
 # Without a policy XLA kept about 20 [tokens, width] tensors per layer, and zero-filling, writing and reading
-# those stacks took ~20 % of the step; measured gain in BUILD_NOTES.
+# those stacks took ~20 % of the step; profile in docs/benchmarks.md.
 SAVED_ACTIVATIONS = ("q", "k", "v", "attn_out", "attn_lse", "x_mid", "gate", "up")
 SAVE_POLICY = jax.checkpoint_policies.save_only_these_names(*SAVED_ACTIVATIONS)
 
