@@ -3,7 +3,6 @@ runtime, started the way launchers start them (JAXPOISON_* variables, or a SLURM
 the failures that must stop with a clear message instead of hanging."""
 import json
 import os
-import pathlib
 import socket
 import subprocess
 import sys
@@ -14,29 +13,14 @@ import pytest
 
 from jaxpoison import distributed
 
-HERE = pathlib.Path(__file__).parent
-JOB = HERE / "multihost_job.py"
+from multiproc import HELPERS, ROOT, free_port, job_env, slurm_env
+
+JOB = HELPERS / "multihost_job.py"
 LIMIT = 120          # no child may live longer than this, whatever happens
 
 
-def _free_port(lo=None, hi=None):
-    for port in (range(lo, hi) if lo else [0]):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return s.getsockname()[1]
-    raise RuntimeError("no free port")
 
 
-def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAXPOISON_"))}
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-               PYTHONPATH=f"{HERE.parent}{os.pathsep}{HERE}", JAXPOISON_HEARTBEAT_TIMEOUT="5",
-               JAXPOISON_SHUTDOWN_TIMEOUT="60", JAXPOISON_INIT_TIMEOUT="60")
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
 
 
 def _start(mode, out, envs):
@@ -58,16 +42,11 @@ def _finish(procs, timeout=LIMIT):
 
 
 def _explicit(n=2, **extra):
-    addr = f"127.0.0.1:{_free_port()}"
-    return [_env(JAXPOISON_COORDINATOR=addr, JAXPOISON_NUM_PROCESSES=n, JAXPOISON_PROCESS_ID=i, **extra)
+    addr = f"127.0.0.1:{free_port()}"
+    return [job_env(JAXPOISON_COORDINATOR=addr, JAXPOISON_NUM_PROCESSES=n, JAXPOISON_PROCESS_ID=i, **extra)
             for i in range(n)]
 
 
-def _slurm(n=2):
-    # jax's SLURM detection puts the coordinator on the first node at port 61440 + job id % 4096
-    port = _free_port(61440, 65536)
-    return [_env(SLURM_JOB_ID=port - 61440, SLURM_STEP_NODELIST="localhost", SLURM_NTASKS=n, SLURM_PROCID=i,
-                 SLURM_LOCALID=i, SLURM_STEP_NUM_NODES=1, SLURM_NODELIST="localhost") for i in range(n)]
 
 
 def _expected():
@@ -78,14 +57,14 @@ def _expected():
 @pytest.mark.parametrize("launcher", ["local_multiprocess.sh", "slurm"])
 def test_two_processes_join_compute_the_single_process_answer_and_check_inputs(tmp_path, launcher):
     if launcher == "slurm":
-        procs = _start("sum", tmp_path, _slurm())
+        procs = _start("sum", tmp_path, slurm_env())
         outs = _finish(procs)
         assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
     else:       # the launcher sets JAXPOISON_* and 4 devices per process over the caller's 8
-        env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=8", LOG_DIR=tmp_path / "logs",
+        env = job_env(XLA_FLAGS="--xla_force_host_platform_device_count=8", LOG_DIR=tmp_path / "logs",
                    DEVICES_PER_PROCESS=4)
         p = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", "--exec", sys.executable, str(JOB), "sum",
-                            str(tmp_path)], cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=LIMIT)
+                            str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=LIMIT)
         assert p.returncode == 0, p.stderr[-3000:] + (tmp_path / "logs" / "p1.log").read_text()[-3000:]
     recs = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)]
     for i, r in enumerate(recs):
@@ -105,11 +84,11 @@ def test_two_processes_join_compute_the_single_process_answer_and_check_inputs(t
 
 
 def test_unreachable_coordinator_fails_in_time_naming_the_address(tmp_path):
-    port = _free_port()
+    port = free_port()
     t0 = time.time()
     p = subprocess.run([sys.executable, "-m", "jaxpoison", "run", "no-such-config.py", "--out", str(tmp_path / "r"),
                         "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "1",
-                        "--init-timeout", "3"], env=_env(), capture_output=True, text=True, timeout=LIMIT)
+                        "--init-timeout", "3"], env=job_env(), capture_output=True, text=True, timeout=LIMIT)
     assert p.returncode == 2, p.stderr[-2000:]
     assert f"could not reach the coordinator at 127.0.0.1:{port}" in p.stderr
     assert time.time() - t0 < 3 + 30          # the timeout plus python and jax start-up

@@ -1,0 +1,117 @@
+"""A tiny study with its 8 variants split over 8 CPU devices, run as a 2-task SLURM job on this machine (two
+processes of 4 devices, started through SLURM's own variables, no jaxpoison flags): the same adapters as one
+process with 8 devices; a SIGKILL of one process and a restart of both end bitwise equal to the uninterrupted
+job; and one 8-device process restarted from the 2-process checkpoint ends with the same adapters."""
+import json
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from multiproc import HELPERS, job_env, slurm_env
+
+JOB = HELPERS / "multihost_train_job.py"
+LIMIT = 400      # per run; a run takes ~15 s of CPU per process (compiles included) on an idle core
+
+
+def _one_process(run_dir, out):
+    env = job_env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    p = subprocess.run([sys.executable, str(JOB), str(run_dir), str(out)], env=env, capture_output=True, text=True,
+                       timeout=LIMIT)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+
+def _two_processes(run_dir, out, **extra):
+    envs = [{**e, **{k: str(v) for k, v in extra.items()}} for e in slurm_env()]
+    procs = [subprocess.Popen([sys.executable, str(JOB), str(run_dir), str(out)], env=e, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for e in envs]
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=LIMIT)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    return [p.returncode for p in procs], outs
+
+
+def _adapters(f):
+    z = np.load(f)
+    return {k: z[k] for k in z.files if k not in ("resumed", "processes")}, int(z["resumed"]), int(z["processes"])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("multihost")
+    _one_process(d / "one", d / "one.npz")
+    rcs, outs = _two_processes(d / "two", d / "two.npz")
+    assert rcs == [0, 0], "\n".join(o[-3000:] for o in outs)
+    # the job killed: process 1 dies once step 4 is on disk, with its next segment dispatched
+    rcs, outs = _two_processes(d / "killed", d / "never.npz", JAXPOISON_TEST_SIGKILL_AFTER=4,
+                               JAXPOISON_TEST_SIGKILL_PROCESS=1)
+    assert rcs[1] == -signal.SIGKILL and rcs[0] != 0, outs[0][-3000:]     # the survivor stopped (heartbeats)
+    assert not (d / "never.npz").exists()
+    shutil.copytree(d / "killed", d / "killed-copy")
+    return d
+
+
+def test_two_processes_train_the_adapters_of_one_process_with_8_devices(runs):
+    one, _, n1 = _adapters(runs / "one.npz")
+    two, resumed, n2 = _adapters(runs / "two.npz")
+    assert (n1, n2, resumed) == (1, 2, -1)
+    for k in one:
+        np.testing.assert_allclose(two[k], one[k], atol=1e-5, rtol=0, err_msg=k)
+    # one writer: every step once in metrics.jsonl; besides checkpoint shards nothing else in the folder
+    steps = [json.loads(l)["step"] for l in (runs / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(len(steps))) and len(steps) > 4
+    assert {p.name for p in (runs / "two").iterdir()} == {"metrics.jsonl", "tensorboard", "checkpoints"}
+    newest = max(int(p.name) for p in (runs / "two" / "checkpoints").iterdir() if p.name.isdigit())
+    shards = {p.name for p in (runs / "two" / "checkpoints" / str(newest) / "state").glob("ocdbt.process_*")}
+    assert shards == {"ocdbt.process_0", "ocdbt.process_1"}
+
+
+def test_sigkill_of_one_process_then_restart_is_bitwise_the_uninterrupted_job(runs):
+    ck = runs / "killed" / "checkpoints"
+    assert max(int(p.name) for p in ck.iterdir() if p.name.isdigit()) == 4
+    rcs, outs = _two_processes(runs / "killed", runs / "resumed.npz")
+    assert rcs == [0, 0], "\n".join(o[-3000:] for o in outs)
+    two, _, _ = _adapters(runs / "two.npz")
+    got, resumed, n = _adapters(runs / "resumed.npz")
+    assert (resumed, n) == (4, 2)
+    for k in two:
+        assert np.array_equal(got[k], two[k]), k
+    steps = [json.loads(l)["step"] for l in (runs / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(len(steps)))
+
+
+def test_one_process_restarts_from_the_two_process_checkpoint(runs):
+    _one_process(runs / "killed-copy", runs / "from-two.npz")
+    two, _, _ = _adapters(runs / "two.npz")
+    got, resumed, n = _adapters(runs / "from-two.npz")
+    assert (resumed, n) == (4, 1)
+    for k in two:
+        np.testing.assert_allclose(got[k], two[k], atol=1e-6, rtol=0, err_msg=k)
+
+
+def test_rationale_study_as_two_processes_writes_one_run_folder_with_the_one_process_results(tmp_path):
+    """The whole seed-000 pipeline (train, score, report) on test_rationale_pipeline's tiny study: process 0 alone
+    writes the run folder, and its scores equal those of one process with 8 devices."""
+    job = HELPERS / "multihost_rationale_job.py"
+    one = subprocess.run([sys.executable, str(job), str(tmp_path / "one")], capture_output=True, text=True,
+                         env=job_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"), timeout=LIMIT)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    envs = slurm_env()
+    procs = [subprocess.Popen([sys.executable, str(job), str(tmp_path / "two")], env=e, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for e in envs]
+    outs = [p.communicate(timeout=LIMIT)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    assert {p.name for p in (tmp_path / "two").iterdir()} == {p.name for p in (tmp_path / "one").iterdir()}
+    a, b = np.load(tmp_path / "one" / "scores.npz"), np.load(tmp_path / "two" / "scores.npz")
+    for k in ("sum", "uncond"):
+        np.testing.assert_allclose(b[k], a[k], atol=1e-5, rtol=1e-5, err_msg=k)
+    assert (tmp_path / "two" / "report.md").exists()
+    assert "[rationale]" in outs[0] and "[rationale]" not in outs[1]     # progress from process 0 only
