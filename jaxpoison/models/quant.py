@@ -52,7 +52,7 @@ QUANTIZED_MODULES = ("q", "k", "v", "o", "gate", "up", "down")
 
 # QLoRA's NF4 code book: bitsandbytes.functional.get_4bit_type("nf4"), i.e. create_normal_map(0.9677083) --
 # 8 positive and 7 negative quantiles of N(0, 1) at equal probability steps from offset = 1 - (1/30 + 1/32) / 2
-# to 1/2, plus an exact 0, divided by the largest. tests/test_quant.py rebuilds it from scipy's normal quantiles.
+# to 1/2, plus an exact 0, divided by the largest. tests/models/test_quant.py rebuilds it from scipy's normal quantiles.
 NF4_CODE = np.array([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
@@ -321,7 +321,7 @@ def _dq_absmax(q: QuantKernel) -> Array:
         flat = jnp.pad(flat, [(0, 0)] * (flat.ndim - 1) + [(0, pad)])
     vals = jnp.asarray(DYNAMIC_CODE)[flat.astype(jnp.int32)].reshape(flat.shape[:-1] + (n2, DQ_BLOCK))
     # op by op this is bitsandbytes' arithmetic bit for bit; inside a jit XLA:CPU contracts the multiply and the add
-    # below into one FMA (no barrier or bitcast stops it), which can move the scale by 1 ulp (tests/test_quant.py)
+    # below into one FMA (no barrier or bitcast stops it), which can move the scale by 1 ulp (tests/models/test_quant.py)
     vals = (vals * q.scale2[..., None]).reshape(flat.shape)[..., :nb * o]
     return jnp.swapaxes(vals.reshape(s.shape[:-2] + (o, nb)), -1, -2) + q.offset[..., None, None]
 
