@@ -246,7 +246,10 @@ def splash_attention(q: Array, k: Array, v: Array, mask: Array, *, rules=None, i
     def run(qt, kt, vt, real):
         return jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=sk.SegmentIds(s, s)))(qt, kt, vt, real)
 
-    if rules is not None and (batch_spec is not None or head_axis is not None):
+    # under any mesh of more than one device the kernel must sit in shard_map, even with nothing of its own
+    # sharded (a variant-only mesh: batch and heads replicated): GSPMD cannot partition a Mosaic call, and
+    # vmap(spmd_axis_name='variant') outside adds the variant axis to these specs only through shard_map
+    if rules is not None and any(n > 1 for _, n in rules.sizes):
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty:
             raise ValueError("the splash attention kernel under sharding rules runs in shard_map over the current "
