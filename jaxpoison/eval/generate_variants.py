@@ -28,10 +28,33 @@ def num_variants(lora) -> int:
     return int(jax.tree.leaves(lora)[0].shape[0])
 
 
+BASE = -1      # a variant index that means the base: a row of zeros (x @ a @ 0 adds exactly 0)
+
+
 def take_variants(lora, idx) -> dict:
-    """The adapters of the variants ``idx`` (a list of indices), still stacked."""
-    idx = jnp.asarray(np.asarray(idx, np.int32))
-    return jax.tree.map(lambda x: x[idx], lora)
+    """The adapters of the variants ``idx`` (a list of indices), still stacked; index ``BASE`` (-1) gives a zero
+    row, the base model. Host arrays give host arrays (only these rows move to a device later), device arrays
+    device ones."""
+    idx = np.asarray(idx, np.int64).reshape(-1)
+    V = num_variants(lora)
+    if idx.size and (idx.min() < BASE or idx.max() >= V):
+        raise ValueError(f"variant indices must lie in [-1, {V}) (-1 = the base), got {idx.tolist()}")
+    base = idx == BASE
+    if idx.size == V and (idx == np.arange(V)).all():
+        return lora                                   # all of them, in order: no copy
+    take = np.maximum(idx, 0)
+
+    def one(x):
+        if isinstance(x, np.ndarray):
+            rows = x[take]
+            rows[base] = 0
+            return rows
+        rows = x[jnp.asarray(take.astype(np.int32))]
+        if base.any():
+            rows = jnp.where(jnp.asarray(~base).reshape((-1,) + (1,) * (rows.ndim - 1)), rows, 0)
+        return rows
+
+    return jax.tree.map(one, lora)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_p", "eos_ids", "dtype",
@@ -51,8 +74,14 @@ def generate_tokens_variants(lora, params, prompt, prompt_mask, key, *, cfg: Mod
 def generate_text_variants(lm, prompts: Sequence[str], lora, *, lora_scale: float = 1.0, chat: bool = False,
                            system: Optional[str] = None, max_new_tokens: int = 64, temperature: float = 0.0,
                            top_p: float = 1.0, seed: int = 0, batch_size: int = 8, variant_chunk: int = 0,
-                           prompt_len: int = 0, progress: bool = False, desc: str = "generate") -> list:
+                           prompt_len: int = 0, progress: bool = False, desc: str = "generate",
+                           variants: Optional[Sequence[int]] = None) -> list:
     """Replies of every variant to every prompt: ``out[v][i]`` (special tokens removed).
+
+    ``variants``: which adapters of the stack answer, as indices (``BASE`` = -1: the base model, a zero adapter
+    row), ``out[j]`` then holds the replies of ``variants[j]``; default every one in order. Each call gathers
+    its ``variant_chunk`` rows from ``lora`` as it needs them (:func:`take_variants`), so neither a subset nor
+    the base is stacked in front of the adapters beforehand.
 
     ``lm`` is anything with ``cfg``, ``params``, ``tokenizer``, ``eos_ids``, ``pad_id``, ``dtype`` (an
     :class:`jaxpoison.models.lm.LM`). Prompts go in batches of ``batch_size`` (the last one padded with copies),
@@ -61,26 +90,31 @@ def generate_text_variants(lm, prompts: Sequence[str], lora, *, lora_scale: floa
     replies equal ``generate_text(..., lora=that variant)``. ``prompt_len`` pads prompts to at least that length
     (so calls with different prompts can share one compiled program).
     """
-    if not prompts:
-        return [[] for _ in range(num_variants(lora))]
-    V = num_variants(lora)
+    sel = list(range(num_variants(lora))) if variants is None else [int(v) for v in variants]
+    if not prompts or not sel:
+        return [[] for _ in sel]
+    V = len(sel)
     chunk = variant_chunk if 0 < variant_chunk < V else V
     ids = encode_prompts(lm.tokenizer, prompts, chat, system)
     P = max(bucket(max(len(s) for s in ids)), prompt_len)
     key = jax.random.PRNGKey(seed)
     out = [[] for _ in range(V)]
-    jobs = [(b0, v0) for b0 in range(0, len(ids), batch_size) for v0 in range(0, V, chunk)]
+    # variant chunks outer: each chunk's adapters are gathered (and sent to the devices) once for all batches
+    jobs = [(v0, b0) for v0 in range(0, V, chunk) for b0 in range(0, len(ids), batch_size)]
     if progress:
         from tqdm.auto import tqdm
         jobs = tqdm(jobs, desc=desc, unit="batch")
-    for b0, v0 in jobs:
+    held = (None, None)
+    for v0, b0 in jobs:
         part = ids[b0:b0 + batch_size]
         part = part + [part[-1]] * (batch_size - len(part))
         toks, mask = left_pad(part, lm.pad_id, P)
         vidx = list(range(v0, min(v0 + chunk, V)))
         vidx = vidx + [vidx[-1]] * (chunk - len(vidx))          # fixed variant count per call
+        if held[0] != v0:
+            held = (v0, take_variants(lora, [sel[j] for j in vidx]))
         toks_v, lens_v = generate_tokens_variants(
-            take_variants(lora, vidx), lm.params, jnp.asarray(toks), jnp.asarray(mask), jax.random.fold_in(key, b0),
+            held[1], lm.params, jnp.asarray(toks), jnp.asarray(mask), jax.random.fold_in(key, b0),
             cfg=lm.cfg, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, eos_ids=lm.eos_ids,
             pad_id=lm.pad_id, dtype=lm.dtype, lora_scale=lora_scale)
         toks_v, lens_v = np.asarray(toks_v), np.asarray(lens_v)

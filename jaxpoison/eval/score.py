@@ -99,13 +99,14 @@ def shared_layers(lora, num_layers: int) -> int:
     the scorer runs those layers once for all variants. Capped at ``num_layers - 1``."""
     if lora is None:
         return 0
-    free = jnp.ones((num_layers,), bool)
+    free = np.ones((num_layers,), bool)
     for m, ab in lora.items():
         if m == "lm_head":
             continue
-        zero = [jnp.all(ab[n] == 0, axis=tuple(range(2, ab[n].ndim))) for n in ("a", "b")]   # [V, L] each
-        free = free & jnp.all(zero[0] | zero[1], axis=0)
-    free = np.asarray(free)
+        # host adapters are reduced on the host, device ones where they lie (only [V, L] booleans move)
+        xp = lambda x: np if isinstance(x, np.ndarray) else jnp
+        zero = [np.asarray(xp(ab[n]).all(ab[n] == 0, axis=tuple(range(2, ab[n].ndim)))) for n in ("a", "b")]
+        free = free & np.all(zero[0] | zero[1], axis=0)
     k = num_layers if free.all() else int(np.argmin(free))
     return min(k, num_layers - 1)
 
@@ -240,12 +241,14 @@ def split_shared_prefix(tokens, cont_mask, attn_mask) -> Optional[tuple]:
     return prefix, pmask, cont, cmask
 
 
-def _batches(n: int, size: int, progress, desc: str):
-    starts = range(0, n, size)
+def _jobs(passes: list, n: int, size: int, progress, desc: str):
+    """(pass index, batch start) pairs, passes outer: each adapter chunk goes to the devices once and serves every
+    batch of rows before the next one is taken."""
+    jobs = [(p, b0) for p in range(len(passes)) for b0 in range(0, n, size)]
     if progress:
         from tqdm.auto import tqdm
-        starts = tqdm(starts, desc=desc, unit="batch", leave=False)
-    return starts
+        jobs = tqdm(jobs, desc=desc, unit="batch", leave=False)
+    return jobs
 
 
 def _pad_to(x: np.ndarray, n: int) -> np.ndarray:
@@ -255,54 +258,86 @@ def _pad_to(x: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([x, np.repeat(x[:1], n - x.shape[0], axis=0)], axis=0)
 
 
-def _variant_chunks(lora, variant_chunk: int):
-    if lora is None:
-        return [None]
-    V = jax.tree.leaves(lora)[0].shape[0]
-    if not variant_chunk or variant_chunk >= V:
-        return [lora]
-    return [jax.tree.map(lambda x: x[i:i + variant_chunk], lora) for i in range(0, V, variant_chunk)]
+def _passes(lora, variant_chunk: int, with_base: bool) -> list:
+    """What one scoring pass each sees, in the order of the result's rows: ``None`` (the base: the adapter term
+    switched off) when ``with_base`` or there are no adapters, then the variant ranges of the stacked adapters,
+    ``variant_chunk`` at a time. Ranges, not arrays: :func:`_chunk` slices one chunk out of the caller's arrays
+    (sharded device arrays, pinned host or numpy ones) when its pass comes, so no copy of every adapter (and no
+    zero adapter in front of them) is ever built."""
+    out = [None] if with_base or lora is None else []
+    if lora is not None:
+        V = int(jax.tree.leaves(lora)[0].shape[0])
+        step = variant_chunk if 0 < variant_chunk < V else V
+        out += [(v0, min(v0 + step, V)) for v0 in range(0, V, step)]
+    return out
+
+
+def _chunk(lora, rng):
+    """The adapters of one pass: None for the base, the whole stack as it is, or a slice of it."""
+    if rng is None:
+        return None
+    V = int(jax.tree.leaves(lora)[0].shape[0])
+    if rng == (0, V):
+        return lora
+    return jax.tree.map(lambda x: x[rng[0]:rng[1]], lora)
+
+
+def _run_passes(program, lora, batches: list, n_rows: int, *, variant_chunk, with_base, progress, desc, shared,
+                **kw) -> np.ndarray:
+    """``program(lora_chunk, base, *batch_args, shared=...)`` over every (pass, batch) -> [rows of all passes,
+    n_rows]. The base pass runs its layers whole (``shared = 0``: with the adapter term off there is no trunk to
+    share)."""
+    passes = _passes(lora, variant_chunk, with_base)
+    out = [[] for _ in passes]
+    current = (None, None)
+    for p, b0 in _jobs(passes, n_rows, batches[0][1] if batches else 1, progress, desc):
+        if current[0] != p:
+            current = (p, _chunk(lora, passes[p]))          # one chunk at a time on the devices
+        args, size = batches[b0 // batches[0][1]]
+        n = min(size, n_rows - b0)
+        got = program(current[1], *args, shared=0 if passes[p] is None else shared, **kw)
+        out[p].append(np.asarray(got)[:, :n])
+    return np.concatenate([np.concatenate(o, axis=1) for o in out], axis=0)
 
 
 def _score_plain(base, cfg, tokens, cont, attn, lora, *, rows_per_batch, dtype, lora_scale, chunk, variant_chunk,
-                 progress, desc, shared=0):
-    """[N, T] rows -> [V, N] summed continuation log-probs."""
+                 progress, desc, shared=0, with_base=False):
+    """[N, T] rows -> [V, N] summed continuation log-probs ([1 + V, N] with the base first when ``with_base``)."""
     tokens, cont, attn = _trim(tokens, cont, attn)
     budget = int(np.max((cont[:, 1:] > 0).sum(-1)))
     N = tokens.shape[0]
-    out = []
-    for b0 in _batches(N, rows_per_batch, progress, desc):
-        sl = slice(b0, b0 + rows_per_batch)
-        n = min(rows_per_batch, N - b0)
-        args = [jnp.asarray(_pad_to(x[sl], rows_per_batch)) for x in (tokens, cont, attn)]
-        parts = [score_rows(l, base, *args, cfg=cfg, dtype=dtype, lora_scale=lora_scale, budget=budget, chunk=chunk,
-                            shared=shared) for l in _variant_chunks(lora, variant_chunk)]
-        out.append(np.concatenate([np.asarray(p) for p in parts], 0)[:, :n])
-    return np.concatenate(out, axis=1)
+    batches = [([jnp.asarray(_pad_to(x[b0:b0 + rows_per_batch], rows_per_batch)) for x in (tokens, cont, attn)],
+                rows_per_batch) for b0 in range(0, N, rows_per_batch)]
+    program = lambda l, *a, shared: score_rows(l, base, *a, cfg=cfg, dtype=dtype, lora_scale=lora_scale,
+                                               budget=budget, chunk=chunk, shared=shared)
+    return _run_passes(program, lora, batches, N, variant_chunk=variant_chunk, with_base=with_base,
+                       progress=progress, desc=desc, shared=shared)
 
 
 def _score_prefix(base, cfg, split, lora, *, batch_questions, dtype, lora_scale, chunk, variant_chunk, progress,
-                  desc, shared=0):
+                  desc, shared=0, with_base=False):
     prefix, pmask, cont, cmask = split
     Q = prefix.shape[0]
-    out = []
-    for b0 in _batches(Q, batch_questions, progress, desc):
-        sl = slice(b0, b0 + batch_questions)
-        n = min(batch_questions, Q - b0)
-        args = [jnp.asarray(_pad_to(x[sl], batch_questions)) for x in (prefix, pmask, cont, cmask)]
-        parts = [score_shared_prefix(l, base, *args, cfg=cfg, dtype=dtype, lora_scale=lora_scale, chunk=chunk,
-                                     shared=shared) for l in _variant_chunks(lora, variant_chunk)]
-        out.append(np.concatenate([np.asarray(p) for p in parts], 0)[:, :n])
-    return np.concatenate(out, axis=1)
+    batches = [([jnp.asarray(_pad_to(x[b0:b0 + batch_questions], batch_questions)) for x in (prefix, pmask, cont,
+                                                                                              cmask)],
+                batch_questions) for b0 in range(0, Q, batch_questions)]
+    program = lambda l, *a, shared: score_shared_prefix(l, base, *a, cfg=cfg, dtype=dtype, lora_scale=lora_scale,
+                                                        chunk=chunk, shared=shared)
+    return _run_passes(program, lora, batches, Q, variant_chunk=variant_chunk, with_base=with_base,
+                       progress=progress, desc=desc, shared=shared)
 
 
 def score_options(base, cfg: ModelConfig, mc, lora=None, *, lora_scale: float = 1.0, dtype=jnp.float32,
                   batch_questions: int = 8, calibrate: bool = True, path: str = "auto", variant_chunk: int = 0,
                   chunk: int = 128, progress: bool = False, desc: str = "score",
-                  share_trunk: bool = True) -> OptionScores:
+                  share_trunk: bool = True, with_base: bool = False) -> OptionScores:
     """Score every option of every question of ``mc`` (a :class:`jaxpoison.data.pool.McEval`) for every variant.
 
-    ``lora``: stacked adapters with a leading variant axis, or None for the base alone (V = 1).
+    ``lora``: stacked adapters with a leading variant axis, or None for the base alone (V = 1). They are read
+    where they lie (device arrays, sharded or not, or host arrays), one ``variant_chunk`` slice at a time.
+    ``with_base``: the result has 1 + V rows, row 0 the base (zero-shot) scored once with the adapter term
+    switched off, rows 1.. the adapters: a study's base and variants without a zero adapter stacked in front
+    (which would copy every adapter).
     ``path``: 'auto' (shared prefix when the data allow), 'shared_prefix' or 'plain'.
     ``variant_chunk``: score at most this many variants per call (memory); 0 = all at once.
     ``share_trunk``: run the bottom layers no adapter touches (:func:`shared_layers`; adapters trained with
@@ -314,7 +349,7 @@ def score_options(base, cfg: ModelConfig, mc, lora=None, *, lora_scale: float = 
         raise ValueError(f"batch_questions must be >= 1, got {batch_questions}")
     Q, C, T = mc.tokens.shape
     kw = dict(dtype=dtype, lora_scale=lora_scale, chunk=chunk, variant_chunk=variant_chunk, progress=progress,
-              shared=shared_layers(lora, cfg.num_layers) if share_trunk else 0)
+              shared=shared_layers(lora, cfg.num_layers) if share_trunk else 0, with_base=with_base)
     split = None if path == "plain" else split_shared_prefix(mc.tokens, mc.cont_mask, mc.attn_mask)
     if path == "shared_prefix" and split is None:
         raise ValueError("the options of some question do not share a prefix (or a continuation does not end its "

@@ -133,3 +133,37 @@ def test_layers_no_adapter_touches_run_once_with_the_same_scores(mc):
     assert shared_layers(bad, 4) == 0
     fresh = stack_variants([init_lora(jax.random.PRNGKey(i), cfg, LoraConfig(r=4, alpha=8)) for i in range(2)])
     assert shared_layers(fresh, 4) == 3 and shared_layers(None, 4) == 0
+
+
+@pytest.mark.parametrize("path", ["auto", "plain"])
+def test_with_base_equals_a_zero_adapter_in_front_without_stacking_one(mc, path, monkeypatch):
+    """``with_base=True`` scores the base once with the adapter term off and the adapters chunk by chunk from
+    the caller's arrays: the same scores as the old way (a zero adapter concatenated in front of all of them),
+    and no program ever receives a [V + 1, ...] stack or more than one chunk of adapters."""
+    import jaxpoison.eval.score as score
+    stack = stack_variants([random_lora(i) for i in range(5)])           # V = 5, chunks of 2: 2 + 2 + 1
+    old_stack = jax.tree.map(lambda x: jnp.concatenate([jnp.zeros_like(x[:1]), x]), stack)
+    kw = dict(lora_scale=LC.scale, batch_questions=3, variant_chunk=2, path=path)
+    old = score_options(BASE, CFG, mc, old_stack, **kw)
+    seen = []
+
+    def spy(fn):
+        def wrapped(lora, *a, **k):
+            seen.append(None if lora is None else {x.shape[0] for x in jax.tree.leaves(lora)})
+            return fn(lora, *a, **k)
+        return wrapped
+
+    monkeypatch.setattr(score, "score_rows", spy(score.score_rows))
+    monkeypatch.setattr(score, "score_shared_prefix", spy(score.score_shared_prefix))
+    for lora in (stack, jax.tree.map(np.asarray, stack)):                 # device arrays, host arrays
+        seen.clear()
+        new = score_options(BASE, CFG, mc, lora, with_base=True, **kw)
+        assert new.sum.shape == old.sum.shape == (6, len(EXS), 4)
+        # within 1e-6 relative (sums near -60: one float32 ulp there is 3.8e-6; other chunk sizes move the
+        # vmapped programs' rounding by that much, the scores no more)
+        np.testing.assert_allclose(new.sum, old.sum, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(new.uncond, old.uncond, rtol=1e-6, atol=1e-6)
+        assert None in seen and all(s is None or s <= {1, 2} for s in seen), seen
+    # the base row is the base alone
+    alone = score_options(BASE, CFG, mc, None, batch_questions=3, path=path)
+    np.testing.assert_allclose(new.sum[0], alone.sum[0], rtol=1e-6, atol=1e-6)
