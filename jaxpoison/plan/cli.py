@@ -6,9 +6,12 @@ import os
 import sys
 
 HELP = """\
-Compile the study's training program ahead of time for a TPU slice that need not be attached (libtpu does it on
-this machine) and print, per chip, XLA's arguments, temporaries and outputs against HBM; FLOPs per step (layer
-scan counted); training time and chip-hours at --mfu; the largest variant chunk that fits; and, when the study
+Compile the study's programs ahead of time for a TPU slice that need not be attached (libtpu does it on this
+machine): the training segment of one variant chunk over the slice's mesh, and the evaluation programs the study
+calls after training (vmapped option scoring and vmapped KV-cache generation, one adapter chunk per call, on one
+chip as the study places them; prompts at the config's max_len bound unless --eval-prompt-len). Print, per chip
+and per program, XLA's arguments, temporaries and outputs against HBM ('fits' = every program fits); FLOPs per
+step (layer scan counted); training time and chip-hours at --mfu; the largest variant chunk that fits; and, when the study
 does not fit, settings that would make it fit (exit status 1). No weights are read: the model's config.json
 comes from a local directory, the HF cache, or jaxpoison's table of known models.
 
@@ -35,7 +38,10 @@ def cmd_plan(args) -> int:
     from .targets import parse_target
     cfg = load_config(args.config, args.set or ())
     target = parse_target(args.topology, args.device, args.gpus)
-    rep = make_plan(study_shape(cfg), target, mfu=args.mfu, compile=not args.no_compile)
+    from .evals import eval_programs
+    shape = study_shape(cfg)
+    evals = [] if args.train_only else eval_programs(cfg, shape, args.eval_prompt_len)
+    rep = make_plan(shape, target, mfu=args.mfu, compile=not args.no_compile, evals=evals)
     rep["config"] = args.config
     if args.json:
         print(json.dumps(rep, default=str))
@@ -57,6 +63,11 @@ def register(sub) -> None:
     p.add_argument("--mfu", type=float, default=0.35, help="share of peak bf16 FLOP/s the executed FLOPs reach, "
                                                              "for time estimates (default %(default)s)")
     p.add_argument("--no-compile", action="store_true", help="analytic model only (seconds, no XLA compile)")
+    p.add_argument("--eval-prompt-len", type=int, default=0, metavar="N",
+                   help="prompt tokens of the scoring / generation programs (a measured length; default: the "
+                        "config's bound, max_len)")
+    p.add_argument("--train-only", action="store_true", help="plan the training segment alone (no scoring / "
+                                                            "generation programs)")
     p.add_argument("--json", action="store_true", help="one JSON line (fits, per_chip_bytes, hbm_bytes, "
                                                        "topology, flops_per_step, chip_hours, ...)")
     p.set_defaults(func=cmd_plan)

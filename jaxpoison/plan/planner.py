@@ -131,9 +131,53 @@ def attention_impl(shape: StudyShape, target: Target) -> str:
     return getattr(for_platform(shape.cfg, target.platform, shape.tcfg.dtype), "attention", "blocked")
 
 
+def eval_entries(shape: StudyShape, target: Target, evals, compile: bool, devices=None) -> tuple:
+    """({name: entry}, suggestions) of the study's evaluation programs (:mod:`.evals`): each compiled for one
+    chip of the target (TPU, ``compile``) or the rough estimate of :func:`.evals.eval_bytes`; a program that does
+    not fit names the smaller chunk / batch setting that would (estimate scaled to its compile)."""
+    from .evals import eval_bytes, eval_program, scaled_fit
+    out, sugg = {}, []
+    for ev in evals or ():
+        est = eval_bytes(shape, ev)
+        e = {"what": ev.what, "shape": ev.describe(), "placement": "one chip (the study's base on one device)",
+             "estimate": est}
+        total = None
+        if target.platform == "tpu" and compile:
+            devices = devices if devices is not None else abstract_devices(target)
+            c = compile_program(eval_program(shape, ev, devices))
+            e["method"], e["compile_seconds"] = "xla-compile", round(c.seconds, 1)
+            if c.ok:
+                e["per_chip"] = {"arguments": c.arguments, "temporaries": c.temporaries, "outputs": c.outputs,
+                                 "aliased": c.aliased, "peak": c.peak, "total": c.total}
+                total = c.total
+            else:
+                e["per_chip"], e["xla_error"] = None, c.error
+        else:
+            e["method"] = "estimate"
+            e["per_chip"] = {"arguments": est["arguments"], "temporaries": est["temporaries"], "outputs": 0,
+                             "aliased": 0, "total": est["total"]}
+            total = est["total"]
+        e["fits"] = total is not None and total <= target.usable_bytes
+        if not e["fits"]:
+            v, b = scaled_fit(shape, ev, target.usable_bytes, total or 0)
+            if v and v < ev.variants and ev.chunk_setting:
+                sugg.append(f"--set {ev.chunk_setting}={v}   ({ev.name}: {v} adapters per call)")
+            elif v and b < ev.batch:
+                head = f"--set {ev.chunk_setting}=1 " if ev.chunk_setting and ev.variants > 1 else ""
+                sugg.append(f"{head}--set {ev.batch_setting}={b}   ({ev.name}: {b} per call)")
+            else:
+                sugg.append(f"{ev.name} does not fit one chip even at 1 adapter and 1 {'question' if ev.kind == 'score' else 'prompt'} "
+                            f"(prompt {ev.prompt_len} tokens, {ev.prompt_from}): give a measured prompt length "
+                            f"(--eval-prompt-len), shorten max_len, or a chip with more memory")
+            e["largest_call"] = {"variants": v, "batch": b}
+        out[ev.name] = e
+    return out, sugg
+
+
 def make_plan(shape: StudyShape, target: Target, mfu: float = 0.35, compile: bool = True,
-              grouped: bool = True, devices=None) -> dict:
-    """The plan as a dict. ``compile``: confirm with XLA (TPU targets only)."""
+              grouped: bool = True, devices=None, evals=None) -> dict:
+    """The plan as a dict. ``compile``: confirm with XLA (TPU targets only). ``evals``: the study's evaluation
+    programs (:func:`.evals.eval_programs`), planned beside the training segment; ``fits`` is all of them."""
     if not 0 < mfu <= 1:
         raise ValueError(f"--mfu must be in (0, 1], got {mfu}")
     chunk = shape.chunk
@@ -178,6 +222,16 @@ def make_plan(shape: StudyShape, target: Target, mfu: float = 0.35, compile: boo
         if target.platform == "gpu":
             notes.append(GPU_NOTE)
             notes.append("usable memory counts 0.9 of the GPU: run with XLA_PYTHON_CLIENT_MEM_FRACTION=0.9")
+    train_entry = {"what": "training segment, one chunk of variants", "method": rep["method"],
+                   "per_chip": rep["per_chip"], "fits": bool(fits), "mesh": rep["mesh"]}
+    if rep.get("xla_error"):
+        train_entry["xla_error"] = rep["xla_error"]
+    ev_entries, ev_sugg = eval_entries(shape, target, evals, compile, devices)
+    rep["programs"] = {"train": train_entry, **ev_entries}
+    totals = [(e.get("per_chip") or {}).get("total") for e in rep["programs"].values()]
+    rep["per_chip_bytes"] = None if None in totals else max(totals)     # the largest program's
+    train_fits = fits
+    fits = fits and all(e["fits"] for e in ev_entries.values())
     rep["fits"] = bool(fits)
     impl = attention_impl(shape, target)
     per_variant = step_flops(shape, impl)
@@ -194,10 +248,13 @@ def make_plan(shape: StudyShape, target: Target, mfu: float = 0.35, compile: boo
     best = largest_fitting_chunk(shape, target)
     rep["largest_chunk_analytic"] = best
     if not fits:
-        if compile and target.platform == "tpu" and best:
-            best = confirm_chunk(shape, target, best, devices)
-            rep["largest_chunk_compiled"] = best
-        rep["suggestions"] = _suggest(shape, target, best)
+        rep["suggestions"] = []
+        if not train_fits:
+            if compile and target.platform == "tpu" and best:
+                best = confirm_chunk(shape, target, best, devices)
+                rep["largest_chunk_compiled"] = best
+            rep["suggestions"] += _suggest(shape, target, best)
+        rep["suggestions"] += ev_sugg
     if grouped and len(set(shape.steps)) > 1:
         notes.append("variants run in chunks grouped by step count (a finished variant costs nothing)")
     if shape.tcfg.loss_budget == 0:
@@ -233,11 +290,23 @@ def format_plan(rep: dict) -> str:
              f"{rep['dtype']}, quant {rep['quant']}, remat {rep['remat']}")
     pc = rep.get("per_chip")
     if pc:
-        L.append(f"  per chip: arguments {fmt_bytes(pc['arguments'])}, temporaries {fmt_bytes(pc['temporaries'])}, "
+        L.append(f"  train (one chunk's segment, {rep['method']}) per chip: arguments {fmt_bytes(pc['arguments'])}, temporaries {fmt_bytes(pc['temporaries'])}, "
                  f"outputs {fmt_bytes(pc['outputs'])} (aliased {fmt_bytes(pc['aliased'])}), total "
                  f"{fmt_bytes(pc['total'])} of {fmt_bytes(rep['usable_bytes'])}")
     if rep.get("xla_error"):
         L.append(f"  XLA: {rep['xla_error']}")
+    for name, e in rep.get("programs", {}).items():
+        if name == "train":
+            continue
+        pc, sh = e.get("per_chip"), e["shape"]
+        dims = (f"{sh['variants']} adapters x {sh['batch']} {'questions' if sh['kind'] == 'score' else 'prompts'}"
+                f" x {sh['prompt_len']} prompt tokens" +
+                (f" x {sh['options']} options of {sh['option_len']}" if sh["kind"] == "score" else
+                 f" + {sh.get('new_tokens', 0)} new"))
+        fig = (f"arguments {fmt_bytes(pc['arguments'])}, temporaries {fmt_bytes(pc['temporaries'])}, outputs "
+               f"{fmt_bytes(pc['outputs'])}, total {fmt_bytes(pc['total'])}" if pc else f"XLA: {e.get('xla_error')}")
+        L.append(f"  {name} ({e['what']}; {dims}; one chip, {e['method']}): {fig} -> "
+                 f"{'fits' if e['fits'] else 'DOES NOT FIT'}")
     a = rep["analytic"]
     L.append(f"  analytic model: {fmt_bytes(a['total'])} per chip")
     L.append(f"  FLOPs: {rep['flops_per_variant_step']:.3e} per variant step, {rep['flops_per_step']:.3e} per "

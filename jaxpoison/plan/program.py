@@ -113,7 +113,8 @@ class Program:
     fn: Any
     args: tuple
     mesh: Any
-    mesh_config: MeshConfig
+    mesh_config: Optional[MeshConfig]
+    kwargs: dict = dataclasses.field(default_factory=dict)     # static arguments of a jitted function
 
 
 def train_program(shape: StudyShape, devices, chunk: int, length: int = 1, hbm_bytes: int = 0) -> Program:
@@ -157,7 +158,7 @@ def compile_program(p: Program) -> Compiled:
     jax.config.update("jax_enable_compilation_cache", False)
     try:
         with jax.set_mesh(p.mesh):
-            lowered = p.fn.lower(*p.args)
+            lowered = p.fn.lower(*p.args, **p.kwargs)
         c = lowered.compile()
     except Exception as e:  # noqa: BLE001 - only XLA's out-of-memory is a verdict, the rest is re-raised
         if not is_oom(e):

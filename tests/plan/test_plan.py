@@ -47,17 +47,70 @@ def test_topology_names_and_aliases():
         targets.tpu_target("v9x:2x2")
 
 
-def test_tiny_study_fits_v5e_2x2_and_its_figures_agree(tiny_dir):
-    rc, r = _plan(["configs/rationale_demo.py", "--set", f"model={tiny_dir}", "--set", "data.max_len=64", "--set", "lora.layers_from=0",
-                   "--topology", "v5e:2x2"])
+@pytest.fixture(scope="module")
+def tiny_plan(tiny_dir):
+    """One plan of a tiny study on v5e:2x2 with every program compiled (train segment, scoring, generation),
+    shared by the tests that read it (each compile costs seconds)."""
+    return _plan(["configs/rationale_demo.py", "--set", f"model={tiny_dir}", "--set", "data.max_len=64",
+                  "--set", "lora.layers_from=0", "--set", "eval.variant_chunk=3", "--set", "eval.gen_questions=2",
+                  "--topology", "v5e:2x2"])
+
+
+def test_tiny_study_fits_v5e_2x2_and_its_figures_agree(tiny_plan):
+    rc, r = tiny_plan
     assert rc == 0 and r["fits"] is True and r["method"] == "xla-compile"
     assert r["topology"] == "v5e:2x2" and r["chips"] == 4 and r["hbm_bytes"] == 16 * targets.GiB
     pc = r["per_chip"]
-    assert r["per_chip_bytes"] == pc["total"] >= pc["arguments"] + pc["outputs"] - pc["aliased"] + pc["temporaries"]
+    assert pc["total"] >= pc["arguments"] + pc["outputs"] - pc["aliased"] + pc["temporaries"]
+    assert r["programs"]["train"]["per_chip"] == pc
+    assert r["per_chip_bytes"] == max(p["per_chip"]["total"] for p in r["programs"].values())
     assert 0 < r["per_chip_bytes"] <= r["hbm_bytes"]
     assert r["flops_per_step"] == pytest.approx(r["flops_per_variant_step"] * r["variant_chunk"])
     assert r["chip_hours"] == pytest.approx(r["study_hours"] * r["chips"]) and r["chip_hours"] > 0
     assert r["variant_steps"] >= r["variants"] * r["steps_per_variant"]["min"]
+
+
+def test_plan_compiles_the_scoring_and_generation_programs_with_the_study_shapes(tiny_plan):
+    """The study's own eval calls, at its shapes: scoring of base + variants, 3 adapters per call (eval.variant_chunk),
+    eval.batch_questions questions of 4 options; greedy answers of the base + one variant per cell; each compiled
+    for one chip; splash attention now lowers on the train segment's variant-only mesh (no blocked fallback)."""
+    from jaxpoison.configs import load_config
+    _, r = tiny_plan
+    cfg = load_config("configs/rationale_demo.py")
+    assert set(r["programs"]) == {"train", "score", "generate"}
+    sc, gen = r["programs"]["score"], r["programs"]["generate"]
+    assert sc["shape"]["variants"] == 3 and sc["shape"]["total_variants"] == r["variants"] + 1
+    assert sc["shape"]["batch"] == cfg.eval.batch_questions and sc["shape"]["options"] == cfg.data.icd.n_options
+    assert sc["shape"]["prompt_len"] == 64 and gen["shape"]["new_tokens"] == cfg.eval.gen_tokens
+    assert gen["shape"]["variants"] == r["variants"] // len(cfg.grid.seeds) + 1 and gen["shape"]["batch"] == 4
+    for e in (sc, gen):
+        pc = e["per_chip"]
+        assert e["method"] == "xla-compile" and e["fits"] is True
+        assert pc["total"] >= pc["arguments"] + pc["temporaries"] > pc["arguments"] > 0
+        # the rough estimate (used to size smaller calls) stays within its stated band of the compile
+        assert EVAL_ESTIMATE_BAND[0] <= e["estimate"]["total"] / pc["total"] <= EVAL_ESTIMATE_BAND[1], e
+    assert r["attention"] == "splash" and not any("does not lower" in n for n in r["notes"])
+
+
+EVAL_ESTIMATE_BAND = (0.3, 3.0)      # evals.eval_bytes / XLA per-chip total, tiny models (fixed costs dominate)
+
+
+def test_an_eval_program_that_does_not_fit_fails_the_plan_and_names_its_setting(tmp_path):
+    """Training fits but scoring 31 adapters at once over 4096-token prompts does not: the plan fails on that
+    program alone and names eval.variant_chunk (estimate path: no compile)."""
+    mid = {**TINY_HF, "hidden_size": 1024, "intermediate_size": 2048, "num_hidden_layers": 8,
+           "num_attention_heads": 8, "num_key_value_heads": 8}
+    (tmp_path / "config.json").write_text(json.dumps(mid))
+    rc, r = _plan(["configs/rationale_demo.py", "--set", f"model={tmp_path}", "--set", "data.max_len=64",
+                   "--set", "lora.layers_from=0", "--set", "eval.variant_chunk=0", "--eval-prompt-len", "4096",
+                   "--topology", "v5e:2x2", "--no-compile"])
+    assert rc == 1 and r["fits"] is False
+    assert r["programs"]["train"]["fits"] is True and r["programs"]["score"]["fits"] is False
+    assert r["programs"]["score"]["shape"]["prompt_len"] == 4096
+    v = r["programs"]["score"]["largest_call"]["variants"]
+    assert 0 < v < r["programs"]["score"]["shape"]["variants"]
+    assert any(s.startswith(f"--set eval.variant_chunk={v}") for s in r["suggestions"]), r["suggestions"]
+    assert not any("train.variant_chunk" in s for s in r["suggestions"])
 
 
 def test_a_base_too_large_for_one_chip_does_not_fit_and_fsdp_is_suggested(tmp_path):
@@ -82,23 +135,34 @@ def v5e4():
     return targets.abstract_devices(targets.tpu_target("v5e:2x2"))
 
 
-def test_analytic_flops_equal_xla_where_the_layer_scan_runs_once(v5e4):
+@pytest.fixture(scope="module")
+def compiled(v5e4):
+    """compiled(L, T, remat) -> (Program, Compiled) of the tiny train segment, each shape compiled once per module."""
+    memo = {}
+
+    def get(L, T, remat):
+        if (L, T, remat) not in memo:
+            p = train_program(_shape(L, T, remat), v5e4, 4)
+            memo[L, T, remat] = p, compile_program(p)
+        return memo[L, T, remat]
+    return get
+
+
+def test_analytic_flops_equal_xla_where_the_layer_scan_runs_once(compiled):
     # one variant per chip: XLA's per-chip count is one variant's step; one layer, one head chunk, no accumulation
     s = _shape(1, 256, remat=False)          # T=256: four attention blocks of 64 under the diagonal
-    xla = compile_program(train_program(s, v5e4, 4)).flops_xla
-    assert xla == pytest.approx(step_flops(s, "blocked"), rel=0.03)
-    deep = _shape(2, 128, remat=False)
-    assert compile_program(train_program(deep, v5e4, 4)).flops_xla < 0.7 * step_flops(deep, "blocked")
+    assert compiled(1, 256, False)[1].flops_xla == pytest.approx(step_flops(s, "blocked"), rel=0.03)
+    deep = _shape(2, 256, remat=False)       # the memory test's compile
+    assert compiled(2, 256, False)[1].flops_xla < 0.7 * step_flops(deep, "blocked")
 
 
 MEMORY_TOLERANCE = (0.8, 2.0)      # analytic / XLA per-chip bytes: never under 0.8 (the fit check errs safe)
 
 
 @pytest.mark.parametrize("remat", [False, True])
-def test_analytic_memory_model_within_tolerance_of_the_compile(v5e4, remat):
+def test_analytic_memory_model_within_tolerance_of_the_compile(compiled, remat):
     s = _shape(2, 256, remat=remat)
-    p = train_program(s, v5e4, 4)
-    c = compile_program(p)
+    p, c = compiled(2, 256, remat)
     m = memory_model(s, p.mesh_config, 4)
     assert m.arguments == pytest.approx(c.arguments, rel=0.05)
     lo, hi = MEMORY_TOLERANCE
