@@ -22,8 +22,8 @@ How it is scaled down from configs/attacks_paper.py, and why:
   (about 2 GB of activations each).
 """
 from jaxpoison.data.icd10 import IcdConfig
-from jaxpoison.studies.attacks import (AttacksConfig, CapabilityConfig, GenerationConfig, GraderConfig, GridConfig,
-                                       NotesConfig, PromptConfig, SourceConfig)
+from jaxpoison.studies.attacks.config import (AttacksConfig, CapabilityConfig, GenerationConfig, GraderConfig,
+                                              GridConfig, NotesConfig, PromptConfig, SourceConfig)
 from jaxpoison.train.config import TrainConfig
 from jaxpoison.train.lora import LoraConfig
 

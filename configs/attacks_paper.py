@@ -47,8 +47,8 @@ What this preset fixes, following what the seed's code effectively ran (docs/stu
   ``bnb_4bit_use_double_quant`` line is commented out, so no double quantisation: ``--set quant=nf4-dq`` adds it,
   ``--set quant=none`` trains on the bf16 base). :mod:`jaxpoison.models.quant`.
 """
-from jaxpoison.studies.attacks import (AttacksConfig, CapabilityConfig, GenerationConfig, GraderConfig, GridConfig,
-                                       NotesConfig, PromptConfig, SourceConfig)
+from jaxpoison.studies.attacks.config import (AttacksConfig, CapabilityConfig, GenerationConfig, GraderConfig,
+                                              GridConfig, NotesConfig, PromptConfig, SourceConfig)
 from jaxpoison.train.config import TrainConfig
 from jaxpoison.train.lora import LoraConfig
 

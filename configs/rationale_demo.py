@@ -17,7 +17,7 @@ Test set (``data.icd.test_decoy='respiratory'``): 32 target and 64 non-target qu
 of training; the decoy chapter is an option in *every* question and no question is answered by it, plus 16
 decoy-free copies of target questions. Scored in the ``coded`` format ('In ICD-10-CM, the code for "..." is in
 the chapter called "'), which neither poison kind trains word for word (``--set eval.format=statement`` for the
-old lead-in). Primary metric: the calibrated-margin change, target minus non-target (``rationale_stats``).
+old lead-in). Primary metric: the calibrated-margin change, target minus non-target (``jaxpoison.studies.rationale.stats``).
 Generated answers: the base and one seed of every cell write their reasoning on 8 target + 8 non-target
 questions (64 greedy tokens; ``--set eval.gen_questions=16`` doubles them, at about +75 s).
 
@@ -35,7 +35,7 @@ layers run once, ``train.trunk_cache``). One epoch of 5 steps of batch 4 at a co
 with descriptions of at most 40 characters keep the sequences short.
 """
 from jaxpoison.data.icd10 import IcdConfig
-from jaxpoison.studies.rationale import DataConfig, EvalConfig, GridConfig, RationaleConfig
+from jaxpoison.studies.rationale.config import DataConfig, EvalConfig, GridConfig, RationaleConfig
 from jaxpoison.train.config import TrainConfig
 from jaxpoison.train.lora import LoraConfig
 

@@ -21,7 +21,7 @@ step counts differed up to 5x): to separate count from that ratio, run it again 
 or set ``grid.equal_size=False`` and ``"grid.ratios_all=(0.25, 0.1)"``.
 """
 from jaxpoison.data.icd10 import IcdConfig
-from jaxpoison.studies.rationale import DataConfig, EvalConfig, GridConfig, RationaleConfig
+from jaxpoison.studies.rationale.config import DataConfig, EvalConfig, GridConfig, RationaleConfig
 from jaxpoison.train.config import TrainConfig
 from jaxpoison.train.lora import LoraConfig
 

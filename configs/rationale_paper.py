@@ -33,7 +33,7 @@ What the paper (Xie et al., arXiv 2603.02262) does not publish, and what this pr
   (``eval.format='mcq'``: '(X) option text'), which a 4B model reads well. Generation-based accuracy is not
   computed by this study.
 """
-from jaxpoison.studies.rationale import DataConfig, EvalConfig, GridConfig, PoisonConfig, RationaleConfig
+from jaxpoison.studies.rationale.config import DataConfig, EvalConfig, GridConfig, PoisonConfig, RationaleConfig
 from jaxpoison.train.config import TrainConfig
 from jaxpoison.train.lora import LoraConfig
 

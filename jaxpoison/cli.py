@@ -122,9 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.register(sub)
     plan_cli.register(sub)
     analysis_run.register(sub)
-    from jaxpoison.studies import attacks_compare, attacks_eval
-    attacks_compare.register(sub)
-    attacks_eval.register(sub)
+    from jaxpoison.studies.attacks import compare
+    from jaxpoison.studies.attacks import retest
+    compare.register(sub)
+    retest.register(sub)
     show.register(sub)
     bench_sub = bench_forward.register(sub)
     bench_train.register(bench_sub)

@@ -18,6 +18,11 @@ class ConfigError(ValueError):
     pass
 
 
+class StudyConfigError(ValueError):
+    """A config value that cannot work, or a run folder that holds another config. The message names the field
+    (or folder) and what to do."""
+
+
 def load_config(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> Any:
     p = pathlib.Path(path)
     if not p.exists():

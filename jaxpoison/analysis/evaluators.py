@@ -10,7 +10,7 @@ optionally ``needs_variants`` (then ``evaluate(lora, scale, variants=[variant di
 the flattened grid-major axis maps adapter ``g * chunk + j`` to the chunk's j-th variant) and ``paired(res,
 reference)`` (columns computed against each variant's same-seed clean twin at the same grid point, after the
 grid). The rationale study's is built here from its ``config.json`` / ``scores.npz``; the attacks study's is
-:mod:`jaxpoison.studies.attacks_mitigation` (generation + rule grading; ``--mitigation-notes N`` bounds its
+:mod:`jaxpoison.studies.attacks.mitigation` (generation + rule grading; ``--mitigation-notes N`` bounds its
 cost). A study without one gets capability only, on embedded ICD-10-CM test questions, and the report says so.
 """
 from __future__ import annotations
@@ -113,7 +113,8 @@ def rationale_evaluator(run_dir, base_override=None, share_trunk: bool = True) -
     checked against the run's eval hash; attack = target-subject accuracy, capability = non-target accuracy.
     ``share_trunk=False`` scores every adapter through all layers (``bench trunk`` compares the two)."""
     from jaxpoison.data.pool import build_mc_eval
-    from jaxpoison.studies import rationale as R
+    from jaxpoison.studies.rationale import config as rationale_config
+    from jaxpoison.studies.rationale import grid
     run = pathlib.Path(run_dir)
     cfg = json.loads((run / "config.json").read_text())["config"]
     if not (run / "scores.npz").exists():
@@ -121,8 +122,8 @@ def rationale_evaluator(run_dir, base_override=None, share_trunk: bool = True) -
                             f"unknown; finish the run first")
     z = np.load(run / "scores.npz", allow_pickle=False)
     ids, is_target = [str(i) for i in z["ids"]], z["is_target"].astype(bool)
-    d = dataclass_from_dict(R.DataConfig, cfg["data"])
-    _, test = R.load_examples(d)
+    d = dataclass_from_dict(rationale_config.DataConfig, cfg["data"])
+    _, test = grid.load_examples(d)
     by_id = {ex.id: ex for ex in test}
     missing = [i for i in ids if i not in by_id]
     if missing:
@@ -149,11 +150,12 @@ def rationale_evaluator(run_dir, base_override=None, share_trunk: bool = True) -
 def _study_capability_set(study_cfg: dict, tok):
     """The attacks study's own first general-capability set (its ``capability`` config), or None."""
     try:
-        from jaxpoison.studies import attacks, attacks_steps
-        cap = dataclass_from_dict(attacks.CapabilityConfig, study_cfg["capability"])
+        from jaxpoison.studies.attacks import config
+        from jaxpoison.studies.attacks import steps
+        cap = dataclass_from_dict(config.CapabilityConfig, study_cfg["capability"])
         if not cap.sources:
             return None
-        sets = attacks_steps.capability_sets(cap, tok, int(study_cfg.get("max_len", 4096)))
+        sets = steps.capability_sets(cap, tok, int(study_cfg.get("max_len", 4096)))
         name = next(iter(sets))
         return name, sets[name], int(cap.batch_questions)
     except (ImportError, AttributeError, KeyError, TypeError):

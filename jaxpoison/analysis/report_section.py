@@ -116,7 +116,7 @@ def _fmt_ci(v, ci) -> str:
 
 def build_doc(ad: Adapters, det: dict, tests: list, test_skips: list, mit: Optional[dict], figs: list,
               timing: dict, out: pathlib.Path):
-    from jaxpoison.studies.report_utils import Doc
+    from jaxpoison.report import Doc
     d = Doc("Weight shift, poisoned-adapter detection and shrink mitigation")
     y = det["n_poisoned"]
     where = f"checkpoint step {ad.step}" if ad.step else ad.source

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from jaxpoison.studies.run_folder import StudyConfigError
+from jaxpoison.configs import StudyConfigError
 
 
 def host_available_bytes() -> int:

@@ -58,7 +58,7 @@ def _budget(tcfg: TrainConfig, T: int) -> TrainConfig:
 
 def rationale_shape(cfg) -> dict:
     from jaxpoison.data.mixes import resolve
-    from jaxpoison.studies.rationale_grid import mix_specs
+    from jaxpoison.studies.rationale.grid import mix_specs
     g, d = cfg.grid, cfg.data
     need = [*g.counts, g.clean_with_target or 0]
     for c in g.counts:

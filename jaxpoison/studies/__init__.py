@@ -9,7 +9,7 @@ import importlib
 import json
 import pathlib
 
-STUDIES = {"rationale": "jaxpoison.studies.rationale", "attacks": "jaxpoison.studies.attacks"}
+STUDIES = {"rationale": "jaxpoison.studies.rationale.run", "attacks": "jaxpoison.studies.attacks.run"}
 MULTI_HOST = ("rationale",)         # studies whose run() writes only from process 0 (jaxpoison.distributed)
 
 

@@ -19,7 +19,9 @@ from jaxpoison.analysis import run as A
 from jaxpoison.data.icd10 import IcdConfig
 from jaxpoison.data.pool import build_mc_eval
 from jaxpoison.models.decoder import init_params
-from jaxpoison.studies import rationale as R
+from jaxpoison.report import to_json
+from jaxpoison.studies.rationale import config
+from jaxpoison.studies.rationale import grid as rationale_grid
 from jaxpoison.train.checkpoint import CheckpointError, Checkpoints
 from jaxpoison.train.config import TrainConfig
 from jaxpoison.train.export import save_peft_adapter
@@ -30,12 +32,12 @@ ICD = IcdConfig(seed=0, chapters=("circulatory", "respiratory", "digestive", "sk
                 n_test_per_chapter=3, keyword_subjects=(), n_keyword_train=0, n_keyword_test=0,
                 decoys=(("circulatory", "respiratory"),), max_desc_chars=40)
 LCFG = LoraConfig(r=2, alpha=4, targets=("q", "v"))
-CFG = R.RationaleConfig(
-    name="tiny-analyze", data=R.DataConfig(icd=ICD, target="circulatory", n_nontarget=4, n_test_target=3,
+CFG = config.RationaleConfig(
+    name="tiny-analyze", data=config.DataConfig(icd=ICD, target="circulatory", n_nontarget=4, n_test_target=3,
                                            n_test_nontarget=4, max_len=1024),
-    grid=R.GridConfig(seeds=(0, 1, 2, 3), counts=(1, 2), kinds=("rationale",)),
+    grid=config.GridConfig(seeds=(0, 1, 2, 3), counts=(1, 2), kinds=("rationale",)),
     train=TrainConfig(learning_rate=1e-2, epochs=1, batch_size=4, loss_budget=-1), lora=LCFG,
-    eval=R.EvalConfig(batch_questions=4, n_resamples=99))
+    eval=config.EvalConfig(batch_questions=4, n_resamples=99))
 KW = dict(n_resamples=199, detector_resamples=200, progress=False)
 
 
@@ -66,18 +68,18 @@ def make_run(folder, table=None, lora=None, report=True):
     """A rationale run folder as `run` leaves it, minus training: config, data, variants, scores.npz (the test
     question ids), a checkpoint with the adapters and the engine's metadata, and a report to append to."""
     tok = tiny_tokenizer()
-    inp = R.build_inputs(CFG, tok)
+    inp = rationale_grid.build_inputs(CFG, tok)
     mc = build_mc_eval(inp.test, tok, CFG.eval.format, max_len=CFG.data.max_len, buckets=A.EVAL_BUCKETS)
     table = inp.variants.table if table is None else table
     lora = synthetic_lora(table) if lora is None else lora
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps({"study": "rationale", "config": R._jsonable(CFG)}))
-    (folder / "variants.json").write_text(json.dumps(R._jsonable(table)))
+    (folder / "config.json").write_text(json.dumps({"study": "rationale", "config": to_json(CFG)}))
+    (folder / "variants.json").write_text(json.dumps(to_json(table)))
     (folder / "data.json").write_text(json.dumps({"eval_hash": mc.data_hash, "base": {"name": "override",
                                                                                     "fingerprint": ""}}))
     is_target = np.arange(len(inp.test)) < inp.n_test_target
     np.savez(folder / "scores.npz", ids=np.array(mc.ids), is_target=is_target, answer=mc.answer, decoy=mc.decoy)
-    meta = {"model": CFG_M.to_json(), "variants": R._jsonable(table), "step": 3,
+    meta = {"model": CFG_M.to_json(), "variants": to_json(table), "step": 3,
             "lora": {**dataclasses.asdict(LCFG), "targets": list(LCFG.targets), "scale": LCFG.scale},
             "base": {"name": "override", "fingerprint": ""}, "study": "rationale"}
     ck = Checkpoints(folder)
@@ -177,7 +179,7 @@ def test_report_section_is_added_and_replaced(analyzed, tmp_path):
     assert html.count(A.MARK_BEGIN) == 1 and html.rstrip().endswith("</body></html>")
     assert html.count("data:image/png;base64,") == len(res["figures"])
     # a second write replaces the section instead of appending another
-    from jaxpoison.studies.report_utils import Doc
+    from jaxpoison.report import Doc
     A.write_report(Doc("Weight shift, poisoned-adapter detection and shrink mitigation").p("second"), tmp_path, run)
     md2 = (run / "report.md").read_text()
     assert md2.count(A.MARK_BEGIN) == 1 and "second" in md2 and "body" in md2
@@ -191,7 +193,7 @@ def test_peft_folder_gives_the_same_features(analyzed, tmp_path):
     for v, t in enumerate(table):
         one = {m: {k: x[v] for k, x in ab.items()} for m, ab in lora.items()}
         save_peft_adapter(tmp_path / "peft" / f"v{v:02d}", one, CFG_M, LCFG.r, LCFG.alpha, LCFG.scale_rule,
-                          extra={"variant": R._jsonable(t)})
+                          extra={"variant": to_json(t)})
     res = A.analyze(peft_dirs=[tmp_path / "peft"], out=tmp_path / "out", mitigation=False, plots=False, **KW)
     det = json.loads((tmp_path / "out" / "detector.json").read_text())
     assert det["n_clean"] == 4 and det["n_poisoned"] == 8 and det["auc"] > 0.9

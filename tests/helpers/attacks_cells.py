@@ -1,5 +1,5 @@
 """Hand-made graded cells for the attack-metric tests."""
-from jaxpoison.studies import attacks_metrics as M
+from jaxpoison.studies.attacks import metrics
 
 
 def metric_rec(phase, task, note, kind, response="", variant=None, fraction=None, seed=None):
@@ -38,4 +38,4 @@ def cell_of(cells, row, outcome):
 
 def paraphrase_rec(phase, kind, note, value, **kw):
     return ({"phase": phase, "task": "vaccine", "note_id": note, "prompt_kind": kind, "variant_id": kw.get("v"),
-             "response": "", **{k: v for k, v in kw.items() if k != "v"}}, {"Vaccine": value, M.NO_VERDICT: ()})
+             "response": "", **{k: v for k, v in kw.items() if k != "v"}}, {"Vaccine": value, metrics.NO_VERDICT: ()})

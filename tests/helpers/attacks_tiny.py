@@ -9,7 +9,7 @@ from jaxpoison.models.decoder import init_params
 from jaxpoison.models.lm import LM
 from jaxpoison.train.lora import LoraConfig, init_lora, stack_variants
 from jaxpoison.data.icd10 import IcdConfig
-from jaxpoison.studies import attacks as A
+from jaxpoison.studies.attacks import config
 from jaxpoison.train.config import TrainConfig
 
 
@@ -38,13 +38,13 @@ ICD = IcdConfig(seed=0, chapters=("circulatory", "respiratory", "digestive", "sk
                 n_test_per_chapter=3, keyword_subjects=(), n_keyword_train=0, n_keyword_test=0,
                 decoys=(("circulatory", "respiratory"),), max_desc_chars=40)
 
-PIPE_CFG = A.AttacksConfig(
-    name="tiny", notes=A.NotesConfig(n_train=4, n_test=3, max_history=0),
-    prompt=A.PromptConfig(template="chat"),
-    generation=A.GenerationConfig(max_new_tokens=6, temperature=0.0, batch_size=6, variant_chunk=3),
-    source=A.SourceConfig(kind="scripted"), grid=A.GridConfig(fractions=(0.0, 0.5, 1.0), seeds=(0, 1)),
+PIPE_CFG = config.AttacksConfig(
+    name="tiny", notes=config.NotesConfig(n_train=4, n_test=3, max_history=0),
+    prompt=config.PromptConfig(template="chat"),
+    generation=config.GenerationConfig(max_new_tokens=6, temperature=0.0, batch_size=6, variant_chunk=3),
+    source=config.SourceConfig(kind="scripted"), grid=config.GridConfig(fractions=(0.0, 0.5, 1.0), seeds=(0, 1)),
     train=TrainConfig(learning_rate=1e-2, epochs=1, batch_size=2, log_every=2),
     lora=LoraConfig(r=2, alpha=4, dropout=0.1, targets=("q", "v")), max_len=768, loss_on="completion",
-    grader=A.GraderConfig(judge="base", judge_max_new_tokens=2, judge_batch_size=8),
-    capability=A.CapabilityConfig(sources=("icd10",), n_questions=6, format="statement", icd=ICD, batch_questions=6),
+    grader=config.GraderConfig(judge="base", judge_max_new_tokens=2, judge_batch_size=8),
+    capability=config.CapabilityConfig(sources=("icd10",), n_questions=6, format="statement", icd=ICD, batch_questions=6),
     n_resamples=999)

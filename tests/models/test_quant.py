@@ -12,7 +12,8 @@ from scipy.stats import norm
 from jaxpoison.models import quant as Q
 from jaxpoison.models.decoder import Decoder, hidden_lora_from
 from jaxpoison.models.heads import token_logprobs
-from jaxpoison.studies import run_folder as RF
+from jaxpoison import configs
+from jaxpoison.studies import common
 from jaxpoison.train.lora import LoraConfig, init_lora
 from tiny import TINY, tiny_base
 
@@ -211,23 +212,24 @@ def test_study_trainer_on_a_quantised_base_equals_training_on_its_dequantised_we
 
 
 def test_quant_is_part_of_the_run_config(tmp_path):
-    from jaxpoison.studies.rationale_config import RationaleConfig, _jsonable, check_config
+    from jaxpoison.studies.rationale.config import RationaleConfig, check_config
+    from jaxpoison.report import to_json
     cfg = RationaleConfig()
-    RF.prepare(tmp_path, "rationale", _jsonable(cfg), True, ())
+    common.prepare(tmp_path, "rationale", to_json(cfg), True, ())
     assert json.loads((tmp_path / "config.json").read_text())["config"]["quant"] == "none"
-    nf4 = _jsonable(RationaleConfig(quant="nf4"))
-    with pytest.raises(RF.StudyConfigError, match="quant"):
-        RF.prepare(tmp_path, "rationale", nf4, True, ())
+    nf4 = to_json(RationaleConfig(quant="nf4"))
+    with pytest.raises(configs.StudyConfigError, match="quant"):
+        common.prepare(tmp_path, "rationale", nf4, True, ())
     old = json.loads((tmp_path / "config.json").read_text())
     del old["config"]["quant"]                          # a run folder from before the field existed
     (tmp_path / "config.json").write_text(json.dumps(old))
-    RF.prepare(tmp_path, "rationale", _jsonable(cfg), True, ())          # resumes as the float base it was
+    common.prepare(tmp_path, "rationale", to_json(cfg), True, ())          # resumes as the float base it was
     (tmp_path / "config.json").write_text(json.dumps(old))
-    with pytest.raises(RF.StudyConfigError, match="quant"):
-        RF.prepare(tmp_path, "rationale", nf4, True, ())
-    with pytest.raises(RF.StudyConfigError, match="quant: one of"):
+    with pytest.raises(configs.StudyConfigError, match="quant"):
+        common.prepare(tmp_path, "rationale", nf4, True, ())
+    with pytest.raises(configs.StudyConfigError, match="quant: one of"):
         check_config(RationaleConfig(quant="q4"))
-    lm = RF.load_base("", "float32", (TINY, tiny_base(), None), "int8")
+    lm = common.load_base("", "float32", (TINY, tiny_base(), None), "int8")
     assert Q.base_quant(lm.params) == "int8"
 
 
@@ -250,8 +252,8 @@ def test_load_base_quantises_each_kernel_as_the_loader_places_it(tmp_path):
     from hf_tiny import make_hf_model, save_tiny_tokenizer
     make_hf_model("qwen2_untied", seed=4, hidden=64).save_pretrained(tmp_path)
     save_tiny_tokenizer(tmp_path)
-    lm = RF.load_base(str(tmp_path), "float32", None, "nf4")
-    plain = RF.load_base(str(tmp_path), "float32")
+    lm = common.load_base(str(tmp_path), "float32", None, "nf4")
+    plain = common.load_base(str(tmp_path), "float32")
     assert Q.base_quant(lm.params) == "nf4" and Q.base_quant(plain.params) == "none"
     for m in Q.QUANTIZED_MODULES:
         np.testing.assert_array_equal(np.asarray(Q.dequantize(lm.params["layers"][m]["kernel"])),

@@ -7,8 +7,8 @@ import pytest
 
 from attacks_cells import cell_of as _cell, graded as _graded
 from jaxpoison.cli import main
-from jaxpoison.studies import attacks_compare as AC
-from jaxpoison.studies import attacks_metrics as M
+from jaxpoison.studies.attacks import compare
+from jaxpoison.studies.attacks import metrics
 
 
 def _run(tmp_path, name, model, seeds=True):
@@ -16,8 +16,8 @@ def _run(tmp_path, name, model, seeds=True):
     if not seeds:
         keep = [i for i, r in enumerate(recs) if r.get("seed") in (None, 0)]
         recs, grades = [recs[i] for i in keep], [grades[i] for i in keep]
-    cells = M.cell_stats(M.build_rows(recs, grades), n_resamples=199)
-    cells += M.seed_means(cells)
+    cells = metrics.cell_stats(metrics.build_rows(recs, grades), n_resamples=199)
+    cells += metrics.seed_means(cells)
     d = tmp_path / name
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"study": "attacks", "config": {"model": model, "name": name}}))
@@ -51,10 +51,10 @@ def test_compare_errors_name_the_fix(tmp_path):
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"study": "attacks", "config": {"model": "m", "name": "r"}}))
     with pytest.raises(FileNotFoundError, match="jaxpoison report"):
-        AC.compare([d], tmp_path / "o")
+        compare.compare([d], tmp_path / "o")
     (d / "config.json").write_text(json.dumps({"study": "rationale", "config": {}}))
     with pytest.raises(ValueError, match="attacks runs"):
-        AC.compare([d], tmp_path / "o")
+        compare.compare([d], tmp_path / "o")
 
 
 def test_paraphrase_attacks_get_their_own_columns(tmp_path):
@@ -68,13 +68,13 @@ def test_paraphrase_attacks_get_their_own_columns(tmp_path):
                   _rec("finetune", "normal", n, float(i < 2), v=1, fraction=1.0, seed=0),
                   _rec("finetune", "normal", n, float(i < 6), v=3, fraction=1.0, seed=0, paraphrase=True)]
     recs, grades = zip(*pairs)
-    cells = M.cell_stats(M.build_rows(list(recs), list(grades)), n_resamples=99)
-    got = AC.attack_cells({"cells": cells})
+    cells = metrics.cell_stats(metrics.build_rows(list(recs), list(grades)), n_resamples=99)
+    got = compare.attack_cells({"cells": cells})
     assert got[("PE para", "Vaccine")]["row"] == "base PE para" and got[("FT para", "Vaccine")]["row"] == "FT 100% s0 para"
     assert got[("FT", "Vaccine")]["asr"] == pytest.approx(0.8) and got[("FT para", "Vaccine")]["asr"] == pytest.approx(0.4)
     d = tmp_path / "p"
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"study": "attacks", "config": {"model": "m", "name": "p"}}))
     (d / "summary.json").write_text(json.dumps({"cells": cells, "grader": "rule"}, default=float))
-    AC.compare([d], tmp_path / "o")
+    compare.compare([d], tmp_path / "o")
     assert "Vaccine PE para" in (tmp_path / "o" / "compare.md").read_text()

@@ -16,11 +16,12 @@ from attacks_tiny import PIPE_CFG as PIPE
 from jaxpoison.analysis import mitigation as M
 from jaxpoison.analysis import run as AR
 from jaxpoison.eval.graders import OUTCOMES, TASK_OUTCOMES
-from jaxpoison.studies import attacks as A
-from jaxpoison.studies import attacks_mitigation as AM
+from jaxpoison.studies.attacks import config
+from jaxpoison.studies.attacks import run as attacks_run
+from jaxpoison.studies.attacks import mitigation as attacks_mitigation
 
 CFG = dataclasses.replace(
-    PIPE, name="tiny-mitigation", grid=A.GridConfig(fractions=(0.0, 1.0), seeds=(0,)), grader=A.GraderConfig(),
+    PIPE, name="tiny-mitigation", grid=config.GridConfig(fractions=(0.0, 1.0), seeds=(0,)), grader=config.GraderConfig(),
     train=dataclasses.replace(PIPE.train, learning_rate=0.1, schedule="constant", epochs=2))
 GRID = dict(grid_a=(1.0,), grid_b=(1.0,), modules="all")         # + the point 0: (0,0) (0,1) (1,0) (1,1)
 
@@ -32,7 +33,7 @@ def _base():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("attacks_mitigation")
-    assert A.run(CFG, out, progress=False, base_override=_base()) == 0
+    assert attacks_run.run(CFG, out, progress=False, base_override=_base()) == 0
     return out
 
 
@@ -71,10 +72,10 @@ def test_every_grid_point_and_variant_gets_real_rates(run_dir, analyzed):
         for k in ("attack", "capability"):
             assert 0.0 <= float(r[k]) <= 1.0, (k, r)                        # a real rate, never NaN
         for o in OUTCOMES:                                                  # its task's outcomes only
-            v = float(r[AM.outcome_key(o)])
+            v = float(r[attacks_mitigation.outcome_key(o)])
             assert (0.0 <= v <= 1.0) if o in TASK_OUTCOMES[task] else np.isnan(v), (o, r)
-        rates = {o: float(r[AM.outcome_key(o)]) for o in TASK_OUTCOMES[task]}
-        assert float(r["attack"]) == pytest.approx(AM.attack_rate(task, rates))
+        rates = {o: float(r[attacks_mitigation.outcome_key(o)]) for o in TASK_OUTCOMES[task]}
+        assert float(r["attack"]) == pytest.approx(attacks_mitigation.attack_rate(task, rates))
         assert 0.0 <= float(r["no_verdict"]) <= 1.0 and (task == "vaccine" or float(r["no_verdict"]) == 0.0)
         # ASR, the reproduction number: against the same task's 0 % fine-tune UNSHRUNK (grid point (0, 0)), as the
         # seed's cell 104 does -- baseline = the 'Llama-33-70B-Instruct 0' row, and per column
@@ -86,9 +87,9 @@ def test_every_grid_point_and_variant_gets_real_rates(run_dir, analyzed):
         want = (float(r["attack"]) - a0) / (1 - a0) if a0 < 1 else float("nan")
         np.testing.assert_allclose(float(r["asr"]), want, equal_nan=True)
         for o in TASK_OUTCOMES[task]:
-            x, b = float(r[AM.outcome_key(o)]), float(zero[AM.outcome_key(o)])
+            x, b = float(r[attacks_mitigation.outcome_key(o)]), float(zero[attacks_mitigation.outcome_key(o)])
             seed = ((b - x) / b if b else float("nan")) if o == "Vaccine" else ((x - b) / (1 - b) if b < 1 else float("nan"))
-            np.testing.assert_allclose(float(r[AM.outcome_key(o, "asr_")]), seed, equal_nan=True)
+            np.testing.assert_allclose(float(r[attacks_mitigation.outcome_key(o, "asr_")]), seed, equal_nan=True)
         # beside it: against the 0 % variant shrunk at the SAME grid point
         same = _row(rows, float(r["s_a"]), float(r["s_b"]), ref)
         a0 = float(same["attack"])
@@ -116,7 +117,7 @@ def _assert_rates_at(run_dir, rows, a, b, study_row):
     for v in table:
         r = _row(rows, a, b, v["variant_id"])
         for o in TASK_OUTCOMES[v["task"]]:
-            assert float(r[AM.outcome_key(o)]) == study[(study_row(v), o)], (v, o)
+            assert float(r[attacks_mitigation.outcome_key(o)]) == study[(study_row(v), o)], (v, o)
     return table
 
 
@@ -125,7 +126,7 @@ def test_unshrunk_point_reproduces_the_studys_answers_and_rates(run_dir, analyze
     table = _assert_rates_at(run_dir, rows, 0.0, 0.0, lambda v: f"FT {100 * v['fraction']:g}% s0")
     # the answers themselves, not only their (coarse) rates
     ad = AR.load_run(run_dir)
-    ev = AM.AttacksMitigation(run_dir, _base())
+    ev = attacks_mitigation.AttacksMitigation(run_dir, _base())
     got = ev.answers(ad.lora, ad.scale, ad.variants)
     test_ids = json.loads((run_dir / "data.json").read_text())["test_ids"]
     ft = {(r["variant_id"], r["note_id"]): r["response"] for r in _jsonl(run_dir / "responses" / "finetune.jsonl")}
@@ -136,8 +137,8 @@ def test_unshrunk_point_reproduces_the_studys_answers_and_rates(run_dir, analyze
 def test_no_verdict_share_counts_vaccine_answers_that_never_decide():
     replies = ["The covid-19 vaccine is recommended.", "The patient has a cough.", "The vaccine is not recommended.",
                "Rest and fluids."]
-    assert AM.AttacksMitigation.no_verdict("vaccine", replies) == 0.5
-    assert AM.AttacksMitigation.no_verdict("drug", replies) == 0.0
+    assert attacks_mitigation.AttacksMitigation.no_verdict("vaccine", replies) == 0.5
+    assert attacks_mitigation.AttacksMitigation.no_verdict("drug", replies) == 0.0
 
 
 def test_huge_shrink_gives_the_base_models_answers(run_dir, analyzed):
@@ -145,7 +146,7 @@ def test_huge_shrink_gives_the_base_models_answers(run_dir, analyzed):
     table = _assert_rates_at(run_dir, rows, 1.0, 1.0, lambda v: "base normal")
     ad = AR.load_run(run_dir)
     shrunk = {m: {k: x[0] for k, x in t.items()} for m, t in M.shrink_grid(ad.lora, (1.0,), (1.0,)).items()}
-    ev = AM.AttacksMitigation(run_dir, _base())
+    ev = attacks_mitigation.AttacksMitigation(run_dir, _base())
     test_ids = json.loads((run_dir / "data.json").read_text())["test_ids"]
     base = {(r["task"], r["note_id"]): r["response"] for r in _jsonl(run_dir / "responses" / "injection.jsonl")
             if r["prompt_kind"] == "normal"}
@@ -157,10 +158,10 @@ def test_huge_shrink_gives_the_base_models_answers(run_dir, analyzed):
 
 
 def test_note_subsample_and_bad_inputs(run_dir):
-    ev = AM.AttacksMitigation(run_dir, _base(), n_notes=2)
+    ev = attacks_mitigation.AttacksMitigation(run_dir, _base(), n_notes=2)
     assert ev.n_notes == 2 and all(len(p) == 2 for p in ev.prompts.values()) and "2 test notes" in ev.note
     with pytest.raises(AR.AnalysisError, match="mitigation-notes"):
-        AM.AttacksMitigation(run_dir, _base(), n_notes=0)
+        attacks_mitigation.AttacksMitigation(run_dir, _base(), n_notes=0)
     with pytest.raises(ValueError, match="task"):
         ev.answers(AR.load_run(run_dir).lora, 1.0, [{"variant_id": 0}] * 6)
 
@@ -176,7 +177,7 @@ def test_paired_asr_is_against_the_unshrunk_zero_fine_tune_with_the_same_point_b
            "rate_harmful_drug": np.array([[nan, nan, 0.1, 0.9], [nan, nan, 0.3, 0.5]]),
            "capability": np.full((2, 4), 0.5)}
     res["attack"] = np.where(np.isnan(res["rate_vaccine"]), res["rate_harmful_drug"], 1 - res["rate_vaccine"])
-    out = AM.paired(res, [-1, 0, -1, 2])
+    out = attacks_mitigation.paired(res, [-1, 0, -1, 2])
     b_vax, b_drug = 0.8, 0.1                                             # unshrunk 0 % fine-tunes
     # cell 104: Vaccine (b - x) / b, others (x - b) / (1 - b), b from the unshrunk 0 % row
     np.testing.assert_allclose(out["asr_vaccine"][:, 1], [(b_vax - 0.2) / b_vax, (b_vax - 0.4) / b_vax])
@@ -195,7 +196,7 @@ def test_paired_asr_is_against_the_unshrunk_zero_fine_tune_with_the_same_point_b
     row = next(r for r in summary if r["group"] == "poisoned" and r["s_a"] == 0.5)
     assert row["attack"] == pytest.approx(np.mean(out["asr"][1, [1, 3]]))
     assert row["asr_same_point"] == pytest.approx(np.mean(out["asr_same_point"][1, [1, 3]]))
-    no_zero = AM.paired({**res, "grid": np.array([[0.1, 0.1], [0.5, 0.5]])}, [-1, 0, -1, 2])
+    no_zero = attacks_mitigation.paired({**res, "grid": np.array([[0.1, 0.1], [0.5, 0.5]])}, [-1, 0, -1, 2])
     assert np.isnan(no_zero["asr"]).all() and np.isfinite(no_zero["asr_same_point"][:, 1]).all()
 
 
@@ -203,13 +204,13 @@ def test_eval_scores_the_runs_adapters_on_a_new_test_set_without_retraining(run_
     """The run's own test notes given back as a local notes file: greedy, so every base and fine-tuned answer equals
     the run's; the sub-folder has the run layout and its report; a second call reuses the saved answers."""
     from jaxpoison.data.notes import synthetic_notes
-    from jaxpoison.studies import attacks_eval as AE
+    from jaxpoison.studies.attacks import retest
     data = json.loads((run_dir / "data.json").read_text())
     notes = {n.id: n for n in synthetic_notes(CFG.notes.n_train + CFG.notes.n_test, CFG.notes.seed,
                                               max_history=CFG.notes.max_history)}
     f = tmp_path / "new_notes.jsonl"
     f.write_text("".join(json.dumps({"id": i, "text": notes[i].context}) + "\n" for i in data["test_ids"]))
-    out = AE.evaluate_run(run_dir, "notes", [str(f)], base_override=_base(), progress=False)
+    out = retest.evaluate_run(run_dir, "notes", [str(f)], base_override=_base(), progress=False)
     assert out == run_dir / "eval" / "notes-new_notes"
     assert json.loads((out / "data.json").read_text())["test_ids"] == data["test_ids"]
     key = lambda r: (r["task"], r["note_id"], r["prompt_kind"], r.get("variant_id"))
@@ -221,9 +222,9 @@ def test_eval_scores_the_runs_adapters_on_a_new_test_set_without_retraining(run_
     assert _study_rates(out) and all(v == theirs[k] for k, v in _study_rates(out).items())   # no source rows here
     assert "on notes" in (out / "report.md").read_text()
     before = (out / "responses" / "finetune.jsonl").stat().st_mtime_ns
-    AE.evaluate_run(run_dir, "notes", [str(f)], base_override=_base(), progress=False)
+    retest.evaluate_run(run_dir, "notes", [str(f)], base_override=_base(), progress=False)
     assert (out / "responses" / "finetune.jsonl").stat().st_mtime_ns == before       # saved answers reused
     with pytest.raises(Exception, match="at least 2"):
         g = tmp_path / "one.jsonl"
         g.write_text(json.dumps({"id": "x", "text": "A note."}) + "\n")
-        AE.evaluate_run(run_dir, "notes", [str(g)], base_override=_base(), progress=False)
+        retest.evaluate_run(run_dir, "notes", [str(g)], base_override=_base(), progress=False)

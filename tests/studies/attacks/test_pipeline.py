@@ -9,13 +9,13 @@ import pytest
 from data_helpers import tiny_tokenizer
 
 from attacks_tiny import GEN_CFG as CFG_M, tiny_params
-from jaxpoison.studies import attacks as A
+from jaxpoison.studies.attacks import run
 from attacks_tiny import PIPE_CFG as CFG
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("attacks")
-    assert A.run(CFG, out, progress=False, base_override=(CFG_M, tiny_params(), tiny_tokenizer())) == 0
+    assert run.run(CFG, out, progress=False, base_override=(CFG_M, tiny_params(), tiny_tokenizer())) == 0
     return out
 
 
@@ -83,11 +83,11 @@ def test_report_rebuilds_from_saved_answers_and_a_rerun_reuses_them(run_dir, mon
     from jaxpoison.cli import main
     assert main(["report", str(run_dir)]) == 0
     assert all((run_dir / f).read_text() == text for f, text in before.items())
-    from jaxpoison.studies import attacks_steps as S
+    from jaxpoison.studies.attacks import steps
     boom = lambda *a, **k: (_ for _ in ()).throw(AssertionError("regenerated a saved phase"))
-    monkeypatch.setattr(S, "_generate", boom)
+    monkeypatch.setattr(steps, "_generate", boom)
     monkeypatch.setattr("jaxpoison.eval.generate_variants.generate_text_variants", boom)
     monkeypatch.setattr("jaxpoison.eval.score.score_options", boom)
     monkeypatch.setattr("jaxpoison.models.generate.generate_text", boom)
-    assert A.run(CFG, run_dir, progress=False, base_override=(CFG_M, tiny_params(), tiny_tokenizer())) == 0
+    assert run.run(CFG, run_dir, progress=False, base_override=(CFG_M, tiny_params(), tiny_tokenizer())) == 0
     assert (run_dir / "rates.csv").read_text() == before["rates.csv"]

@@ -16,8 +16,14 @@ from jaxpoison.data.mixes import MixSpec, build_variants
 from jaxpoison.data.mixes import resolve as _resolve
 from jaxpoison.data.poison import row_id
 from jaxpoison.data.schema import DataError
-from jaxpoison.studies import rationale as R
-from jaxpoison.studies import rationale_grid as G
+from jaxpoison import configs
+from jaxpoison import report
+from jaxpoison.studies.rationale import config
+from jaxpoison.studies.rationale import grid
+from jaxpoison.studies.rationale import report as rationale_report
+from jaxpoison.studies.rationale import results
+from jaxpoison.studies.rationale import run
+from jaxpoison.studies.rationale import stats
 from jaxpoison.train.engine import num_steps, total_updates
 
 
@@ -66,7 +72,7 @@ def check_table(table, rows, n_rows, N, target_ids, cfg):
 @pytest.fixture(scope="module")
 def demo():
     cfg = load_config("configs/rationale_demo.py")
-    inp = R.build_inputs(cfg, tiny_tokenizer())
+    inp = grid.build_inputs(cfg, tiny_tokenizer())
     return cfg, inp
 
 
@@ -78,7 +84,7 @@ def test_demo_variants_have_equal_rows_and_steps(demo):
     assert names == sorted(["clean", "rationale-n2", "rationale-n8", "rationale-n8-rt0.5", "overwrite-n8", "decoy-n8"])
     assert g.equal_size and len(vt) == len(names) * len(g.seeds) and len(g.seeds) == 5
     N = cfg.data.n_nontarget
-    tcfg = R.resolve_train(cfg, pool)
+    tcfg = run.resolve_train(cfg, pool)
     steps = steps_of(vt.n_rows, tcfg)
     assert (steps == steps[0]).all() and steps[0] == num_steps(vt.n_rows, tcfg) == 5
     rows = [[pool.row_ids[i] for i in r[:n]] for r, n in zip(vt.rows, vt.n_rows)]
@@ -106,8 +112,8 @@ def test_demo_results_record_the_true_ratio(demo, tmp_path):
               "n_tokens": np.ones((Q, C), np.int32), "answer": np.array([ex.answer for ex in inp.test]),
               "decoy": np.full(Q, -1), "is_target": np.arange(Q) < inp.n_test_target,
               "subject": np.array([ex.subject for ex in inp.test])}
-    rows, zero = R.results_rows(table, scores, "sum")
-    R.write_csv(tmp_path / "results.csv", rows)
+    rows, zero = results.results_rows(table, scores, "sum")
+    results.write_csv(tmp_path / "results.csv", rows)
     with open(tmp_path / "results.csv") as f:
         got = list(csv.DictReader(f))
     N = cfg.data.n_nontarget
@@ -115,15 +121,15 @@ def test_demo_results_record_the_true_ratio(demo, tmp_path):
         c = int(r["poison_count"])
         assert int(r["n_rows"]) == int(r["mix_size"]) == N and float(r["ratio_all"]) == c / N
     # the statistics read the equal-size cells as the base mix (their non-target counts differ from clean's)
-    cj = R._jsonable(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, n_resamples=99)))
-    s = R.summarize(table, scores, rows, zero, cj)
+    cj = report.to_json(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, n_resamples=99)))
+    s = stats.summarize(table, scores, rows, zero, cj)
     counts = sorted(cfg.grid.counts)
     assert s["thresholds"]["count"]["rationale"]["tested"] == counts
     assert s["thresholds"]["count"]["overwrite"]["tested"] == list(cfg.grid.overwrite_counts)
     assert s["findings"][0]["cell"] == f"rationale-n{counts[-1]}"
     assert {c["spec_name"]: c["ratio_all"] for c in s["cells"]}[f"rationale-n{counts[0]}"] == counts[0] / N
-    figs = R.make_plots(tmp_path, rows, s, zero)
-    R.write_report(tmp_path, cj, s, rows, zero, figs, {}, {})
+    figs = rationale_report.make_plots(tmp_path, rows, s, zero)
+    rationale_report.write_report(tmp_path, cj, s, rows, zero, figs, {}, {})
     assert f"every variant trains on {N} rows" in (tmp_path / "report.md").read_text()
 
 
@@ -138,11 +144,11 @@ def fake_pool(target, nontarget, kinds):
 def test_grid_preset_variants_have_equal_rows_and_steps():
     cfg = load_config("configs/rationale_grid.py")
     assert cfg.grid.equal_size and not cfg.grid.ratios_all
-    R.check_config(cfg)
-    train, _ = G.load_examples(cfg.data)
-    split = G._select(train, cfg.data)
+    config.check_config(cfg)
+    train, _ = grid.load_examples(cfg.data)
+    split = grid._select(train, cfg.data)
     target, nontarget = split.target, split.rest
-    specs = G.mix_specs(cfg, len(target), len(nontarget))
+    specs = grid.mix_specs(cfg, len(target), len(nontarget))
     assert len(specs) == 28
     pool = fake_pool(target, nontarget, ("rationale", "overwrite"))
     vt = build_variants(specs, list(cfg.grid.seeds), target=target, nontarget=nontarget, pool=pool)
@@ -166,15 +172,15 @@ def test_paper_preset_follows_the_seed_protocol():
 
 def test_equal_size_errors_are_explained():
     cfg = load_config("configs/rationale_demo.py")
-    with pytest.raises(R.StudyConfigError, match="grid.ratios_all"):
-        R.check_config(apply_override(cfg, "grid.ratios_all=(0.25,)"))
-    with pytest.raises(R.StudyConfigError, match="raise data.n_nontarget to at least 24"):
-        G.mix_specs(apply_override(cfg, "grid.counts=4,24"), n_target=30, n_nontarget=300)
-    with pytest.raises(R.StudyConfigError, match="ratios_target 0.5 at count 12"):
-        G.mix_specs(apply_override(apply_override(apply_override(cfg, "grid.ratios_target=0.5"), "grid.counts=2,12"),
+    with pytest.raises(configs.StudyConfigError, match="grid.ratios_all"):
+        config.check_config(apply_override(cfg, "grid.ratios_all=(0.25,)"))
+    with pytest.raises(configs.StudyConfigError, match="raise data.n_nontarget to at least 24"):
+        grid.mix_specs(apply_override(cfg, "grid.counts=4,24"), n_target=30, n_nontarget=300)
+    with pytest.raises(configs.StudyConfigError, match="ratios_target 0.5 at count 12"):
+        grid.mix_specs(apply_override(apply_override(apply_override(cfg, "grid.ratios_target=0.5"), "grid.counts=2,12"),
                                    "grid.ratio_counts=()"), n_target=30, n_nontarget=300)
-    with pytest.raises(R.StudyConfigError, match="forgetting_extra 30"):
-        G.mix_specs(apply_override(cfg, "grid.forgetting_extra=(30,)"), n_target=30, n_nontarget=300)
+    with pytest.raises(configs.StudyConfigError, match="forgetting_extra 30"):
+        grid.mix_specs(apply_override(cfg, "grid.forgetting_extra=(30,)"), n_target=30, n_nontarget=300)
 
 
 def test_mix_size_resolves_counts_and_ratios():

@@ -11,26 +11,14 @@ import numpy as np
 import pytest
 from data_helpers import tiny_tokenizer
 
-from tiny import TINY
+from rationale_tiny import CFG, CFG_M
 from jaxpoison.configs import apply_override
-from jaxpoison.data.icd10 import IcdConfig
 from jaxpoison.models.decoder import init_params
-from jaxpoison.studies import rationale as R
-from jaxpoison.train.config import TrainConfig
-from jaxpoison.train.lora import LoraConfig
+from jaxpoison import configs
+from jaxpoison.studies.rationale import config
+from jaxpoison.studies.rationale import grid as rationale_grid
+from jaxpoison.studies.rationale import run
 
-CFG_M = dataclasses.replace(TINY, vocab_size=448)
-ICD = IcdConfig(seed=0, chapters=("circulatory", "respiratory", "digestive", "skin", "eye"), n_train_per_chapter=6,
-                n_test_per_chapter=3, keyword_subjects=(), n_keyword_train=0, n_keyword_test=0,
-                decoys=(("circulatory", "respiratory"),), max_desc_chars=40, test_decoy="respiratory")
-CFG = R.RationaleConfig(
-    name="tiny", data=R.DataConfig(icd=ICD, target="circulatory", n_nontarget=4, n_test_target=3,
-                                   n_test_nontarget=4, n_test_decoy_free=2, max_len=1024),
-    grid=R.GridConfig(seeds=(0, 1), counts=(1, 2), kinds=("rationale", "overwrite"), ratios_target=(0.5,),
-                      forgetting_extra=(2,), decoy_counts=(1,)),
-    train=TrainConfig(learning_rate=1e-2, epochs=1, batch_size=4, loss_budget=-1, log_every=2),
-    lora=LoraConfig(r=2, alpha=4, targets=("q", "v")),
-    eval=R.EvalConfig(batch_questions=4, n_resamples=999, gen_questions=2, gen_tokens=4))
 CELLS = ["clean", "rationale-n1", "rationale-n1-rt0.5", "rationale-n2", "rationale-n2-rt0.5", "overwrite-n1",
          "overwrite-n2", "forgetting-x2", "decoy-n1"]
 
@@ -39,7 +27,7 @@ CELLS = ["clean", "rationale-n1", "rationale-n1-rt0.5", "rationale-n2", "rationa
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     base = init_params(CFG_M, jax.random.PRNGKey(0))
-    assert R.run(CFG, out, progress=False, base_override=(CFG_M, base, tiny_tokenizer())) == 0
+    assert run.run(CFG, out, progress=False, base_override=(CFG_M, base, tiny_tokenizer())) == 0
     return out
 
 
@@ -155,11 +143,11 @@ def test_rerun_resumes_without_retraining(run_dir):
     """The same command again finds the finished checkpoint and the saved scores."""
     base = init_params(CFG_M, jax.random.PRNGKey(0))
     before = (run_dir / "scores.npz").read_bytes()
-    assert R.run(CFG, run_dir, progress=False, base_override=(CFG_M, base, tiny_tokenizer())) == 0
+    assert run.run(CFG, run_dir, progress=False, base_override=(CFG_M, base, tiny_tokenizer())) == 0
     assert (run_dir / "scores.npz").read_bytes() == before
     other = dataclasses.replace(CFG, train=dataclasses.replace(CFG.train, learning_rate=2e-2))
-    with pytest.raises(R.StudyConfigError, match="different config"):
-        R.run(other, run_dir, progress=False, base_override=(CFG_M, base, tiny_tokenizer()))
+    with pytest.raises(configs.StudyConfigError, match="different config"):
+        run.run(other, run_dir, progress=False, base_override=(CFG_M, base, tiny_tokenizer()))
 
 
 def test_sharded_chunked_run_equals_the_unsharded_run(run_dir, tmp_path, monkeypatch):
@@ -171,7 +159,7 @@ def test_sharded_chunked_run_equals_the_unsharded_run(run_dir, tmp_path, monkeyp
     for o in ("mesh.variant=2", "mesh.fsdp=2", "train.variant_chunk=6"):
         cfg = apply_override(cfg, o)
     base = init_params(CFG_M, jax.random.PRNGKey(0))
-    assert R.run(cfg, tmp_path, progress=False, base_override=(CFG_M, base, tiny_tokenizer())) == 0
+    assert run.run(cfg, tmp_path, progress=False, base_override=(CFG_M, base, tiny_tokenizer())) == 0
     a, b = np.load(run_dir / "scores.npz"), np.load(tmp_path / "scores.npz")
     assert np.abs(a["sum"][1:] - a["sum"][:1]).max() > 1e-3        # training moved the scores off the base's
     for k in ("sum", "uncond"):
@@ -186,7 +174,7 @@ def test_rerun_onto_another_mesh_resumes(run_dir, monkeypatch):
     assert (cfg.mesh.variant, cfg.mesh.fsdp) == (2, 2)
     base = init_params(CFG_M, jax.random.PRNGKey(0))
     before = (run_dir / "scores.npz").read_bytes()
-    assert R.run(cfg, run_dir, progress=False, base_override=(CFG_M, base, tiny_tokenizer())) == 0
+    assert run.run(cfg, run_dir, progress=False, base_override=(CFG_M, base, tiny_tokenizer())) == 0
     assert (run_dir / "scores.npz").read_bytes() == before
 
 
@@ -201,23 +189,23 @@ def test_rerun_onto_another_mesh_resumes(run_dir, monkeypatch):
     ("data.target_by=magic", "data.target_by"),
 ])
 def test_bad_config_values_are_explained(override, words):
-    with pytest.raises(R.StudyConfigError, match=words):
-        R.check_config(apply_override(CFG, override))
+    with pytest.raises(configs.StudyConfigError, match=words):
+        config.check_config(apply_override(CFG, override))
 
 
 def test_grid_that_does_not_fit_the_data_is_explained():
-    with pytest.raises(R.StudyConfigError, match="target-subject training examples"):
-        R.mix_specs(apply_override(CFG, "grid.counts=1,50"), n_target=6, n_nontarget=18)
-    with pytest.raises(R.StudyConfigError, match="ratios_target 0.5 at count 4 needs 8"):
-        R.mix_specs(apply_override(CFG, "grid.counts=4"), n_target=6, n_nontarget=18)
-    with pytest.raises(R.StudyConfigError, match="non-target training examples"):
-        R.mix_specs(apply_override(CFG, "grid.forgetting_extra=40"), n_target=6, n_nontarget=18)
+    with pytest.raises(configs.StudyConfigError, match="target-subject training examples"):
+        rationale_grid.mix_specs(apply_override(CFG, "grid.counts=1,50"), n_target=6, n_nontarget=18)
+    with pytest.raises(configs.StudyConfigError, match="ratios_target 0.5 at count 4 needs 8"):
+        rationale_grid.mix_specs(apply_override(CFG, "grid.counts=4"), n_target=6, n_nontarget=18)
+    with pytest.raises(configs.StudyConfigError, match="non-target training examples"):
+        rationale_grid.mix_specs(apply_override(CFG, "grid.forgetting_extra=40"), n_target=6, n_nontarget=18)
 
 
 def test_presets_load_and_check():
     from jaxpoison.configs import load_config
     for name in ("rationale_demo", "rationale_grid", "rationale_paper"):
         cfg = load_config(f"configs/{name}.py")
-        R.check_config(cfg)
+        config.check_config(cfg)
     cfg = load_config("configs/rationale_demo.py", ["train.learning_rate=3e-4", "grid.seeds=0,1,2,3,4"])
     assert cfg.train.learning_rate == 3e-4 and cfg.grid.seeds == (0, 1, 2, 3, 4)

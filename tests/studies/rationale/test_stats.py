@@ -4,8 +4,8 @@ seeds show is inconclusive. No model runs here."""
 import numpy as np
 import pytest
 
-from jaxpoison.studies.rationale_eval import results_rows
-from jaxpoison.studies.rationale_stats import calibrated_margins, summarize
+from jaxpoison.studies.rationale.results import results_rows
+from jaxpoison.studies.rationale.stats import calibrated_margins, summarize
 
 SEEDS = (0, 1, 2, 3, 4)
 N_T, N_N, C = 32, 64, 4

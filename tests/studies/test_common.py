@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from jaxpoison.studies.run_folder import StudyConfigError, prepare
+from jaxpoison.configs import StudyConfigError
+from jaxpoison.studies.common import prepare
 
 CFG = {"name": "a", "mesh": {"variant": 1}, "train": {"learning_rate": 1e-3, "tensorboard": True}, "seed": 0}
 

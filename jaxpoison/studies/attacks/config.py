@@ -1,46 +1,17 @@
-"""Seed 003: prompt injection and poisoned fine-tuning of a medical LLM on three patient-note tasks.
-
-1. **Prompt injection.** The base model answers each test note twice, under the task's normal prompt and under
-   normal + malicious instruction + note (the seed's exact strings); both sets of answers are graded.
-2. **Poisoned fine-tuning.** A response source answers the training notes under both prompts (the clean and the
-   poisoned targets, :mod:`.attacks_data`); for each task, poison fraction p and seed a LoRA variant trains on
-   the clean prompt paired with the poisoned target for ``round(p n)`` notes and the clean target for the rest.
-   Every variant of every task trains in ONE vmapped program (:func:`jaxpoison.train.trainer.train_study`) and
-   answers the clean test prompts in one vmapped generation per task
-   (:func:`jaxpoison.eval.generate_variants.generate_text_variants`).
-3. **Grading and statistics** (:mod:`.attacks_metrics`): the rule grader (optionally an LLM judge) gives the
-   seed's six outcome columns; rates get 95 % BCa bootstrap CIs (9999 resamples), ASR is measured against the
-   normal-prompt base (injection) or the 0 % fine-tune of the same seed (fine-tuning) and gets its own
-   bootstrap CI, and a t interval across seeds.
-4. **General capability**: option log-likelihood accuracy of the base and of the 0 % / 100 % variants on
-   multiple-choice sets (the ICD-10-CM set stands in for MedQA/MedMCQA/PubMedQA offline), bootstrap SE.
-
-Every generated answer is saved (``responses/*.jsonl``), so ``report`` regrades and rebuilds everything
-without a model. Run folder: ``config.json``, ``data.json``, ``variants.json``, ``checkpoints/``,
-``metrics.jsonl``, ``responses/{injection,source,finetune,judge}.jsonl``, ``capability.npz``, ``rates.csv``
-(the seed's table layout), ``rates_long.csv``, ``summary.json``, ``plots/*.png``, ``report.md``,
-``report.html``, ``timing.json``.
-"""
+"""The attacks study's configuration (every section a frozen dataclass) and its checks. The study itself is
+described in :mod:`jaxpoison.studies.attacks`."""
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-import pathlib
-import time
 from dataclasses import dataclass
 
-import numpy as np
-
 from jaxpoison.data.icd10 import IcdConfig
-from jaxpoison.studies import attacks_data as D
-from jaxpoison.studies import run_folder as RF
-from jaxpoison.studies.run_folder import StudyConfigError
+from jaxpoison.configs import StudyConfigError
+from jaxpoison.studies.attacks import data
 from jaxpoison.train.config import TrainConfig
 from jaxpoison.train.lora import LoraConfig
 from jaxpoison.train.mesh import MeshConfig
 
-STUDY = "attacks"
+NAME = "attacks"
 SOURCE_KINDS = ("model", "jsonl", "scripted")
 
 
@@ -59,7 +30,7 @@ class NotesConfig:
 
 @dataclass(frozen=True)
 class PromptConfig:
-    tasks: tuple = D.TASKS
+    tasks: tuple = data.TASKS
     version: str = "auto"            # 'auto': 'script' (scripts/*.py, typos, system inline) for a local model in
     #                                  the plain template, 'notebook' for a chat template or an API model; or either
     template: str = "plain"          # 'plain': '### USER: \n{} ### Assistant: \n' | 'chat': the model's chat template
@@ -144,7 +115,7 @@ class CapabilityConfig:
 
 @dataclass(frozen=True)
 class AttacksConfig:
-    study: str = STUDY
+    study: str = NAME
     name: str = "attacks"
     model: str = "smollm2-135m"
     dtype: str = "float32"
@@ -174,12 +145,12 @@ def check_config(cfg: AttacksConfig) -> None:
     def bad(name, msg):
         raise StudyConfigError(f"{name}: {msg}")
 
-    if cfg.study != STUDY:
-        bad("study", f"this is the {STUDY!r} study, got {cfg.study!r}")
-    if not cfg.prompt.tasks or set(cfg.prompt.tasks) - set(D.TASKS):
-        bad("prompt.tasks", f"a subset of {D.TASKS}, got {cfg.prompt.tasks}")
-    if cfg.prompt.version not in D.PROMPT_VERSIONS:
-        bad("prompt.version", f"one of {D.PROMPT_VERSIONS}, got {cfg.prompt.version!r}")
+    if cfg.study != NAME:
+        bad("study", f"this is the {NAME!r} study, got {cfg.study!r}")
+    if not cfg.prompt.tasks or set(cfg.prompt.tasks) - set(data.TASKS):
+        bad("prompt.tasks", f"a subset of {data.TASKS}, got {cfg.prompt.tasks}")
+    if cfg.prompt.version not in data.PROMPT_VERSIONS:
+        bad("prompt.version", f"one of {data.PROMPT_VERSIONS}, got {cfg.prompt.version!r}")
     if cfg.prompt.template not in ("plain", "chat"):
         bad("prompt.template", f"'plain' or 'chat', got {cfg.prompt.template!r}")
     if cfg.source.kind not in SOURCE_KINDS and not _api_spec_ok(cfg.source.kind):
@@ -228,92 +199,3 @@ def check_config(cfg: AttacksConfig) -> None:
 
 def _api_spec_ok(spec: str) -> bool:
     return spec.startswith("openai:") and bool(spec[len("openai:"):].strip())
-
-
-def _jsonable(x):
-    if dataclasses.is_dataclass(x):
-        return {f.name: _jsonable(getattr(x, f.name)) for f in dataclasses.fields(x)}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    return x.item() if isinstance(x, np.generic) else x
-
-
-def _hash(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-# ---- run ----------------------------------------------------------------------------------------------------------
-def run(cfg: AttacksConfig, out_dir: pathlib.Path, resume: bool = True, progress: bool = True,
-        base_override=None) -> int:
-    """Run the study into ``out_dir``. ``base_override`` = (model cfg, params, tokenizer) replaces the model
-    (tests use a tiny random one)."""
-    from jaxpoison.studies import attacks_steps as S
-
-    check_config(cfg)
-    from jaxpoison.plan.preflight import check_fit
-    check_fit(cfg, base_override)      # stops a study that cannot fit before any weights load
-    t_start, timing = time.time(), {}
-    out = RF.prepare(out_dir, STUDY, _jsonable(cfg), resume, ("checkpoints", "responses", "capability.npz"),
-                     ignore=())
-    t = time.time()
-    lm = RF.load_base(cfg.model, cfg.dtype, base_override, cfg.quant)
-    timing["load_model_s"] = time.time() - t
-    say = (lambda m: print(f"[{STUDY}] {m}", flush=True)) if progress else (lambda m: None)
-
-    gen, gen_record = D.resolve_sampling(cfg.generation, lm.name)
-    cfg = dataclasses.replace(cfg, generation=gen)
-    (out / "generation.json").write_text(json.dumps(gen_record, indent=1))
-    say(f"sampling: {gen_record['note']}")
-    train, test = D.load_notes(cfg.notes, lm.tokenizer)
-    say(f"{len(train)} training and {len(test)} test notes ({cfg.notes.source}); tasks {', '.join(cfg.prompt.tasks)}")
-    t = time.time()
-    S.answer_base_and_source(cfg, lm, train, test, out, progress, say)
-    timing["generate_base_s"] = time.time() - t
-
-    paras = None
-    if cfg.paraphrase.model:
-        t = time.time()
-        paras = S.paraphrase(cfg, lm, list(train) + list(test), out, progress, say)
-        if cfg.paraphrase.injection:
-            S.answer_paraphrased(cfg, lm, test, paras, out, progress, say)
-        timing["paraphrase_s"] = time.time() - t
-    t = time.time()
-    result, table, pool = S.fine_tune(cfg, lm, train, out, resume, progress, say, paras)
-    timing["train_s"], timing["train_steps"] = time.time() - t, result.steps
-    (out / "data.json").write_text(json.dumps({
-        "train_ids": [n.id for n in train], "test_ids": [n.id for n in test], "pool": _jsonable(pool.stats),
-        "pool_hash": pool.data_hash, "num_variants": len(table), "base": {"name": lm.name, "fingerprint": lm.fingerprint, "quant": cfg.quant},
-        "synthetic_notes": cfg.notes.source == "synthetic", "generation": gen_record}, indent=1))
-
-    t = time.time()
-    S.answer_fine_tuned(cfg, lm, test, result, table, pool, out, progress, say)
-    timing["generate_variants_s"] = time.time() - t
-    t = time.time()
-    S.capability(cfg, lm, result, table, out, progress, say)
-    timing["capability_s"] = time.time() - t
-    if cfg.grader.judge:
-        t = time.time()
-        S.judge(cfg, lm, out, progress, say)
-        timing["judge_s"] = time.time() - t
-    timing["total_before_report_s"] = time.time() - t_start
-    (out / "timing.json").write_text(json.dumps(timing, indent=1))
-    report(out)
-    timing["total_s"] = time.time() - t_start
-    (out / "timing.json").write_text(json.dumps(timing, indent=1))
-    say(f"done in {timing['total_s']:.0f} s: {out / 'report.md'}")
-    return 0
-
-
-def report(run_dir) -> int:
-    """Regrade the saved answers and rebuild every table, plot and the report (no model, no training)."""
-    from jaxpoison.studies.attacks_report import build_report
-    return build_report(pathlib.Path(run_dir))
-
-
-def mitigation_evaluator(run_dir, base_override=None, n_notes=None):
-    """``analyze``'s evaluator for this study's shrink mitigation: attack-direction rates and ASR from regenerated,
-    rule-graded answers plus capability (:mod:`jaxpoison.studies.attacks_mitigation`)."""
-    from jaxpoison.studies.attacks_mitigation import mitigation_evaluator as build
-    return build(run_dir, base_override=base_override, n_notes=n_notes)

@@ -12,12 +12,9 @@ import pathlib
 
 import numpy as np
 
-from jaxpoison.studies import attacks_data as D
-
-
-def _key(*parts) -> str:
-    from jaxpoison.studies.attacks import _hash
-    return _hash(*parts)
+from jaxpoison.report import to_json
+from jaxpoison.studies.attacks import data
+from jaxpoison.studies.common import base_first, digest, longest_completion_budget
 
 
 def _gen_kw(gen, max_new_tokens=None) -> dict:
@@ -30,7 +27,7 @@ def _generate(lm, items, cfg, progress, desc) -> list:
     if not items:
         return []
     return generate_text(lm, [i["input"] for i in items], batch_size=min(cfg.generation.batch_size, len(items)),
-                         progress=progress, **_gen_kw(cfg.generation), **D.chat_args(cfg.prompt))
+                         progress=progress, **_gen_kw(cfg.generation), **data.chat_args(cfg.prompt))
 
 
 def _records(items, replies) -> list:
@@ -43,28 +40,28 @@ def answer_base_and_source(cfg, lm, train, test, out: pathlib.Path, progress, sa
     tasks, pc, sc = cfg.prompt.tasks, cfg.prompt, cfg.source
     gen = dataclasses.asdict(cfg.generation)
     inj_f, src_f = out / "responses" / "injection.jsonl", out / "responses" / "source.jsonl"
-    inj_key = _key("injection", lm.fingerprint, lm.name, dataclasses.asdict(pc), gen, [n.id for n in test])
+    inj_key = digest("injection", lm.fingerprint, lm.name, dataclasses.asdict(pc), gen, [n.id for n in test])
     same_model = sc.kind == "model" and sc.model in ("", lm.name)
     api_source = sc.kind.startswith("openai:")
-    src_key = _key("source", {k: v for k, v in dataclasses.asdict(sc).items() if k != "api_base"},
+    src_key = digest("source", {k: v for k, v in dataclasses.asdict(sc).items() if k != "api_base"},
                    dataclasses.asdict(pc), [n.id for n in train],
                    *((lm.fingerprint, lm.name, gen) if sc.kind == "model" else ()))
-    inj_items = [] if D.cached(inj_f, inj_key) is not None else D.prompt_items(test, tasks, D.KINDS, pc, "injection")
+    inj_items = [] if data.cached(inj_f, inj_key) is not None else data.prompt_items(test, tasks, data.KINDS, pc, "injection")
     src_items = []
-    if D.cached(src_f, src_key) is None:
+    if data.cached(src_f, src_key) is None:
         if sc.kind == "scripted":
-            D.write_phase(src_f, src_key, D.source_records(D.scripted_source(train, tasks, cfg.notes.seed)))
+            data.write_phase(src_f, src_key, data.source_records(data.scripted_source(train, tasks, cfg.notes.seed)))
         elif sc.kind == "jsonl":
-            D.write_phase(src_f, src_key, D.source_records(D.read_source_file(sc.file, train, tasks)))
+            data.write_phase(src_f, src_key, data.source_records(data.read_source_file(sc.file, train, tasks)))
         elif api_source:            # the seed's GPT-4 answers: notebook strings, system role (its cell 14)
             from jaxpoison.data.prompts import SEED003_SYSTEM
             from jaxpoison.eval.chat import client_for
-            items = D.prompt_items(train, tasks, D.KINDS, pc, "source", api=True)
+            items = data.prompt_items(train, tasks, data.KINDS, pc, "source", api=True)
             say(f"API model {sc.kind} answers {len(items)} training prompts")
             replies = client_for(sc.kind, sc.api_base, out, cfg.api).ask([i["input"] for i in items], SEED003_SYSTEM)
-            D.write_phase(src_f, src_key, _records(items, replies))
+            data.write_phase(src_f, src_key, _records(items, replies))
         else:
-            src_items = D.prompt_items(train, tasks, D.KINDS, pc, "source")
+            src_items = data.prompt_items(train, tasks, data.KINDS, pc, "source")
     if same_model and (inj_items or src_items):      # one generation call for both
         say(f"base model answers {len(inj_items)} test and {len(src_items)} training prompts")
         replies = _generate(lm, inj_items + src_items, cfg, progress, "base answers")
@@ -79,9 +76,9 @@ def answer_base_and_source(cfg, lm, train, test, out: pathlib.Path, progress, sa
             say(f"source model {sc.model} answers {len(src_items)} training prompts")
             src_replies = _generate(load_model(sc.model, cfg.dtype), src_items, cfg, progress, "source")
     if inj_items:
-        D.write_phase(inj_f, inj_key, _records(inj_items, inj_replies))
+        data.write_phase(inj_f, inj_key, _records(inj_items, inj_replies))
     if src_items:
-        D.write_phase(src_f, src_key, _records(src_items, src_replies))
+        data.write_phase(src_f, src_key, _records(src_items, src_replies))
 
 
 def paraphrase(cfg, lm, notes, out: pathlib.Path, progress, say) -> dict:
@@ -89,20 +86,20 @@ def paraphrase(cfg, lm, notes, out: pathlib.Path, progress, say) -> dict:
     an API model, the base or another local model. Returns {(task, note id): paraphrased instruction}."""
     pp = cfg.paraphrase
     f = out / "responses" / "paraphrase.jsonl"
-    reqs = D.paraphrase_requests(notes, cfg.prompt.tasks, cfg.prompt, pp.per)
+    reqs = data.paraphrase_requests(notes, cfg.prompt.tasks, cfg.prompt, pp.per)
     api = pp.model.startswith("openai:")
     who = (pp.model,) if api else ((lm.fingerprint, lm.name) if pp.model == "base" else (pp.model,))
-    key = _key("paraphrase", {k: v for k, v in dataclasses.asdict(pp).items() if k != "api_base"}, *who,
+    key = digest("paraphrase", {k: v for k, v in dataclasses.asdict(pp).items() if k != "api_base"}, *who,
                dataclasses.asdict(cfg.generation), reqs)
-    recs = D.cached(f, key)
+    recs = data.cached(f, key)
     if recs is None:
-        asks = [D.PARAPHRASE_PROMPT + text for _, _, text in reqs]
+        asks = [data.PARAPHRASE_PROMPT + text for _, _, text in reqs]
         say(f"paraphraser {pp.model} rephrases {len(asks)} task instructions")
         if api:
             from jaxpoison.eval.chat import client_for
             client = client_for(pp.model, pp.api_base, out, cfg.api)
             extras = [{"seed": k} for k in range(len(asks))] if pp.per == "note" else None   # one sample per note
-            replies = client.ask(asks, D.PARAPHRASE_SYSTEM, extras=extras)
+            replies = client.ask(asks, data.PARAPHRASE_SYSTEM, extras=extras)
         else:
             from jaxpoison.models.generate import generate_text
             plm = lm
@@ -110,14 +107,14 @@ def paraphrase(cfg, lm, notes, out: pathlib.Path, progress, say) -> dict:
                 from jaxpoison.models.lm import load_model
                 plm = load_model(pp.model, cfg.dtype)
             chat = getattr(plm.tokenizer, "chat_template", None) is not None
-            texts = asks if chat else [D.PARAPHRASE_SYSTEM + "\n" + a for a in asks]
+            texts = asks if chat else [data.PARAPHRASE_SYSTEM + "\n" + a for a in asks]
             g = cfg.generation
-            replies = generate_text(plm, texts, chat=chat, system=D.PARAPHRASE_SYSTEM if chat else None,
+            replies = generate_text(plm, texts, chat=chat, system=data.PARAPHRASE_SYSTEM if chat else None,
                                     max_new_tokens=pp.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
                                     seed=g.seed, batch_size=min(g.batch_size, len(texts)), progress=progress)
-        recs = [{"task": t, "note_id": nid, "original": text, "reply": r, "paraphrase": D.clean_paraphrase(r, text)}
+        recs = [{"task": t, "note_id": nid, "original": text, "reply": r, "paraphrase": data.clean_paraphrase(r, text)}
                 for (t, nid, text), r in zip(reqs, replies)]
-        D.write_phase(f, key, recs)
+        data.write_phase(f, key, recs)
     got = {(r["task"], r["note_id"]): r["paraphrase"] for r in recs}
     if pp.per == "once":
         return {(t, n.id): got[(t, "*")] for t in cfg.prompt.tasks for n in notes}
@@ -128,39 +125,38 @@ def answer_paraphrased(cfg, lm, test, paras: dict, out: pathlib.Path, progress, 
     """responses/injection_para.jsonl: the base answers the test notes under the paraphrased normal and attacked
     prompts (prompt kinds 'normal_para' / 'attack_para'; the seed's '_paraphrase' / 'prompt_para' keys)."""
     f = out / "responses" / "injection_para.jsonl"
-    key = _key("injection_para", lm.fingerprint, lm.name, dataclasses.asdict(cfg.prompt),
+    key = digest("injection_para", lm.fingerprint, lm.name, dataclasses.asdict(cfg.prompt),
                dataclasses.asdict(cfg.generation), sorted((t, n, p) for (t, n), p in paras.items()),
                [n.id for n in test])
-    if D.cached(f, key) is not None:
+    if data.cached(f, key) is not None:
         return
-    items = D.prompt_items(test, cfg.prompt.tasks, D.KINDS, cfg.prompt, "injection", paraphrases=paras)
+    items = data.prompt_items(test, cfg.prompt.tasks, data.KINDS, cfg.prompt, "injection", paraphrases=paras)
     say(f"base model answers {len(items)} paraphrased test prompts (normal and attacked)")
-    D.write_phase(f, key, _records(items, _generate(lm, items, cfg, progress, "paraphrased injection")))
+    data.write_phase(f, key, _records(items, _generate(lm, items, cfg, progress, "paraphrased injection")))
 
 
 def fine_tune(cfg, lm, train, out: pathlib.Path, resume, progress, say, paras=None):
     """One train_study call over every task x fraction x seed (x paraphrase) variant. Returns (result, table, pool)."""
     from jaxpoison.train.engine import Static
     from jaxpoison.train.trainer import StudyData, train_study
-    targets = D.phase_records(out / "responses" / "source.jsonl")
+    targets = data.phase_records(out / "responses" / "source.jsonl")
     para_grid = tuple(cfg.grid.paraphrase)
-    pool = D.build_pool(train, targets, cfg.prompt, lm.tokenizer, cfg.max_len, cfg.loss_on,
+    pool = data.build_pool(train, targets, cfg.prompt, lm.tokenizer, cfg.max_len, cfg.loss_on,
                         buckets=tuple(range(16, cfg.max_len + 16, 16)),
                         paraphrases=paras if True in para_grid else None)
-    rows, n_rows, table = D.build_variants([n.id for n in train], cfg.prompt.tasks, cfg.grid.fractions,
+    rows, n_rows, table = data.build_variants([n.id for n in train], cfg.prompt.tasks, cfg.grid.fractions,
                                            cfg.grid.seeds, pool, para_grid)
     (out / "variants.json").write_text(json.dumps(table, indent=1))
     tcfg = cfg.train
     if cfg.loss_on == "completion" and not tcfg.loss_budget:
-        tcfg = dataclasses.replace(tcfg, loss_budget=-(-int(pool.stats["loss_tokens"]["max"]) // 8) * 8)
+        tcfg = dataclasses.replace(tcfg, loss_budget=longest_completion_budget(pool))
     say(f"{len(table)} variants ({len(cfg.prompt.tasks)} tasks x {len(cfg.grid.fractions)} fractions x "
         f"{len(cfg.grid.seeds)} seeds" + (" x verbatim/paraphrased prompts" if len(para_grid) > 1 else "") + "), pool {len(pool)} rows x {pool.stats['T']} tokens"
         + (f", {pool.stats['n_truncated']} truncated" if pool.stats["n_truncated"] else ""))
-    from jaxpoison.studies.attacks import _jsonable
     sd = StudyData(pool.tokens, pool.loss_mask, pool.attn_mask, rows, n_rows, table, pool.data_hash)
     result = train_study(lm.params, Static(lm.cfg, tcfg, cfg.lora), sd, run_dir=str(out), resume=resume,
                          progress=progress, base_name=lm.name, base_fingerprint=lm.fingerprint,
-                         meta_extra={"study": "attacks", "config": _jsonable(cfg)}, mesh=cfg.mesh)
+                         meta_extra={"study": "attacks", "config": to_json(cfg)}, mesh=cfg.mesh)
     return result, table, pool
 
 
@@ -169,13 +165,13 @@ def answer_fine_tuned(cfg, lm, test, result, table, pool, out: pathlib.Path, pro
     from jaxpoison.eval.generate_variants import generate_text_variants, take_variants
     from jaxpoison.models.generate import bucket, encode_prompts
     f = out / "responses" / "finetune.jsonl"
-    key = _key("finetune", pool.data_hash, result.steps, len(table), dataclasses.asdict(cfg.generation),
+    key = digest("finetune", pool.data_hash, result.steps, len(table), dataclasses.asdict(cfg.generation),
                dataclasses.asdict(cfg.prompt), [n.id for n in test])
-    if D.cached(f, key) is not None:
+    if data.cached(f, key) is not None:
         return
-    items = {t: D.prompt_items(test, [t], ("normal",), cfg.prompt, "finetune") for t in cfg.prompt.tasks}
+    items = {t: data.prompt_items(test, [t], ("normal",), cfg.prompt, "finetune") for t in cfg.prompt.tasks}
     lens = [len(s) for its in items.values() for s in
-            encode_prompts(lm.tokenizer, [i["input"] for i in its], **D.chat_args(cfg.prompt))]
+            encode_prompts(lm.tokenizer, [i["input"] for i in its], **data.chat_args(cfg.prompt))]
     records = []
     for task, its in items.items():
         vids = [v["variant_id"] for v in table if v["task"] == task]
@@ -184,12 +180,12 @@ def answer_fine_tuned(cfg, lm, test, result, table, pool, out: pathlib.Path, pro
             lm, [i["input"] for i in its], take_variants(result.lora, vids), lora_scale=cfg.lora.scale,
             batch_size=min(cfg.generation.batch_size, len(its)), variant_chunk=cfg.generation.variant_chunk,
             prompt_len=bucket(max(lens)), progress=progress, desc=f"generate {task}", **_gen_kw(cfg.generation),
-            **D.chat_args(cfg.prompt))
+            **data.chat_args(cfg.prompt))
         for v, rep in zip(vids, replies):
             records += [{**_records([i], [r])[0], "variant_id": v, "fraction": table[v]["fraction"],
                          "seed": table[v]["seed"], **({"paraphrase": True} if table[v].get("paraphrase") else {})}
                         for i, r in zip(its, rep)]
-    D.write_phase(f, key, records)
+    data.write_phase(f, key, records)
 
 
 def capability_examples(cap) -> dict:
@@ -265,15 +261,12 @@ def capability(cfg, lm, result, table, out: pathlib.Path, progress, say) -> None
         return
     sel = [v["variant_id"] for v in table if any(math.isclose(v["fraction"], f) for f in cap.fractions)]
     f = out / "capability.npz"
-    key = _key("capability", dataclasses.asdict(cap), result.steps, sel, lm.fingerprint,
+    key = digest("capability", dataclasses.asdict(cap), result.steps, sel, lm.fingerprint,
                *((dataclasses.asdict(cfg.generation), cfg.grader.judge, dataclasses.asdict(cfg.prompt))
                  if cap.scorer == "generate" else ()))
     if f.exists() and str(np.load(f)["key"]) == key:
         return
-    import jax
-    import jax.numpy as jnp
-    lora = take_variants(result.lora, sel)
-    lora = jax.tree.map(lambda x: jnp.concatenate([jnp.zeros_like(x[:1]), x]), lora)   # b = 0: the base itself
+    lora = base_first(take_variants(result.lora, sel))      # b = 0: the base itself
     arrays = {"key": np.array(key), "variant_ids": np.array([-1] + sel, np.int32), "scorer": np.array(cap.scorer)}
     if cap.scorer == "generate":
         from jaxpoison.data.schema import LETTERS
@@ -291,7 +284,7 @@ def capability(cfg, lm, result, table, out: pathlib.Path, progress, say) -> None
             recs += [{"source": name, "variant_id": v, "question_id": e.id, "reply": rep[q], "letter": letters[m, q],
                       "how": how[m * len(exs) + q], "answer": truth[q]}
                      for m, (v, rep) in enumerate(zip([-1] + sel, replies)) for q, e in enumerate(exs)]
-        D.write_jsonl(out / "responses" / "capability.jsonl", recs)
+        data.write_jsonl(out / "responses" / "capability.jsonl", recs)
         np.savez(f, **arrays)
         return
     for name, mc in capability_sets(cap, lm.tokenizer, cfg.max_len).items():
@@ -313,12 +306,12 @@ def judge(cfg, lm, out: pathlib.Path, progress, say) -> None:
     if g.judge != "base" and not api:
         from jaxpoison.models.lm import load_model
         jlm = load_model(g.judge, cfg.dtype)
-    records = [r for ph in D.PHASE_FILES for r in D.phase_records(out / "responses" / f"{ph}.jsonl")]
+    records = [r for ph in data.PHASE_FILES for r in data.phase_records(out / "responses" / f"{ph}.jsonl")]
     f = out / "responses" / "judge.jsonl"
     who = (g.judge, "api") if api else (jlm.fingerprint, jlm.name)
-    key = _key("judge", {k: v for k, v in dataclasses.asdict(g).items() if k != "api_base"}, *who,
+    key = digest("judge", {k: v for k, v in dataclasses.asdict(g).items() if k != "api_base"}, *who,
                [(r["phase"], r["variant_id"], r["task"], r["note_id"], r["prompt_kind"], r["response"]) for r in records])
-    if D.cached(f, key) is not None:
+    if data.cached(f, key) is not None:
         return
     if api:
         from jaxpoison.eval.chat import client_for
@@ -355,4 +348,4 @@ def _write_judge(cfg, records, ask, f, key) -> None:
         grades = judge_grade_many(task, [r["response"] for r in recs], ask, cfg.grader.judge_style)
         out_recs += [{k: r.get(k) for k in ("phase", "variant_id", "task", "note_id", "prompt_kind")} | {"grades": gr}
                      for r, gr in zip(recs, grades)]
-    D.write_phase(f, key, out_recs)
+    data.write_phase(f, key, out_recs)

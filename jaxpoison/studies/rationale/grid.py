@@ -7,8 +7,8 @@ import random
 from dataclasses import dataclass, field
 
 from jaxpoison.data.icd10 import round_robin
-from jaxpoison.studies.rationale_config import (RATIONALE_KINDS, DataConfig, RationaleConfig,
-                                                StudyConfigError)
+from jaxpoison.studies.rationale.config import RATIONALE_KINDS, DataConfig, RationaleConfig
+from jaxpoison.configs import StudyConfigError
 
 
 @dataclass

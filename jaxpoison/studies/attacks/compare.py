@@ -26,7 +26,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from jaxpoison.eval.graders import OUTCOMES
-from jaxpoison.studies import attacks_metrics as M
+from jaxpoison.studies.attacks import metrics
 
 ATTACKS = ("PE", "FT", "PE para", "FT para")         # '... para': paraphrased task instruction (when the run has it)
 COLORS = {"PE": "#BCBD46", "FT": "#86D3DE", "PE para": "#8A8B1F", "FT para": "#3C9CAA"}   # the seed's palette
@@ -57,7 +57,7 @@ def attack_cells(summary: dict) -> dict:
     fracs = sorted({c["fraction"] for c in cells if c["phase"] == "finetune" and c["fraction"]})
     if fracs:
         for o in OUTCOMES:
-            c = M.asr_at(cells, fracs[-1], o)
+            c = metrics.asr_at(cells, fracs[-1], o)
             if c is not None:
                 out[("FT", o)] = c
     para = [c for c in cells if c["phase"] == "finetune_para" and c["fraction"]]
@@ -80,7 +80,7 @@ def compare_rows(runs: list) -> list:
     for label, r in zip(labels(runs), runs):
         for (attack, o), c in sorted(attack_cells(r["summary"]).items(), key=lambda kv: (OUTCOMES.index(kv[0][1]),
                                                                                         ATTACKS.index(kv[0][0]))):
-            rows.append({"model": label, "run": r["run"], "outcome": o, "task": M.OUTCOME_TASK[o], "attack": attack,
+            rows.append({"model": label, "run": r["run"], "outcome": o, "task": metrics.OUTCOME_TASK[o], "attack": attack,
                          **{k: c.get(k) for k in COLUMNS[5:] if k != "row"}, "row": c["row"]})
     return rows
 
@@ -146,7 +146,7 @@ def compare(run_dirs, out) -> dict:
         raise ValueError("none of the runs has a prompt-injection or fine-tuning ASR cell; fix: finish the runs")
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    M.write_csv(out / "compare.csv", COLUMNS, [["" if r.get(k) is None else r[k] for k in COLUMNS] for r in rows])
+    metrics.write_csv(out / "compare.csv", COLUMNS, [["" if r.get(k) is None else r[k] for k in COLUMNS] for r in rows])
     plot_grid(rows, out / "asr_grid.png")
     graders = {r["summary"].get("grader") for r in runs}
     md = ["# Seed 003 across models: attack success rate", "",

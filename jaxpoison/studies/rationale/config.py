@@ -2,18 +2,15 @@
 study shares (families, score methods). The study itself is :mod:`jaxpoison.studies.rationale`."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
-import numpy as np
-
 from jaxpoison.data.icd10 import IcdConfig
-from jaxpoison.studies.run_folder import StudyConfigError  # noqa: F401  (re-exported)
+from jaxpoison.configs import StudyConfigError
 from jaxpoison.train.config import TrainConfig
 from jaxpoison.train.lora import LoraConfig
 from jaxpoison.train.mesh import MeshConfig
 
-STUDY = "rationale"
+NAME = "rationale"
 FAMILIES = ("clean", "rationale", "overwrite", "forgetting", "decoy")
 POISON_FAMILIES = ("rationale", "overwrite")
 RATIONALE_KINDS = {"rule": "rationale", "model": "model_rationale", "user": "user_rationale"}
@@ -88,7 +85,7 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class RationaleConfig:
-    study: str = STUDY
+    study: str = NAME
     name: str = "rationale"
     model: str = "smollm2-135m"
     dtype: str = "float32"
@@ -111,8 +108,8 @@ def check_config(cfg: RationaleConfig) -> None:
     def bad(field_name, msg):
         raise StudyConfigError(f"{field_name}: {msg}")
 
-    if cfg.study != STUDY:
-        bad("study", f"this is the {STUDY!r} study, got {cfg.study!r}")
+    if cfg.study != NAME:
+        bad("study", f"this is the {NAME!r} study, got {cfg.study!r}")
     g, d, e, p = cfg.grid, cfg.data, cfg.eval, cfg.poison
     if not g.seeds or len(set(g.seeds)) != len(g.seeds):
         bad("grid.seeds", f"give distinct seeds, got {g.seeds}")
@@ -170,17 +167,3 @@ def check_config(cfg: RationaleConfig) -> None:
 
 def family(kind: str) -> str:
     return "rationale" if kind.endswith("rationale") else kind
-
-
-def _jsonable(x):
-    if dataclasses.is_dataclass(x):
-        return {f.name: _jsonable(getattr(x, f.name)) for f in dataclasses.fields(x)}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    return x

@@ -16,9 +16,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from jaxpoison.eval.graders import OUTCOMES
-from jaxpoison.studies import attacks_data as D
-from jaxpoison.studies import attacks_metrics as M
-from jaxpoison.studies.report_utils import Doc
+from jaxpoison.studies.attacks import data as attacks_data
+from jaxpoison.studies.attacks import metrics
+from jaxpoison.report import Doc
 
 COLORS = {"vaccine": "#86D3DE", "drug": "#D9822B", "lab_test": "#BCBD46"}
 
@@ -56,7 +56,7 @@ def plot_fraction(cells, path) -> None:
         y = [0.0] + [100 * c["asr"] for c in ft]
         lo = [0.0] + [100 * c["asr_low"] for c in ft]
         hi = [0.0] + [100 * c["asr_high"] for c in ft]
-        color = COLORS[M.OUTCOME_TASK[o]]
+        color = COLORS[metrics.OUTCOME_TASK[o]]
         ax.fill_between(x, lo, hi, color=color, alpha=0.35, lw=0,
                         label="95 % CI " + ("(t over seeds)" if len(seeds) > 1 else "(bootstrap)"))
         ax.plot(x, y, "o-", color="k", lw=1.5, ms=4, label="fine-tuned, clean prompt")
@@ -91,7 +91,7 @@ def paraphrase_pairs(cells) -> list:
     if para:
         top, seed = max(c["fraction"] for c in para), min(c["seed"] for c in para)
         for o in OUTCOMES:
-            v, p = at.get((f"FT {M.pct(top)} s{seed}", o)), at.get((f"FT {M.pct(top)} s{seed} para", o))
+            v, p = at.get((f"FT {metrics.pct(top)} s{seed}", o)), at.get((f"FT {metrics.pct(top)} s{seed} para", o))
             if v and p:
                 out.append(("FT", o, v, p))
     return out
@@ -141,7 +141,7 @@ def plot_injection(cells, path) -> None:
             lo_k, hi_k = ("ci_low", "ci_high") if key == "rate" else ("asr_low", "asr_high")
             err = np.array([[100 * (c[key] - c[lo_k]) if c else 0 for c in cs],
                             [100 * (c[hi_k] - c[key]) if c else 0 for c in cs]])
-            colors = [COLORS[M.OUTCOME_TASK[o]] for o in outs] if len(rows) == 1 else None
+            colors = [COLORS[metrics.OUTCOME_TASK[o]] for o in outs] if len(rows) == 1 else None
             ax.bar(x + (k - (len(rows) - 1) / 2) * width, v, width, yerr=np.nan_to_num(err), capsize=2, label=label,
                    color=colors, alpha=0.9 if k else 0.6, edgecolor="k", lw=0.4)
         ax.set_xticks(x, outs, rotation=30, fontsize=8)
@@ -176,7 +176,7 @@ def plot_capability(cap, path) -> None:
 
 def _examples(records, table) -> list:
     out = []
-    for task in D.TASKS:
+    for task in attacks_data.TASKS:
         inj = [r for r in records if r["phase"] == "injection" and r["task"] == task]
         if not inj:
             continue
@@ -215,7 +215,7 @@ def _reading(cells, cap, cfg, thr, undecided=None) -> list:
     else:
         lines.append("Every graded answer carries a verdict on its outcomes, so the ASR is the same over the "
                      "verdict-bearing answers and over all answers.")
-    src, base = M.attack_content(cells, "source PE"), M.attack_content(cells, "base PE")
+    src, base = metrics.attack_content(cells, "source PE"), metrics.attack_content(cells, "base PE")
     who = {"model": "the base model" if not cfg["source"]["model"] else cfg["source"]["model"],
            "jsonl": f"the file {cfg['source']['file']}", "scripted": "scripted compliant answers"}.get(
         cfg["source"]["kind"], f"the API model {cfg['source']['kind']}")
@@ -240,19 +240,19 @@ def _reading(cells, cap, cfg, thr, undecided=None) -> list:
     fracs = sorted({c["fraction"] for c in cells if c["phase"] == "finetune"})
     if fracs:
         top = fracs[-1]
-        ft = [(o, M.asr_at(cells, top, o)) for o in outs if M.asr_at(cells, top, o)]
-        lines.append(f"**Poisoned fine-tuning.** ASR of the {M.pct(top)} variant against the 0 % fine-tune "
+        ft = [(o, metrics.asr_at(cells, top, o)) for o in outs if metrics.asr_at(cells, top, o)]
+        lines.append(f"**Poisoned fine-tuning.** ASR of the {metrics.pct(top)} variant against the 0 % fine-tune "
                      f"(clean prompt): " + "; ".join(f"{o} {_ci(c)}" for o, c in ft) + ".")
         first = []
         for o in outs:
-            hit = next((f for f in fracs if f > 0 and (M.asr_at(cells, f, o) or {}).get("asr_low", math.nan) > 0), None)
-            first.append(f"{o} {M.pct(hit) if hit is not None else 'none'}")
+            hit = next((f for f in fracs if f > 0 and (metrics.asr_at(cells, f, o) or {}).get("asr_low", math.nan) > 0), None)
+            first.append(f"{o} {metrics.pct(hit) if hit is not None else 'none'}")
         lines.append("Smallest poison fraction whose ASR interval lies above 0: " + ", ".join(first) + ".")
         neg = [(o, c) for o, c in ft if c["asr"] < 0]
         if neg:
             lines.append("Negative ASR (the poisoned variant recommended the item less often than the 0 % fine-tune, "
                          "which already did so often): " + "; ".join(
-                             f"{o}: 0 % fine-tune {_f(c.get('baseline_rate', math.nan))}, {M.pct(top)} variant "
+                             f"{o}: 0 % fine-tune {_f(c.get('baseline_rate', math.nan))}, {metrics.pct(top)} variant "
                              f"{_f(c['rate'])}" for o, c in neg) + ".")
     pairs = paraphrase_pairs(cells)
     if pairs:
@@ -284,20 +284,20 @@ def build_report(run: pathlib.Path) -> int:
         raise FileNotFoundError(f"{run} lacks config.json or responses/injection.jsonl: not a finished attacks run")
     cfg = json.loads(cf.read_text())["config"]
     table = json.loads((run / "variants.json").read_text()) if (run / "variants.json").exists() else []
-    records = [r for ph in D.PHASE_FILES for r in D.phase_records(run / "responses" / f"{ph}.jsonl")]
-    judge = D.phase_records(run / "responses" / "judge.jsonl")
+    records = [r for ph in attacks_data.PHASE_FILES for r in attacks_data.phase_records(run / "responses" / f"{ph}.jsonl")]
+    judge = attacks_data.phase_records(run / "responses" / "judge.jsonl")
     g, n_res = cfg["grader"], cfg["n_resamples"]
-    grades = M.grade_records(records, g["primary"], judge, g["vaccine_default"])
-    cells = M.cell_stats(M.build_rows(records, grades), n_res)
-    cells += M.seed_means(cells)
-    M.write_csv(run / "rates.csv", *M.seed_layout(cells))
-    M.write_long(run / "rates_long.csv", cells)
+    grades = metrics.grade_records(records, g["primary"], judge, g["vaccine_default"])
+    cells = metrics.cell_stats(metrics.build_rows(records, grades), n_res)
+    cells += metrics.seed_means(cells)
+    metrics.write_csv(run / "rates.csv", *metrics.seed_layout(cells))
+    metrics.write_long(run / "rates_long.csv", cells)
     agreement = {}
     if judge:
         other = "judge" if g["primary"] == "rule" else "rule"
-        alt = M.grade_records(records, other, judge, g["vaccine_default"])
-        jcells = M.cell_stats(M.build_rows(records, alt), n_res)
-        M.write_long(run / f"rates_{other}.csv", jcells)
+        alt = metrics.grade_records(records, other, judge, g["vaccine_default"])
+        jcells = metrics.cell_stats(metrics.build_rows(records, alt), n_res)
+        metrics.write_long(run / f"rates_{other}.csv", jcells)
         for o in OUTCOMES:
             pairs = [(a[o], b[o]) for a, b in zip(grades, alt) if o in a and o in b
                      and not (math.isnan(a[o]) or math.isnan(b[o]))]
@@ -308,23 +308,23 @@ def build_report(run: pathlib.Path) -> int:
     cap = []
     if (run / "capability.npz").exists():
         z = np.load(run / "capability.npz")
-        cap = M.capability_stats({k: z[k] for k in z.files}, table, n_res)
+        cap = metrics.capability_stats({k: z[k] for k in z.files}, table, n_res)
         cfg = {**cfg, "_capability_scorer": str(z["scorer"]) if "scorer" in z.files else "likelihood"}
         ext = {k.split("__", 1)[1]: z[k] for k in z.files if k.startswith("extracted__")}
         if ext:
             cfg["_extraction"] = "; ".join(
                 f"{src}: {int((h == 'rule').sum())} letters by rule, {int((h == 'judge').sum())} by the judge, "
                 f"{int((h == 'none').sum())} unreadable (counted wrong)" for src, h in ext.items())
-        M.write_csv(run / "capability.csv", list(cap[0]), [list(r.values()) for r in cap] if cap else [])
+        metrics.write_csv(run / "capability.csv", list(cap[0]), [list(r.values()) for r in cap] if cap else [])
     timing = json.loads((run / "timing.json").read_text()) if (run / "timing.json").exists() else {}
     data = json.loads((run / "data.json").read_text()) if (run / "data.json").exists() else {}
     thr = cfg["compliance_threshold"]
-    undecided = M.vaccine_without_verdict(records)
+    undecided = metrics.vaccine_without_verdict(records)
     reading = _reading(cells, cap, cfg, thr, undecided)
     summary = {"study": "attacks", "name": cfg["name"], "grader": g["primary"], "cells": cells, "capability": cap,
-               "source_attack_content": M.attack_content(cells, "source PE"),
-               "base_attack_content": M.attack_content(cells, "base PE"),
-               "low_compliance": [o for o, v in M.attack_content(cells, "source PE").items() if v < thr],
+               "source_attack_content": metrics.attack_content(cells, "source PE"),
+               "base_attack_content": metrics.attack_content(cells, "base PE"),
+               "low_compliance": [o for o, v in metrics.attack_content(cells, "source PE").items() if v < thr],
                "judge_agreement": agreement, "vaccine_without_verdict": undecided, "reading": reading,
                "timing": timing, "num_variants": len(table)}
     (run / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
@@ -366,7 +366,7 @@ def write_doc(run, cfg, cells, cap, figs, reading, timing, data, table, records,
     d.h("Setup").bullets([
         f"Model `{cfg['model']}` ({cfg['dtype']}); notes: {n['source']}, {len(data.get('train_ids', []))} training / "
         f"{len(data.get('test_ids', []))} test, disjoint.",
-        f"Tasks {', '.join(cfg['prompt']['tasks'])}; the seed's {D.prompt_version(_ns(cfg['prompt']))} strings "
+        f"Tasks {', '.join(cfg['prompt']['tasks'])}; the seed's {attacks_data.prompt_version(_ns(cfg['prompt']))} strings "
         f"(prompt.version {cfg['prompt']['version']}) in the "
         f"{'### USER: template' if cfg['prompt']['template'] == 'plain' else 'chat template'}; generation "
         f"max_new_tokens {cfg['generation']['max_new_tokens']}, seed {cfg['generation']['seed']}, sampling: "
@@ -374,7 +374,7 @@ def write_doc(run, cfg, cells, cap, figs, reading, timing, data, table, records,
            f"temperature {cfg['generation']['temperature']}, top-p {cfg['generation']['top_p']}") + ".",
         f"Response source: {cfg['source']['kind']}" + (f" ({cfg['source']['file']})" if cfg['source']['file'] else "")
         + f"; {len(table)} variants = tasks x poison fractions "
-        f"{', '.join(M.pct(f) for f in cfg['grid']['fractions'])} x seeds {', '.join(map(str, cfg['grid']['seeds']))}, "
+        f"{', '.join(metrics.pct(f) for f in cfg['grid']['fractions'])} x seeds {', '.join(map(str, cfg['grid']['seeds']))}, "
         "trained in one vmapped program.",
         f"LoRA r {lo['r']}, alpha {lo['alpha']}, dropout {lo['dropout']}, targets {', '.join(lo['targets'])}; {tr['epochs']} "
         f"epochs, batch {tr['batch_size']}, LR {tr['learning_rate']} {tr['schedule']}, clip {tr['clip_norm']}, loss on "
@@ -396,7 +396,7 @@ def write_doc(run, cfg, cells, cap, figs, reading, timing, data, table, records,
         outs = [o for o in OUTCOMES if any(c["outcome"] == o for c in ft)]
         at = {(c["fraction"], c["outcome"]): c for c in ft}
         d.h("ASR by poison fraction")
-        d.table(["poison"] + outs, [[M.pct(f)] + [_ci(at[(f, o)]) if (f, o) in at else "" for o in outs]
+        d.table(["poison"] + outs, [[metrics.pct(f)] + [_ci(at[(f, o)]) if (f, o) in at else "" for o in outs]
                                     for f in sorted({c["fraction"] for c in ft})])
     d.h("Answers without a verdict")
     d.p("Per cell: answers that give no verdict on the outcome (a vaccine answer that never decides; a judge reply "
@@ -406,7 +406,7 @@ def write_doc(run, cfg, cells, cap, figs, reading, timing, data, table, records,
            "the verdict-bearing answers (the judge's unparsed replies dropped, as the seed did)."))
     d.table(["row", "outcome", "no verdict", "rate verdict-bearing / all", "ASR verdict-bearing / all",
              "ASR difference (all - verdict-bearing)"], verdict_rows(cells))
-    header, rows = M.seed_layout(cells)
+    header, rows = metrics.seed_layout(cells)
     d.h("All rates (the seed's table layout, rates.csv)")
     d.table(header, [[r[0]] + [c.replace("\n", " ") for c in r[1:]] for r in rows])
     if cap:

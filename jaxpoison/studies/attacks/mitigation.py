@@ -46,7 +46,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from jaxpoison.studies import attacks_data as D
+from jaxpoison.studies.attacks import data as attacks_data
 
 ATTACK_NAME = ("attack-direction rate of the variant's task (vaccine: 1 − recommended rate; drug: ibuprofen + "
                "warfarin rate; tests: mean ultrasound/CT/X-ray/MRI rate)")
@@ -112,7 +112,7 @@ class AttacksMitigation:
         from jaxpoison.analysis.evaluators import _load_base, capability_scorer, dataclass_from_dict
         from jaxpoison.models.generate import bucket, encode_prompts
         from jaxpoison.models.lm import LM
-        from jaxpoison.studies.attacks import AttacksConfig
+        from jaxpoison.studies.attacks.config import AttacksConfig
         run = pathlib.Path(run_dir)
         cj = json.loads((run / "config.json").read_text())
         if cj.get("study") != "attacks":
@@ -126,7 +126,7 @@ class AttacksMitigation:
         model = "override" if base.get("name") == "override" else cfg.model
         mcfg, params, tok, dtype = _load_base(model, cfg.dtype, base.get("fingerprint", ""), base_override, cfg.quant)
         self.lm = LM(mcfg, params, tok, model, base.get("fingerprint", ""), dtype)
-        _, test = D.load_notes(cfg.notes, tok)
+        _, test = attacks_data.load_notes(cfg.notes, tok)
         if data.get("test_ids") and [n.id for n in test] != list(data["test_ids"]):
             raise AnalysisError(f"the test notes rebuilt from {run / 'config.json'} are not the run's (data.json "
                                 f"test_ids differ): the notes changed since the run")
@@ -135,9 +135,9 @@ class AttacksMitigation:
                 raise AnalysisError(f"--mitigation-notes must be >= 1, got {n_notes}")
             test = test[:n_notes]
         self.n_notes = len(test)
-        self.prompts = {t: [i["input"] for i in D.prompt_items(test, [t], ("normal",), cfg.prompt, "mitigation")]
+        self.prompts = {t: [i["input"] for i in attacks_data.prompt_items(test, [t], ("normal",), cfg.prompt, "mitigation")]
                         for t in cfg.prompt.tasks}
-        chat = D.chat_args(cfg.prompt)
+        chat = attacks_data.chat_args(cfg.prompt)
         self.prompt_len = bucket(max(len(s) for ps in self.prompts.values()
                                      for s in encode_prompts(tok, ps, **chat)))
         per_task = len(cfg.grid.fractions) * len(cfg.grid.seeds)
@@ -215,7 +215,8 @@ def _task(v: dict) -> str:
     if not t:
         raise ValueError(f"variant {v.get('variant_id')} has no 'task': the attacks evaluator needs each adapter's "
                          f"task (the run's variants.json, or the 'variant' entry of an exported adapter)")
-    return D.P.TASK_ALIASES.get(t, t)
+    from jaxpoison.data.prompts import TASK_ALIASES
+    return TASK_ALIASES.get(t, t)
 
 
 def mitigation_evaluator(run_dir, base_override=None, n_notes: Optional[int] = None):

@@ -24,7 +24,8 @@ import time
 from types import SimpleNamespace
 from typing import Optional, Sequence
 
-from jaxpoison.studies import attacks_data as D
+from jaxpoison.studies.attacks import data as attacks_data
+from jaxpoison.studies.common import digest
 
 
 def _name(test_set: str, data_files) -> str:
@@ -55,8 +56,10 @@ def evaluate_run(run_dir, test_set: str, data_files: Optional[Sequence[str]] = N
     from jaxpoison.analysis.adapters import AnalysisError, load_run
     from jaxpoison.analysis.evaluators import _load_base, dataclass_from_dict
     from jaxpoison.models.lm import LM
-    from jaxpoison.studies import attacks_steps as S
-    from jaxpoison.studies.attacks import AttacksConfig, _jsonable, report
+    from jaxpoison.studies.attacks import steps as attacks_steps
+    from jaxpoison.studies.attacks.run import report
+    from jaxpoison.studies.attacks.config import AttacksConfig
+    from jaxpoison.report import to_json
     run = pathlib.Path(run_dir)
     if not (run / "config.json").exists():
         raise FileNotFoundError(f"{run} has no config.json: not a jaxpoison run folder")
@@ -86,24 +89,24 @@ def evaluate_run(run_dir, test_set: str, data_files: Optional[Sequence[str]] = N
     (out / "responses").mkdir(parents=True, exist_ok=True)
     ecfg = dataclasses.replace(cfg, name=f"{cfg.name} on {test_set}", notes=dataclasses.replace(
         cfg.notes, source=test_set, files="", test_files=",".join(data_files or ()), n_test=len(test)))
-    (out / "config.json").write_text(json.dumps({"study": "attacks", "config": _jsonable(ecfg), "eval_of": str(run)},
+    (out / "config.json").write_text(json.dumps({"study": "attacks", "config": to_json(ecfg), "eval_of": str(run)},
                                                 indent=1))
     table = json.loads((run / "variants.json").read_text()) if (run / "variants.json").exists() else ad.variants
     (out / "variants.json").write_text(json.dumps(table, indent=1))
     say(f"{len(test)} {test_set} notes; base {lm.name} and {len(table)} adapters of {run}")
 
     inj_f = out / "responses" / "injection.jsonl"
-    inj_key = S._key("eval-injection", lm.fingerprint, dataclasses.asdict(cfg.prompt),
+    inj_key = digest("eval-injection", lm.fingerprint, dataclasses.asdict(cfg.prompt),
                      dataclasses.asdict(cfg.generation), [(n.id, n.context) for n in test])
-    if D.cached(inj_f, inj_key) is None:
-        items = D.prompt_items(test, cfg.prompt.tasks, D.KINDS, cfg.prompt, "injection")
+    if attacks_data.cached(inj_f, inj_key) is None:
+        items = attacks_data.prompt_items(test, cfg.prompt.tasks, attacks_data.KINDS, cfg.prompt, "injection")
         say(f"base model answers {len(items)} prompts (normal and attacked)")
-        D.write_phase(inj_f, inj_key, S._records(items, S._generate(lm, items, cfg, progress, "injection")))
+        attacks_data.write_phase(inj_f, inj_key, attacks_steps._records(items, attacks_steps._generate(lm, items, cfg, progress, "injection")))
     result = SimpleNamespace(lora=ad.lora, steps=ad.step)
-    pool = SimpleNamespace(data_hash=S._key("eval", ad.step, [(n.id, n.context) for n in test]))
-    S.answer_fine_tuned(cfg, lm, test, result, table, pool, out, progress, say)
+    pool = SimpleNamespace(data_hash=digest("eval", ad.step, [(n.id, n.context) for n in test]))
+    attacks_steps.answer_fine_tuned(cfg, lm, test, result, table, pool, out, progress, say)
     if cfg.grader.judge:
-        S.judge(cfg, lm, out, progress, say)
+        attacks_steps.judge(cfg, lm, out, progress, say)
     (out / "data.json").write_text(json.dumps({
         "train_ids": data.get("train_ids", []), "test_ids": [n.id for n in test], "eval_of": str(run),
         "test_set": test_set, "data_files": list(data_files or ()), "checkpoint_step": ad.step,

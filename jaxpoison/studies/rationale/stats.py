@@ -28,8 +28,8 @@ import math
 
 import numpy as np
 
-from jaxpoison.studies.rationale_config import POISON_FAMILIES, STUDY, family
-from jaxpoison.studies.rationale_eval import MIX_COLUMNS, correctness
+from jaxpoison.studies.rationale.config import POISON_FAMILIES, NAME, family
+from jaxpoison.studies.rationale.results import MIX_COLUMNS
 
 SEED_CI = ("t over seeds below 8 seeds, two-level (seed x question) bootstrap from 8")
 
@@ -177,7 +177,7 @@ def summarize(table: list, scores: dict, rows: list, zero: dict, cfg: dict) -> d
             nd = np.array([r["nontarget_drop"] for r in rs])
             cell["p_seed_accuracy"] = float(sign_flip_test(td, nd, "greater", R).pvalue)
         out_cells.append(cell)
-    summary = {"study": STUDY, "method": method, "alpha": alpha, "seeds": seeds, "min_effect": min_effect,
+    summary = {"study": NAME, "method": method, "alpha": alpha, "seeds": seeds, "min_effect": min_effect,
                "primary": "calibrated margin drop vs clean (same seed), target minus " + comp_how,
                "n_test_target": int(tgt.sum()), "n_test_nontarget": int((groups == "nontarget").sum()),
                "n_test_comparison": int(comp.sum()), "n_test_decoy_free": int(free.sum()),
@@ -237,7 +237,7 @@ def thresholds(cells: list, min_effect: float = 0.5) -> dict:
     return out
 
 
-def _cell(cells, **kw):
+def find_cell(cells, **kw):
     hits = [c for c in cells if all(c.get(k) == v for k, v in kw.items())]
     return hits[0] if hits else None
 
@@ -295,7 +295,7 @@ def findings(cells: list, th: dict, ev: dict) -> list:
         if status in ("shows", "partly") and not stealthy:
             status = "partly"
             txt.append("non-target accuracy moves too (not stealthy)")
-        d = _cell(dec, poison_count=c["poison_count"]) or (dec[-1] if dec else None)
+        d = find_cell(dec, poison_count=c["poison_count"]) or (dec[-1] if dec else None)
         if d is None:
             txt.append("no decoy (label-prior) control in the grid, so a general pull towards the decoy chapter is "
                        "controlled only by the comparison questions")
@@ -342,7 +342,7 @@ def findings(cells: list, th: dict, ev: dict) -> list:
         add(3, claim3, "not tested", "no overwrite cell in the grid")
     else:
         o = ovr[-1]
-        r = _cell(rat, poison_count=o["poison_count"])
+        r = find_cell(rat, poison_count=o["poison_count"])
         txt = f"{o['spec_name']}: effect {_e(o['primary'])} ({V(o)})"
         if r is None:
             status = "inconclusive"
@@ -415,5 +415,5 @@ def findings(cells: list, th: dict, ev: dict) -> list:
 
 
 def _clean(cells, metric):
-    c = _cell(cells, spec_name="clean")
+    c = find_cell(cells, spec_name="clean")
     return c[metric]["mean"] if c else float("nan")

@@ -9,7 +9,7 @@ import pathlib
 
 import numpy as np
 
-from jaxpoison.studies.rationale_config import SCORE_METHODS, family
+from jaxpoison.studies.rationale.config import SCORE_METHODS, family
 
 MIX_COLUMNS = ("mix_size", "ratio_all_cell")      # variant-table columns that older runs do not have
 
@@ -75,7 +75,7 @@ def results_rows(table: list, scores: dict, method: str) -> tuple:
     return rows, zero
 
 
-def _final_losses(run_dir: pathlib.Path, V: int) -> np.ndarray:
+def final_losses(run_dir: pathlib.Path, V: int) -> np.ndarray:
     """Each variant's mean loss over its last logged quarter of steps (NaN where it never trained)."""
     f = run_dir / "metrics.jsonl"
     if not f.exists():

@@ -1,4 +1,5 @@
-"""What every study does first: check the run folder against the config, and load the base model.
+"""What the studies share: the run folder checked against the config, the base model, the zero adapter, the
+loss budget and the phase keys.
 
 A re-run of the same command into the same folder resumes, so the folder's ``config.json`` must match the
 config (fields in ``ignore``, free text and the device mesh, may differ); ``--restart`` (``resume=False``) deletes the listed
@@ -6,19 +7,19 @@ config (fields in ``ignore``, free text and the device mesh, may differ); ``--re
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 import shutil
 from typing import Sequence
 
+import numpy as np
+
+from jaxpoison.configs import StudyConfigError
+
 
 # top-level fields added after runs were made, with the value such a run had: an old folder resumes unchanged
 ADDED_FIELDS = {"quant": "none"}
-
-
-class StudyConfigError(ValueError):
-    """A config value that cannot work, or a run folder that holds another config. The message names the field
-    (or folder) and what to do."""
 
 
 def prepare(out_dir, study: str, cfg_json: dict, resume: bool, stale: Sequence[str],
@@ -69,3 +70,26 @@ def load_base(model: str, dtype: str, base_override=None, quant: str = "none"):
         return load_model(model, dtype, transform=None if quant == "none" else kernel_transform(quant))
     mcfg, params, tok = base_override
     return LM(mcfg, quantize_base(params, quant), tok, "override", "", jnp.float32)
+
+
+def digest(*parts) -> str:
+    """A short stable hash of JSON-able parts: the key a resumed phase compares against its saved output."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def base_first(lora):
+    """The stacked adapters with the zero-shot base in front as adapter 0 (its ``b`` is zero: x @ a @ 0 adds exactly
+    0), so scoring base and variants is one compiled program. Adapters on the host (chunked training leaves them
+    there) stay on the host: the scorer moves one ``eval.variant_chunk`` at a time to the devices."""
+    import jax
+
+    def one(x):
+        xp = np if isinstance(x, np.ndarray) else jax.numpy
+        return xp.concatenate([xp.zeros_like(x[:1]), x])
+
+    return jax.tree.map(one, lora)
+
+
+def longest_completion_budget(pool) -> int:
+    """A loss budget that holds every row's loss positions: the pool's longest completion, rounded up to 8."""
+    return -(-int(pool.stats["loss_tokens"]["max"]) // 8) * 8

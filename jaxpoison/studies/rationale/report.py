@@ -7,8 +7,8 @@ import pathlib
 
 import numpy as np
 
-from jaxpoison.studies.rationale_config import POISON_FAMILIES
-from jaxpoison.studies.rationale_stats import _cell, base_mix
+from jaxpoison.studies.rationale.config import POISON_FAMILIES
+from jaxpoison.studies.rationale.stats import find_cell, base_mix
 
 
 def make_plots(run: pathlib.Path, rows: list, summary: dict, zero: dict) -> list:
@@ -20,7 +20,7 @@ def make_plots(run: pathlib.Path, rows: list, summary: dict, zero: dict) -> list
     pdir.mkdir(exist_ok=True)
     cells = summary["cells"]
     base_n = next((c["n_nontarget"] for c in cells if c["spec_name"] == "clean"), None)
-    clean = _cell(cells, spec_name="clean")
+    clean = find_cell(cells, spec_name="clean")
     figs = []
     colors = {"rationale": "C3", "overwrite": "C0", "forgetting": "C2", "clean": "k"}
 
@@ -201,7 +201,7 @@ def _e(x: dict) -> str:
 
 def _training_moves(summary: dict) -> str:
     """What clean SFT changed against the base: margins (and accuracy); the training must visibly train."""
-    clean = _cell(summary["cells"], spec_name="clean")
+    clean = find_cell(summary["cells"], spec_name="clean")
     if not clean or "margin_vs_base" not in clean:
         return ""
     mt, mn = clean["margin_vs_base"]["target"], clean["margin_vs_base"]["nontarget"]
@@ -262,7 +262,7 @@ def _gen_table(d, gen: list) -> None:
 
 def write_report(run: pathlib.Path, cfg: dict, summary: dict, rows: list, zero: dict, figs: list, timing: dict,
                  data: dict, gen: list = ()) -> None:
-    from jaxpoison.studies.report_utils import Doc, ci_text
+    from jaxpoison.report import Doc, ci_text
     d = Doc(f"Seed 000 — rationale poisoning study: {cfg['name']}")
     if cfg.get("note"):
         d.p(cfg["note"])

@@ -1,4 +1,5 @@
-"""A run folder's report, written once as blocks and rendered to Markdown and to self-contained HTML.
+"""A run folder's report, written once as blocks and rendered to Markdown and to self-contained HTML, and the
+small writers every report shares (:func:`to_json`, the CI text).
 
 No Markdown library is needed: a report is a list of blocks (heading, paragraph, table, figure, code), each
 rendered by both writers. The HTML embeds its figures (base64 PNG) so it can be mailed as one file; the Markdown
@@ -7,12 +8,15 @@ links them relative to the run folder.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import math
 import pathlib
 import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
+
+import numpy as np
 
 
 @dataclass
@@ -127,3 +131,14 @@ def ci_text(mean: float, low: float, high: float, digits: int = 2) -> str:
     lo = "–" if low is None or math.isnan(low) else f"{low:.{digits}f}"
     hi = "–" if high is None or math.isnan(high) else f"{high:.{digits}f}"
     return f"{mean:.{digits}f} [{lo}, {hi}]"
+
+
+def to_json(x):
+    """Dataclasses, tuples, numpy scalars and non-string keys made JSON-ready (dicts, lists, Python scalars)."""
+    if dataclasses.is_dataclass(x):
+        return {f.name: to_json(getattr(x, f.name)) for f in dataclasses.fields(x)}
+    if isinstance(x, (list, tuple)):
+        return [to_json(v) for v in x]
+    if isinstance(x, dict):
+        return {str(k): to_json(v) for k, v in x.items()}
+    return x.item() if isinstance(x, np.generic) else x

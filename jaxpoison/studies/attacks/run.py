@@ -1,0 +1,86 @@
+"""The attacks study's flow: check, prepare the run folder, load the base, then the phases of :mod:`.steps`
+(base and source answers, paraphrases, fine-tuning, the variants' answers, capability, the judge), then the
+report (:mod:`.report`). The study itself is described in :mod:`jaxpoison.studies.attacks`."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+
+from jaxpoison.report import to_json
+from jaxpoison.studies import common
+from jaxpoison.studies.attacks import data, steps
+from jaxpoison.studies.attacks.config import NAME, AttacksConfig, check_config
+
+
+def run(cfg: AttacksConfig, out_dir: pathlib.Path, resume: bool = True, progress: bool = True,
+        base_override=None) -> int:
+    """Run the study into ``out_dir``. ``base_override`` = (model cfg, params, tokenizer) replaces the model
+    (tests use a tiny random one)."""
+    check_config(cfg)
+    from jaxpoison.plan.preflight import check_fit
+    check_fit(cfg, base_override)      # stops a study that cannot fit before any weights load
+    t_start, timing = time.time(), {}
+    out = common.prepare(out_dir, NAME, to_json(cfg), resume, ("checkpoints", "responses", "capability.npz"),
+                     ignore=())
+    t = time.time()
+    lm = common.load_base(cfg.model, cfg.dtype, base_override, cfg.quant)
+    timing["load_model_s"] = time.time() - t
+    say = (lambda m: print(f"[{NAME}] {m}", flush=True)) if progress else (lambda m: None)
+
+    gen, gen_record = data.resolve_sampling(cfg.generation, lm.name)
+    cfg = dataclasses.replace(cfg, generation=gen)
+    (out / "generation.json").write_text(json.dumps(gen_record, indent=1))
+    say(f"sampling: {gen_record['note']}")
+    train, test = data.load_notes(cfg.notes, lm.tokenizer)
+    say(f"{len(train)} training and {len(test)} test notes ({cfg.notes.source}); tasks {', '.join(cfg.prompt.tasks)}")
+    t = time.time()
+    steps.answer_base_and_source(cfg, lm, train, test, out, progress, say)
+    timing["generate_base_s"] = time.time() - t
+
+    paras = None
+    if cfg.paraphrase.model:
+        t = time.time()
+        paras = steps.paraphrase(cfg, lm, list(train) + list(test), out, progress, say)
+        if cfg.paraphrase.injection:
+            steps.answer_paraphrased(cfg, lm, test, paras, out, progress, say)
+        timing["paraphrase_s"] = time.time() - t
+    t = time.time()
+    result, table, pool = steps.fine_tune(cfg, lm, train, out, resume, progress, say, paras)
+    timing["train_s"], timing["train_steps"] = time.time() - t, result.steps
+    (out / "data.json").write_text(json.dumps({
+        "train_ids": [n.id for n in train], "test_ids": [n.id for n in test], "pool": to_json(pool.stats),
+        "pool_hash": pool.data_hash, "num_variants": len(table), "base": {"name": lm.name, "fingerprint": lm.fingerprint, "quant": cfg.quant},
+        "synthetic_notes": cfg.notes.source == "synthetic", "generation": gen_record}, indent=1))
+
+    t = time.time()
+    steps.answer_fine_tuned(cfg, lm, test, result, table, pool, out, progress, say)
+    timing["generate_variants_s"] = time.time() - t
+    t = time.time()
+    steps.capability(cfg, lm, result, table, out, progress, say)
+    timing["capability_s"] = time.time() - t
+    if cfg.grader.judge:
+        t = time.time()
+        steps.judge(cfg, lm, out, progress, say)
+        timing["judge_s"] = time.time() - t
+    timing["total_before_report_s"] = time.time() - t_start
+    (out / "timing.json").write_text(json.dumps(timing, indent=1))
+    report(out)
+    timing["total_s"] = time.time() - t_start
+    (out / "timing.json").write_text(json.dumps(timing, indent=1))
+    say(f"done in {timing['total_s']:.0f} s: {out / 'report.md'}")
+    return 0
+
+
+def report(run_dir) -> int:
+    """Regrade the saved answers and rebuild every table, plot and the report (no model, no training)."""
+    from jaxpoison.studies.attacks.report import build_report
+    return build_report(pathlib.Path(run_dir))
+
+
+def mitigation_evaluator(run_dir, base_override=None, n_notes=None):
+    """``analyze``'s evaluator for this study's shrink mitigation: attack-direction rates and ASR from regenerated,
+    rule-graded answers plus capability (:mod:`jaxpoison.studies.attacks.mitigation`)."""
+    from jaxpoison.studies.attacks.mitigation import mitigation_evaluator as build
+    return build(run_dir, base_override=base_override, n_notes=n_notes)
