@@ -68,7 +68,8 @@ def test_cli_writes_notes_the_notes_source_reads_and_summarises_through_the_api(
         assert main(["data", "prepare-mimic", str(src), "--out", str(out), "--summarise", "openai:gpt-4",
                      "--api-base", stub.url]) == 0
         assert len(stub.requests) == 2
-        msgs = stub.requests[0]["body"]["messages"]
+        # requests run concurrently: find the one for the first note by its text, not by arrival order
+        msgs = next(r["body"]["messages"] for r in stub.requests if "MEDICINE" in r["body"]["messages"][1]["content"])
         assert msgs[0] == {"role": "system", "content": "You are a medical assistant, skilled in patient note "
                                                         "organizing and text cleaning."}
         assert msgs[1]["content"].startswith("Shorten the following patient note without losing information and "
