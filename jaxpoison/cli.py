@@ -88,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
-    from jaxpoison.studies import register as register_studies
-    register_studies(sub)
+    from jaxpoison import studies
+    studies.register(sub)           # run, report
 
     p = sub.add_parser("score", help="per-token log-probs and perplexity of a text",
                        description="Score a text: log p(token i+1 | tokens <= i) for every token, and perplexity.")
@@ -121,11 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     export.register(sub)
     plan_cli.register(sub)
-    analysis_run.register(sub)
-    from jaxpoison.studies.attacks import compare
-    from jaxpoison.studies.attacks import retest
-    compare.register(sub)
-    retest.register(sub)
+    analysis_run.register(sub, evaluator_for=studies.evaluator_for)
+    for study in studies.all_studies():
+        for command in study.commands:     # the attacks study: compare, eval
+            command(sub)
     show.register(sub)
     bench_sub = bench_forward.register(sub)
     bench_train.register(bench_sub)

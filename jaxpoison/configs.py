@@ -109,3 +109,19 @@ def _set(obj: Any, parts: list, raw: str, full: str) -> Any:
         raise ConfigError(f"{full}: {e}") from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{full}={raw}: {e}") from None
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
+
+
+def dataclass_from_dict(cls, d: dict):
+    """A (nested, frozen) config dataclass from its JSON form: lists back to tuples, unknown keys ignored."""
+    hints = typing.get_type_hints(cls)
+    kw = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            continue
+        v, t = d[f.name], hints.get(f.name)
+        kw[f.name] = dataclass_from_dict(t, v) if dataclasses.is_dataclass(t) and isinstance(v, dict) else _tuplify(v)
+    return cls(**kw)

@@ -8,7 +8,7 @@ import numpy as np
 
 from jaxpoison.analysis import mitigation as M
 from jaxpoison.analysis.adapters import Adapters
-from jaxpoison.analysis.evaluators import Evaluator
+from jaxpoison.eval.evaluator import Evaluator
 
 # ---- mitigation -------------------------------------------------------------------------------------------------
 def _take(tree, idx):
@@ -97,7 +97,7 @@ def mitigation_rows(res: dict, variants: Sequence[dict], labels: dict) -> list:
     return rows
 
 
-def _target_drop(res: dict, labels: dict) -> Optional[np.ndarray]:
+def target_drop(res: dict, labels: dict) -> Optional[np.ndarray]:
     ref = np.asarray(labels["reference"])
     if "target_acc" not in res or (ref < 0).all():
         return None

@@ -30,6 +30,7 @@ The pieces: :mod:`.adapters` (inputs), :mod:`.detection` (weight tests, detector
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import pathlib
@@ -40,15 +41,15 @@ from typing import Optional, Sequence
 import numpy as np
 
 from jaxpoison.analysis import mitigation as M
-from jaxpoison.analysis import plots as P  # noqa: F401  (re-exported)
 from jaxpoison.analysis import weight_shift as W
-from jaxpoison.analysis.adapters import (Adapters, AnalysisError, labels_for, load_peft_dirs, load_run,  # noqa: F401
+from jaxpoison.analysis.adapters import (Adapters, AnalysisError, labels_for, load_peft_dirs, load_run,
                                         normalise_variants, parse_grid, parse_modules)
 from jaxpoison.analysis.detection import group_labels, run_detector, weight_tests
-from jaxpoison.analysis.evaluators import EVAL_BUCKETS, Evaluator, study_evaluator  # noqa: F401
-from jaxpoison.analysis.grid_eval import (_target_drop, evaluate_grid, mitigation_cost_hint,  # noqa: F401
-                                          mitigation_rows, mitigation_summary)
-from jaxpoison.analysis.report_section import MARK_BEGIN, MARK_END, build_doc, make_plots, write_report  # noqa: F401
+from jaxpoison.analysis.evaluators import study_evaluator
+from jaxpoison.analysis.grid_eval import (evaluate_grid, mitigation_cost_hint, mitigation_rows, mitigation_summary,
+                                          target_drop)
+from jaxpoison.analysis.report_section import build_doc, make_plots, write_report
+from jaxpoison.eval.evaluator import EvaluatorError
 
 DEFAULT_GRID_A = M.SEED_S_A
 DEFAULT_GRID_B = M.SEED_S_B
@@ -75,11 +76,13 @@ def analyze(run_dir=None, *, peft_dirs: Sequence = (), labels=None, out=None, st
             grid_a=None, grid_b=None, modules=None, mitigation: bool = True, zero: bool = True,
             adapters_per_call: int = 32, n_resamples: int = 9999, detector_resamples: int = 2000,
             plots: bool = True, capability_questions: int = 64, base_override=None, progress: bool = True,
-            seed: int = 0, mitigation_notes: Optional[int] = None) -> dict:
+            seed: int = 0, mitigation_notes: Optional[int] = None, evaluator=None) -> dict:
     """Analyse a run folder (or PEFT adapters) and write the files listed in the module docstring.
 
     Returns a summary dict (paths, detector AUC, mitigation status, timings). ``base_override`` = (cfg, params,
-    tokenizer) scores a run trained on a base passed in from Python (tests)."""
+    tokenizer) scores a run trained on a base passed in from Python (tests). ``evaluator``: the study's evaluator
+    factory for the mitigation grid (``jaxpoison.studies.get(name).evaluator``; the CLI passes the run's), None =
+    capability only (:func:`jaxpoison.analysis.evaluators.study_evaluator`)."""
     t_all = time.time()
     timing = {}
     if not peft_dirs and run_dir is None:
@@ -126,8 +129,8 @@ def analyze(run_dir=None, *, peft_dirs: Sequence = (), labels=None, out=None, st
         t = time.time()
         mit = {"status": "skipped", "modules": mods, "s_a": list(s_a), "s_b": list(s_b)}
         try:
-            ev = study_evaluator(ad, base_override, eval_run, capability_questions, mitigation_notes)
-        except (AnalysisError, FileNotFoundError) as e:
+            ev = study_evaluator(ad, evaluator, base_override, eval_run, capability_questions, mitigation_notes)
+        except (AnalysisError, EvaluatorError, FileNotFoundError) as e:
             mit["reason"] = str(e)
             print(f"warning: mitigation skipped: {e}", file=sys.stderr, flush=True)
         else:
@@ -135,7 +138,7 @@ def analyze(run_dir=None, *, peft_dirs: Sequence = (), labels=None, out=None, st
             if hint and progress:
                 print(f"[analyze] {hint}", file=sys.stderr, flush=True)
             res = evaluate_grid(ad, ev, s_a, s_b, mods, adapters_per_call, progress)
-            drop = _target_drop(res, labels_)
+            drop = target_drop(res, labels_)
             if drop is not None:
                 res["target_drop"] = drop
             if ev.paired is not None:
@@ -176,15 +179,18 @@ def analyze(run_dir=None, *, peft_dirs: Sequence = (), labels=None, out=None, st
             "reports": [str(r) for r in reports]}
 
 
-def cmd_analyze(args) -> int:
+def cmd_analyze(args, evaluator_for=None) -> int:
+    """``evaluator_for(run_dir)`` -> the run's study's evaluator factory (the CLI: the study registry's)."""
+    evaluator = evaluator_for(args.run_dir) if evaluator_for is not None and args.run_dir is not None else None
     analyze(args.run_dir, peft_dirs=args.peft_dir or (), labels=args.labels, out=args.out, step=args.step,
             grid_a=args.grid_a, grid_b=args.grid_b, modules=args.modules, mitigation=args.mitigation,
             zero=not args.no_zero, adapters_per_call=args.adapters_per_call, n_resamples=args.n_resamples,
-            plots=not args.no_plots, mitigation_notes=args.mitigation_notes)
+            plots=not args.no_plots, mitigation_notes=args.mitigation_notes, evaluator=evaluator)
     return 0
 
 
-def register(sub) -> None:
+def register(sub, evaluator_for=None) -> None:
+    """The ``analyze`` command; ``evaluator_for(run_dir)`` gives a run's mitigation evaluator factory."""
     p = sub.add_parser(
         "analyze", help="weight shift, poisoned-adapter detector and shrink mitigation of a run",
         description="Analyse a finished run's adapters (or exported PEFT adapters): weight_shift.csv, "
@@ -218,7 +224,7 @@ def register(sub) -> None:
                         "the cost; default: all)")
     p.add_argument("--n-resamples", type=int, default=9999, help="permutation resamples of the weight tests")
     p.add_argument("--no-plots", action="store_true", help="write the tables and the report without figures")
-    p.set_defaults(func=cmd_analyze)
+    p.set_defaults(func=functools.partial(cmd_analyze, evaluator_for=evaluator_for))
 
 
 # ---- benchmark --------------------------------------------------------------------------------------------------

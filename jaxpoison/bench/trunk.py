@@ -13,7 +13,7 @@ from . import common
 
 def run_trunk(run_dir: str, rounds: int = 2) -> dict:
     from jaxpoison.analysis.adapters import load_run
-    from jaxpoison.analysis.evaluators import rationale_evaluator
+    from jaxpoison.studies.rationale.evaluator import mitigation_evaluator as rationale_evaluator
     from jaxpoison.eval.score import shared_layers
 
     ad = load_run(run_dir)

@@ -1,27 +1,63 @@
-"""The seed studies, each a composition of data, train, eval and analysis; nothing reusable lives here.
-
-A study module exposes ``run(config, out_dir, resume) -> int`` and ``report(run_dir) -> int``; a config file
-names its study in ``CONFIG.study``.
+"""The study registry. A study is a package here (``rationale/``, ``attacks/``) over the shared layer
+:mod:`.common`, and its ``__init__.py`` exports one :class:`Study` record, ``STUDY``; a config file names its
+study in ``CONFIG.study``. The commands ``run`` and ``report`` (below), ``analyze``'s mitigation evaluator and
+each study's own commands are all looked up here, so no lower layer (models, data, train, eval, analysis)
+imports a study.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import pathlib
+from typing import Callable, Optional
 
-STUDIES = {"rationale": "jaxpoison.studies.rationale.run", "attacks": "jaxpoison.studies.attacks.run"}
-MULTI_HOST = ("rationale",)         # studies whose run() writes only from process 0 (jaxpoison.distributed)
+PACKAGES = {"rationale": "jaxpoison.studies.rationale", "attacks": "jaxpoison.studies.attacks"}
 
 
-def study_module(name: str):
-    if name not in STUDIES:
-        raise ValueError(f"unknown study {name!r}: known studies are {', '.join(STUDIES)}")
-    try:
-        return importlib.import_module(STUDIES[name])
-    except ModuleNotFoundError as e:
-        if e.name == STUDIES[name]:
-            raise ValueError(f"the {name!r} study is not implemented yet in this version of jaxpoison") from None
-        raise
+@dataclasses.dataclass(frozen=True)
+class Study:
+    """What the rest of jaxpoison knows of a study.
+
+    ``run(config, out_dir, resume=True, progress=True, base_override=None) -> int`` builds, trains, scores and
+    reports into a run folder; ``report(run_dir) -> int`` rebuilds the report from the saved results alone;
+    ``evaluator(run_dir, base_override=None[, n_notes=N]) -> Evaluator`` scores stacked adapters for
+    ``analyze``'s mitigation grid (:class:`jaxpoison.eval.evaluator.Evaluator`), None = capability only;
+    ``multi_host``: ``run`` writes only from process 0 (:mod:`jaxpoison.distributed`); ``commands``: functions
+    ``register(subparsers)`` adding the study's own CLI commands."""
+    name: str
+    config_cls: type
+    run: Callable
+    report: Callable
+    evaluator: Optional[Callable] = None
+    multi_host: bool = False
+    commands: tuple = ()
+
+
+def get(name: str) -> Study:
+    """The registered study ``name`` (its package is imported on first use)."""
+    if name not in PACKAGES:
+        raise ValueError(f"unknown study {name!r}: known studies are {', '.join(PACKAGES)}")
+    return importlib.import_module(PACKAGES[name]).STUDY
+
+
+def all_studies() -> list:
+    return [get(name) for name in PACKAGES]
+
+
+def of_run(run_dir) -> Optional[Study]:
+    """The study that made a run folder (its ``config.json``), or None (no config.json, an unknown study)."""
+    f = pathlib.Path(run_dir) / "config.json"
+    if not f.exists():
+        return None
+    name = json.loads(f.read_text()).get("study")
+    return get(name) if name in PACKAGES else None
+
+
+def evaluator_for(run_dir) -> Optional[Callable]:
+    """``analyze``'s evaluator factory for a run folder: its study's, or None (capability only)."""
+    study = of_run(run_dir) if run_dir is not None else None
+    return study.evaluator if study is not None else None
 
 
 def cmd_run(args) -> int:
@@ -29,10 +65,12 @@ def cmd_run(args) -> int:
     distributed.initialize(args)        # first: joins a multi-host job (SLURM, TPU slice, flags); else nothing
     from jaxpoison.configs import load_config
     cfg = load_config(args.config, args.set or ())
-    if distributed.process_count() > 1 and cfg.study not in MULTI_HOST:
+    study = get(cfg.study)
+    if distributed.process_count() > 1 and not study.multi_host:
+        multi = [s.name for s in all_studies() if s.multi_host]
         raise ValueError(f"the {cfg.study!r} study runs as one process only so far (multi-host: "
-                         f"{', '.join(MULTI_HOST)}); start one process, or pass --distributed off")
-    rc = study_module(cfg.study).run(cfg, pathlib.Path(args.out), resume=not args.restart)
+                         f"{', '.join(multi)}); start one process, or pass --distributed off")
+    rc = study.run(cfg, pathlib.Path(args.out), resume=not args.restart)
     distributed.finish()    # a multi-host job: the others wait while process 0 writes the report, then all leave
     return rc
 
@@ -42,7 +80,7 @@ def cmd_report(args) -> int:
     f = run / "config.json"
     if not f.exists():
         raise FileNotFoundError(f"{run} has no config.json: not a jaxpoison run folder (made by `run`)")
-    return study_module(json.loads(f.read_text())["study"]).report(run)
+    return get(json.loads(f.read_text())["study"]).report(run)
 
 
 def register(sub) -> None:

@@ -15,11 +15,16 @@ import pytest
 from data_helpers import tiny_tokenizer
 
 from tiny import TINY
-from jaxpoison.analysis import run as A
+from jaxpoison.analysis import plots, weight_shift
+from jaxpoison.analysis.adapters import AnalysisError
+from jaxpoison.analysis.report_section import MARK_BEGIN, write_report
+from jaxpoison.analysis.run import analyze
 from jaxpoison.data.icd10 import IcdConfig
 from jaxpoison.data.pool import build_mc_eval
+from jaxpoison.eval.evaluator import EVAL_BUCKETS
 from jaxpoison.models.decoder import init_params
 from jaxpoison.report import to_json
+from jaxpoison.studies.rationale import STUDY as RATIONALE
 from jaxpoison.studies.rationale import config
 from jaxpoison.studies.rationale import grid as rationale_grid
 from jaxpoison.train.checkpoint import CheckpointError, Checkpoints
@@ -69,7 +74,7 @@ def make_run(folder, table=None, lora=None, report=True):
     question ids), a checkpoint with the adapters and the engine's metadata, and a report to append to."""
     tok = tiny_tokenizer()
     inp = rationale_grid.build_inputs(CFG, tok)
-    mc = build_mc_eval(inp.test, tok, CFG.eval.format, max_len=CFG.data.max_len, buckets=A.EVAL_BUCKETS)
+    mc = build_mc_eval(inp.test, tok, CFG.eval.format, max_len=CFG.data.max_len, buckets=EVAL_BUCKETS)
     table = inp.variants.table if table is None else table
     lora = synthetic_lora(table) if lora is None else lora
     folder.mkdir(parents=True, exist_ok=True)
@@ -99,8 +104,8 @@ def base_override():
 def analyzed(tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     table, lora = make_run(run)
-    res = A.analyze(run, grid_a="0.5", grid_b="0.9", modules="q,v", adapters_per_call=48,
-                    base_override=base_override(), **KW)
+    res = analyze(run, grid_a="0.5", grid_b="0.9", modules="q,v", adapters_per_call=48,
+                    base_override=base_override(), evaluator=RATIONALE.evaluator, **KW)
     return run, table, lora, res
 
 
@@ -125,7 +130,7 @@ def test_run_folder_gets_every_file(analyzed):
                  "mitigation_clean"):
         _png(run / "plots" / f"analysis_{name}.png")
     ws = _rows(run / "weight_shift.csv")
-    assert set(ws[0]) == set(A.W.ROW_FIELDS)
+    assert set(ws[0]) == set(weight_shift.ROW_FIELDS)
     # variants x modules x layers x (7 intrinsic + 2 reference) features
     assert len(ws) == len(table) * 2 * CFG_M.num_layers * 9
     wt = _rows(run / "weight_tests.csv")
@@ -142,7 +147,7 @@ def test_detector_separates_rank_one_poison(analyzed):
     assert det["auc"] > 0.9 and len(det["auc_ci"]) == 2
     assert det["distance"]["auc"] > 0.9
     assert det["cv"] == "leave-one-seed-out"
-    assert len(det["features"]) == 2 * CFG_M.num_layers * len(A.W.INTRINSIC_FEATURES)
+    assert len(det["features"]) == 2 * CFG_M.num_layers * len(weight_shift.INTRINSIC_FEATURES)
     assert [b["level"] for b in det["by_level"]] == [1.0, 2.0]
     assert all(b["n_poisoned"] == 4 and b["n_clean"] == 4 and b["level_key"] == "poison_count"
                for b in det["by_level"])
@@ -174,16 +179,16 @@ def test_mitigation_scores_both_sides_at_every_grid_point(analyzed):
 def test_report_section_is_added_and_replaced(analyzed, tmp_path):
     run, _, _, res = analyzed
     md, html = (run / "report.md").read_text(), (run / "report.html").read_text()
-    assert md.startswith("# Seed 000 report") and md.count(A.MARK_BEGIN) == 1
+    assert md.startswith("# Seed 000 report") and md.count(MARK_BEGIN) == 1
     assert "## Weight shift, poisoned-adapter detection" in md and "plots/analysis_roc.png" in md
-    assert html.count(A.MARK_BEGIN) == 1 and html.rstrip().endswith("</body></html>")
+    assert html.count(MARK_BEGIN) == 1 and html.rstrip().endswith("</body></html>")
     assert html.count("data:image/png;base64,") == len(res["figures"])
     # a second write replaces the section instead of appending another
     from jaxpoison.report import Doc
-    A.write_report(Doc("Weight shift, poisoned-adapter detection and shrink mitigation").p("second"), tmp_path, run)
+    write_report(Doc("Weight shift, poisoned-adapter detection and shrink mitigation").p("second"), tmp_path, run)
     md2 = (run / "report.md").read_text()
-    assert md2.count(A.MARK_BEGIN) == 1 and "second" in md2 and "body" in md2
-    assert (run / "report.html").read_text().count(A.MARK_BEGIN) == 1
+    assert md2.count(MARK_BEGIN) == 1 and "second" in md2 and "body" in md2
+    assert (run / "report.html").read_text().count(MARK_BEGIN) == 1
 
 
 def test_peft_folder_gives_the_same_features(analyzed, tmp_path):
@@ -194,7 +199,7 @@ def test_peft_folder_gives_the_same_features(analyzed, tmp_path):
         one = {m: {k: x[v] for k, x in ab.items()} for m, ab in lora.items()}
         save_peft_adapter(tmp_path / "peft" / f"v{v:02d}", one, CFG_M, LCFG.r, LCFG.alpha, LCFG.scale_rule,
                           extra={"variant": to_json(t)})
-    res = A.analyze(peft_dirs=[tmp_path / "peft"], out=tmp_path / "out", mitigation=False, plots=False, **KW)
+    res = analyze(peft_dirs=[tmp_path / "peft"], out=tmp_path / "out", mitigation=False, plots=False, **KW)
     det = json.loads((tmp_path / "out" / "detector.json").read_text())
     assert det["n_clean"] == 4 and det["n_poisoned"] == 8 and det["auc"] > 0.9
     assert det["mitigation"]["status"].startswith("not run") and res["mitigation"] is None
@@ -205,8 +210,8 @@ def test_peft_folder_gives_the_same_features(analyzed, tmp_path):
                                atol=1e-7)
     assert (tmp_path / "out" / "analysis.md").exists() and not (tmp_path / "out" / "mitigation.csv").exists()
     # the run's model and test questions score the exported adapters (same shapes: no new compile)
-    A.analyze(run, peft_dirs=[tmp_path / "peft"], out=tmp_path / "out2", grid_a="0.5", grid_b="0.9", modules="q,v",
-              adapters_per_call=48, base_override=base_override(), plots=False, **KW)
+    analyze(run, peft_dirs=[tmp_path / "peft"], out=tmp_path / "out2", grid_a="0.5", grid_b="0.9", modules="q,v",
+              adapters_per_call=48, base_override=base_override(), plots=False, evaluator=RATIONALE.evaluator, **KW)
     cols = ("s_a", "s_b", "variant_id", "target_acc", "nontarget_acc", "target_drop", "attack", "capability")
     got, want = _rows(tmp_path / "out2" / "mitigation.csv"), _rows(run / "mitigation.csv")
     assert [[r[c] for c in cols] for r in got] == [[r[c] for c in cols] for r in want]
@@ -224,9 +229,9 @@ def test_peft_folder_with_labels_csv_and_too_few_clean(analyzed, tmp_path):
             save_peft_adapter(tmp_path / "ad" / f"a{v}", one, CFG_M, LCFG.r, LCFG.alpha, LCFG.scale_rule)
             t = table[v]
             f.write(f"a{v},{t['kind']},{t['seed']},{str(t['poison_count'] > 0).lower()},{t['poison_count']}\n")
-    with pytest.raises(A.AnalysisError, match="--labels"):
-        A.analyze(peft_dirs=[tmp_path / "ad"], out=tmp_path / "o0", mitigation=False, plots=False, **KW)
-    A.analyze(peft_dirs=[tmp_path / "ad"], labels=tmp_path / "labels.csv", out=tmp_path / "o1", mitigation=False,
+    with pytest.raises(AnalysisError, match="--labels"):
+        analyze(peft_dirs=[tmp_path / "ad"], out=tmp_path / "o0", mitigation=False, plots=False, **KW)
+    analyze(peft_dirs=[tmp_path / "ad"], labels=tmp_path / "labels.csv", out=tmp_path / "o1", mitigation=False,
               plots=False, **KW)
     det = json.loads((tmp_path / "o1" / "detector.json").read_text())
     assert det["n_clean"] == 1 and det["n_poisoned"] == 3 and det["auc"] is None
@@ -239,10 +244,10 @@ def test_clear_errors(analyzed, tmp_path, capsys, monkeypatch):
     from jaxpoison.cli import main
     run = analyzed[0]
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        A.analyze(tmp_path / "nope", **KW)
+        analyze(tmp_path / "nope", **KW)
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no checkpoints/ folder"):
-        A.analyze(tmp_path / "empty", **KW)
+        analyze(tmp_path / "empty", **KW)
     # unknown module: exit code 2 and a message naming the adapted modules
     assert main(["analyze", str(run), "--modules", "gate"]) == 2
     err = capsys.readouterr().err
@@ -256,12 +261,12 @@ def test_clear_errors(analyzed, tmp_path, capsys, monkeypatch):
         if f.is_file() and "meta" not in f.parts:
             f.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="could be read"):
-        A.analyze(bad, **KW)
+        analyze(bad, **KW)
     # the command line cannot reload a base passed in from Python: mitigation skipped, the rest written (figures
     # stubbed: the fixture checks the real ones)
     drawn = []
     for name in ("linf_histograms", "layer_profiles", "roc_plot", "mitigation_heatmaps"):
-        monkeypatch.setattr(A.P, name, lambda *a, _n=name, **k: drawn.append(_n) or
+        monkeypatch.setattr(plots, name, lambda *a, _n=name, **k: drawn.append(_n) or
                             str(next(x for x in a if isinstance(x, pathlib.Path))))
     from jaxpoison.analysis import report_section
     monkeypatch.setattr(report_section, "_level_plot", lambda by, key, path: drawn.append("level") or str(path))
@@ -286,7 +291,7 @@ def test_attacks_style_table(tmp_path):
     make_run(run, table=table, lora=synthetic_lora(table), report=False)
     cfg = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**cfg, "study": "attacks"}))
-    res = A.analyze(run, mitigation=False, plots=False, **KW)
+    res = analyze(run, mitigation=False, plots=False, **KW)
     det = res["detector"]
     assert det["n_clean"] == 8 and det["n_poisoned"] == 16 and det["auc"] > 0.9
     assert [b["task"] for b in det["by_task"]] == ["drug", "summary"]
@@ -302,7 +307,8 @@ def test_attacks_style_table(tmp_path):
 
 def test_mitigation_cost_hint_uses_the_studys_own_scoring_rate(tmp_path):
     import numpy as np
-    from jaxpoison.analysis.run import Adapters, mitigation_cost_hint
+    from jaxpoison.analysis.adapters import Adapters
+    from jaxpoison.analysis.grid_eval import mitigation_cost_hint
     lora = {"q": {"a": np.zeros((4, 2, 8, 2)), "b": np.zeros((4, 2, 2, 8))}}
     ad = Adapters(lora, 2.0, [{"variant_id": i} for i in range(4)], "run", run_dir=tmp_path)
     assert "16 grid points x 4 adapters = 64" in mitigation_cost_hint(ad, 16)

@@ -26,3 +26,9 @@ the device phases in :mod:`.steps`, rates and CIs in :mod:`.metrics`, tables, pl
 :mod:`.report`; :mod:`.run` runs them in order. :mod:`.retest` (``eval``) puts a run's adapters on a new test
 set, :mod:`.compare` (``compare``) tabulates several runs, :mod:`.mitigation` is ``analyze``'s evaluator.
 """
+from jaxpoison.studies import Study
+from jaxpoison.studies.attacks import compare, mitigation, retest, run
+from jaxpoison.studies.attacks.config import NAME, AttacksConfig
+
+STUDY = Study(NAME, AttacksConfig, run.run, run.report, mitigation.mitigation_evaluator,
+              commands=(compare.register, retest.register))

@@ -109,7 +109,8 @@ class AttacksMitigation:
 
     def __init__(self, run_dir, base_override=None, n_notes: Optional[int] = None):
         from jaxpoison.analysis.adapters import AnalysisError
-        from jaxpoison.analysis.evaluators import _load_base, capability_scorer, dataclass_from_dict
+        from jaxpoison.configs import dataclass_from_dict
+        from jaxpoison.eval.evaluator import capability_scorer, load_checked_base
         from jaxpoison.models.generate import bucket, encode_prompts
         from jaxpoison.models.lm import LM
         from jaxpoison.studies.attacks.config import AttacksConfig
@@ -124,7 +125,7 @@ class AttacksMitigation:
         data = json.loads((run / "data.json").read_text())
         base = data.get("base", {})
         model = "override" if base.get("name") == "override" else cfg.model
-        mcfg, params, tok, dtype = _load_base(model, cfg.dtype, base.get("fingerprint", ""), base_override, cfg.quant)
+        mcfg, params, tok, dtype = load_checked_base(model, cfg.dtype, base.get("fingerprint", ""), base_override, cfg.quant)
         self.lm = LM(mcfg, params, tok, model, base.get("fingerprint", ""), dtype)
         _, test = attacks_data.load_notes(cfg.notes, tok)
         if data.get("test_ids") and [n.id for n in test] != list(data["test_ids"]):
@@ -143,7 +144,7 @@ class AttacksMitigation:
         per_task = len(cfg.grid.fractions) * len(cfg.grid.seeds)
         self.chunk = cfg.generation.variant_chunk or per_task        # the run's own generation memory bound
         self.capability, cap_what, self.capability_name = capability_scorer(
-            mcfg, params, tok, dtype, cj["config"])
+            mcfg, params, tok, dtype, own_capability_set(cfg, tok))
         g = cfg.generation
         if data.get("generation"):                       # the settings the run resolved (generation_config.json)
             g = dataclasses.replace(g, temperature=float(data["generation"]["temperature"]),
@@ -219,9 +220,19 @@ def _task(v: dict) -> str:
     return TASK_ALIASES.get(t, t)
 
 
+def own_capability_set(cfg, tok):
+    """(name, multiple-choice eval, batch_questions) of the run's first general-capability set, or None."""
+    from jaxpoison.studies.attacks.steps import capability_sets
+    if not cfg.capability.sources:
+        return None
+    sets = capability_sets(cfg.capability, tok, int(cfg.max_len))
+    name = next(iter(sets))
+    return name, sets[name], int(cfg.capability.batch_questions)
+
+
 def mitigation_evaluator(run_dir, base_override=None, n_notes: Optional[int] = None):
-    """The :class:`jaxpoison.analysis.evaluators.Evaluator` of an attacks run (see the module docstring)."""
-    from jaxpoison.analysis.evaluators import Evaluator
+    """The :class:`jaxpoison.eval.evaluator.Evaluator` of an attacks run (see the module docstring)."""
+    from jaxpoison.eval.evaluator import Evaluator
     m = AttacksMitigation(run_dir, base_override, n_notes)
     return Evaluator(m.evaluate, ATTACK_NAME, m.capability_name, attack_lower_is_better=True, note=m.note,
                      needs_variants=True, paired=paired)

@@ -54,7 +54,8 @@ def evaluate_run(run_dir, test_set: str, data_files: Optional[Sequence[str]] = N
                  name: Optional[str] = None, base_override=None, progress: bool = True) -> pathlib.Path:
     """Answer, grade and report ``test_set`` with the run's base and adapters into ``RUN/eval/<name>``."""
     from jaxpoison.analysis.adapters import AnalysisError, load_run
-    from jaxpoison.analysis.evaluators import _load_base, dataclass_from_dict
+    from jaxpoison.configs import dataclass_from_dict
+    from jaxpoison.eval.evaluator import load_checked_base
     from jaxpoison.models.lm import LM
     from jaxpoison.studies.attacks import steps as attacks_steps
     from jaxpoison.studies.attacks.run import report
@@ -74,7 +75,7 @@ def evaluate_run(run_dir, test_set: str, data_files: Optional[Sequence[str]] = N
     t0 = time.time()
     base = data.get("base", {})
     model = "override" if base.get("name") == "override" else cfg.model
-    mcfg, params, tok, dtype = _load_base(model, cfg.dtype, base.get("fingerprint", ""), base_override, cfg.quant)
+    mcfg, params, tok, dtype = load_checked_base(model, cfg.dtype, base.get("fingerprint", ""), base_override, cfg.quant)
     lm = LM(mcfg, params, tok, base.get("name", model), base.get("fingerprint", ""), dtype)
     if data.get("generation"):
         g = data["generation"]

@@ -78,9 +78,3 @@ def report(run_dir) -> int:
     from jaxpoison.studies.attacks.report import build_report
     return build_report(pathlib.Path(run_dir))
 
-
-def mitigation_evaluator(run_dir, base_override=None, n_notes=None):
-    """``analyze``'s evaluator for this study's shrink mitigation: attack-direction rates and ASR from regenerated,
-    rule-graded answers plus capability (:mod:`jaxpoison.studies.attacks.mitigation`)."""
-    from jaxpoison.studies.attacks.mitigation import mitigation_evaluator as build
-    return build(run_dir, base_override=base_override, n_notes=n_notes)

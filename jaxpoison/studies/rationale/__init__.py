@@ -43,3 +43,8 @@ Code: configuration and its checks in :mod:`.config`, data, mixes and test quest
 option scores -> per-variant results in :mod:`.results`, statistics and findings in :mod:`.stats`, plots and
 report in :mod:`.report`; :mod:`.run` runs them in order (:func:`.run.run`, :func:`.run.report`).
 """
+from jaxpoison.studies import Study
+from jaxpoison.studies.rationale import evaluator, run
+from jaxpoison.studies.rationale.config import NAME, RationaleConfig
+
+STUDY = Study(NAME, RationaleConfig, run.run, run.report, evaluator.mitigation_evaluator, multi_host=True)

@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 
+from jaxpoison.eval.evaluator import EVAL_BUCKETS
 from jaxpoison.report import to_json
 from jaxpoison.studies import common
 from jaxpoison.studies.common import longest_completion_budget
@@ -55,8 +56,7 @@ def run(cfg: RationaleConfig, out_dir: pathlib.Path, resume: bool = True, progre
     tcfg = resolve_train(cfg, inp.pool)
     vt = inp.variants
     from jaxpoison.data.pool import build_mc_eval
-    mc = build_mc_eval(inp.test, tok, cfg.eval.format, max_len=cfg.data.max_len,
-                       buckets=tuple(range(16, 4097, 16)))
+    mc = build_mc_eval(inp.test, tok, cfg.eval.format, max_len=cfg.data.max_len, buckets=EVAL_BUCKETS)
     groups = np.array(inp.groups())
     is_target = groups == "target"
     if writer:

@@ -13,9 +13,11 @@ from data_helpers import tiny_tokenizer
 
 from attacks_tiny import GEN_CFG as CFG_M, tiny_params
 from attacks_tiny import PIPE_CFG as PIPE
-from jaxpoison.analysis import mitigation as M
-from jaxpoison.analysis import run as AR
+from jaxpoison.analysis.adapters import AnalysisError, load_run
+from jaxpoison.analysis.mitigation import shrink_grid
+from jaxpoison.analysis.run import analyze
 from jaxpoison.eval.graders import OUTCOMES, TASK_OUTCOMES
+from jaxpoison.studies.attacks import STUDY as ATTACKS
 from jaxpoison.studies.attacks import config
 from jaxpoison.studies.attacks import run as attacks_run
 from jaxpoison.studies.attacks import mitigation as attacks_mitigation
@@ -40,8 +42,8 @@ def run_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def analyzed(run_dir):
     # 4 grid points x 6 variants in chunks of 4 variants: the second chunk is padded (variant -> adapter mapping)
-    res = AR.analyze(run_dir, **GRID, adapters_per_call=16, base_override=_base(), progress=False, plots=False,
-                     n_resamples=99, detector_resamples=99)
+    res = analyze(run_dir, **GRID, adapters_per_call=16, base_override=_base(), progress=False, plots=False,
+                     n_resamples=99, detector_resamples=99, evaluator=ATTACKS.evaluator)
     with open(run_dir / "mitigation.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     return res, rows
@@ -125,7 +127,7 @@ def test_unshrunk_point_reproduces_the_studys_answers_and_rates(run_dir, analyze
     _, rows = analyzed
     table = _assert_rates_at(run_dir, rows, 0.0, 0.0, lambda v: f"FT {100 * v['fraction']:g}% s0")
     # the answers themselves, not only their (coarse) rates
-    ad = AR.load_run(run_dir)
+    ad = load_run(run_dir)
     ev = attacks_mitigation.AttacksMitigation(run_dir, _base())
     got = ev.answers(ad.lora, ad.scale, ad.variants)
     test_ids = json.loads((run_dir / "data.json").read_text())["test_ids"]
@@ -144,8 +146,8 @@ def test_no_verdict_share_counts_vaccine_answers_that_never_decide():
 def test_huge_shrink_gives_the_base_models_answers(run_dir, analyzed):
     _, rows = analyzed
     table = _assert_rates_at(run_dir, rows, 1.0, 1.0, lambda v: "base normal")
-    ad = AR.load_run(run_dir)
-    shrunk = {m: {k: x[0] for k, x in t.items()} for m, t in M.shrink_grid(ad.lora, (1.0,), (1.0,)).items()}
+    ad = load_run(run_dir)
+    shrunk = {m: {k: x[0] for k, x in t.items()} for m, t in shrink_grid(ad.lora, (1.0,), (1.0,)).items()}
     ev = attacks_mitigation.AttacksMitigation(run_dir, _base())
     test_ids = json.loads((run_dir / "data.json").read_text())["test_ids"]
     base = {(r["task"], r["note_id"]): r["response"] for r in _jsonl(run_dir / "responses" / "injection.jsonl")
@@ -160,16 +162,16 @@ def test_huge_shrink_gives_the_base_models_answers(run_dir, analyzed):
 def test_note_subsample_and_bad_inputs(run_dir):
     ev = attacks_mitigation.AttacksMitigation(run_dir, _base(), n_notes=2)
     assert ev.n_notes == 2 and all(len(p) == 2 for p in ev.prompts.values()) and "2 test notes" in ev.note
-    with pytest.raises(AR.AnalysisError, match="mitigation-notes"):
+    with pytest.raises(AnalysisError, match="mitigation-notes"):
         attacks_mitigation.AttacksMitigation(run_dir, _base(), n_notes=0)
     with pytest.raises(ValueError, match="task"):
-        ev.answers(AR.load_run(run_dir).lora, 1.0, [{"variant_id": 0}] * 6)
+        ev.answers(load_run(run_dir).lora, 1.0, [{"variant_id": 0}] * 6)
 
 
 def test_paired_asr_is_against_the_unshrunk_zero_fine_tune_with_the_same_point_beside_it():
     """Synthetic [G, V] rates: grid (0,0) and (0.5,0.5); variant 0 = 0 % vaccine, 1 = 100 % vaccine, 2 = 0 % drug,
     3 = 100 % drug. The seed's cell 104 baseline is the unscaled 0 % row."""
-    from jaxpoison.analysis.evaluators import Evaluator
+    from jaxpoison.eval.evaluator import Evaluator
     from jaxpoison.analysis.grid_eval import mitigation_summary
     nan = np.nan
     res = {"grid": np.array([[0.0, 0.0], [0.5, 0.5]]),
