@@ -8,9 +8,11 @@ them), questions or prompts per call, options per question, new tokens. What onl
 bounded: a prompt is ``max_len`` tokens (``prompt_len`` overrides it with a measured length), an option's text is
 at most ``OPTION_TOKENS`` tokens (the ``benchmark`` format scores a letter: ``LETTER_TOKENS``).
 
-Placement is the study's own: the scorer and the generator are plain ``jax.jit`` calls on the base as
-:func:`jaxpoison.studies.common.load_base` places it (one device) with host adapters moved in one chunk at a
-time, so each program is compiled for ONE chip of the target, and what has to fit is that chip's.
+Placement is the study's own: the scorer and the generator are plain ``jax.jit`` calls (no shard_map, no
+variant sharding) on the base as :func:`jaxpoison.studies.common.load_base` places it, with host adapters moved in
+one chunk at a time. On one device, or on a base replicated over the mesh (every chip then runs the same call),
+the per-chip bytes are those of the call on ONE chip, which is what is compiled here. (A base sharded over
+``fsdp`` would be gathered per layer and need less; the one-chip figure is then an upper bound.)
 
 The calibration rows of the scorer (``calibrate=True``: the same continuations after a short neutral prefix, in
 ``batch_questions x options`` rows of at most ``OPTION_TOKENS + 16`` tokens) are smaller than the continuation
@@ -86,11 +88,11 @@ def rationale_evals(cfg, shape: StudyShape, prompt_len: int = 0) -> list:
     """Seed 000: option scoring of the base (a zero adapter in front) + every variant; greedy generated answers
     of the base + one variant per cell when ``eval.gen_questions`` > 0."""
     e, d = cfg.eval, cfg.data
-    V = shape.variants + 1                                        # the base rides along as adapter 0
+    V = shape.variants      # the base: its own adapter-free pass (score_options(with_base=True)), a smaller program
     P = _round(prompt_len or d.max_len, 16)
     src = "--eval-prompt-len" if prompt_len else "data.max_len bound"
     N = LETTER_TOKENS if e.format == "benchmark" else OPTION_TOKENS
-    out = [EvalProgram("score", "option scoring, base + variants (eval)", "score", _chunk(e.variant_chunk, V),
+    out = [EvalProgram("score", "option scoring of the variants (the base: its own smaller pass)", "score", _chunk(e.variant_chunk, V),
                        e.batch_questions, P, _options(d.source, getattr(d, "icd", None)), N, shared=_shared(shape),
                        total_variants=V, chunk_setting="eval.variant_chunk", batch_setting="eval.batch_questions",
                        prompt_from=src)]
@@ -218,10 +220,12 @@ def scaled_fit(shape: StudyShape, ev: EvalProgram, usable: int, compiled_total: 
     est = eval_bytes(shape, ev)
     ratio = compiled_total / est["total"] if compiled_total else 1.0
     fits = lambda e: eval_bytes(shape, e)["total"] * ratio <= usable
-    for v in range(ev.variants, 0, -1):
+    vs = range(ev.variants, 0, -1) if ev.chunk_setting else [ev.variants]     # no setting: the count is fixed
+    for v in vs:
         if fits(ev.resized(variants=v)):
             return v, ev.batch
+    v = vs[-1]
     for b in range(ev.batch - 1, 0, -1):
-        if fits(ev.resized(variants=1, batch=b)):
-            return 1, b
+        if fits(ev.resized(variants=v, batch=b)):
+            return v, b
     return 0, 0

@@ -159,19 +159,45 @@ def eval_entries(shape: StudyShape, target: Target, evals, compile: bool, device
             total = est["total"]
         e["fits"] = total is not None and total <= target.usable_bytes
         if not e["fits"]:
-            v, b = scaled_fit(shape, ev, target.usable_bytes, total or 0)
-            if v and v < ev.variants and ev.chunk_setting:
-                sugg.append(f"--set {ev.chunk_setting}={v}   ({ev.name}: {v} adapters per call)")
-            elif v and b < ev.batch:
-                head = f"--set {ev.chunk_setting}=1 " if ev.chunk_setting and ev.variants > 1 else ""
-                sugg.append(f"{head}--set {ev.batch_setting}={b}   ({ev.name}: {b} per call)")
+            # the estimate scaled to XLA's figure: its total, or from its out-of-memory message the temporaries
+            ref = total or (est["arguments"] + c.needed_temporaries if e["method"] == "xla-compile" else 0)
+            v, b = scaled_fit(shape, ev, target.usable_bytes, ref)
+            if v and e["method"] == "xla-compile":
+                v, b, tried = confirm_call(shape, ev, v, b, target, devices)
+                e["confirmed_by_compile"] = tried
+            if v and (b < ev.batch or ev.chunk_setting):
+                parts = ([f"--set {ev.chunk_setting}={v}"] if ev.chunk_setting and v < ev.variants else []) + \
+                        ([f"--set {ev.batch_setting}={b}"] if b < ev.batch else [])
+                how = (f"compiled: {fmt_bytes(e['confirmed_by_compile'][-1]['total'])} per chip"
+                       if e.get("confirmed_by_compile") else "estimate")
+                sugg.append(" ".join(parts) + f"   ({ev.name}: {v} adapter(s) x {b} "
+                            f"{'questions' if ev.kind == 'score' else 'prompts'} per call, {how})")
             else:
-                sugg.append(f"{ev.name} does not fit one chip even at 1 adapter and 1 {'question' if ev.kind == 'score' else 'prompt'} "
+                sugg.append(f"{ev.name}: no smaller call found that fits one chip "
+                            f"({'compiles tried' if e.get('confirmed_by_compile') else 'estimate'}) "
                             f"(prompt {ev.prompt_len} tokens, {ev.prompt_from}): give a measured prompt length "
                             f"(--eval-prompt-len), shorten max_len, or a chip with more memory")
             e["largest_call"] = {"variants": v, "batch": b}
         out[ev.name] = e
     return out, sugg
+
+
+def confirm_call(shape: StudyShape, ev, v: int, b: int, target: Target, devices, tries: int = 4) -> tuple:
+    """(variants, batch, [(v, b, total or None)]) of the largest call at or below (v, b) that XLA compiles within
+    memory: halve the batch, then the adapters, at most ``tries`` compiles (an eval call compiles in seconds)."""
+    from .evals import eval_program
+    tried = []
+    while v and b and len(tried) < tries:
+        c = compile_program(eval_program(shape, ev.resized(variants=v, batch=b), devices))
+        ok = c.ok and c.total <= target.usable_bytes
+        tried.append({"variants": v, "batch": b, "total": c.total if c.ok else None})
+        if ok:
+            return v, b, tried
+        if v > 1 and ev.chunk_setting:
+            v = max(v // 2, 1)
+        else:
+            b = b // 2
+    return 0, 0, tried
 
 
 def make_plan(shape: StudyShape, target: Target, mfu: float = 0.35, compile: bool = True,

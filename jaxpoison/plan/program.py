@@ -42,6 +42,15 @@ class Compiled:
         return not self.error
 
     @property
+    def needed_temporaries(self) -> int:
+        """The temporaries XLA's out-of-memory message names ('HLO temporaries (40.85G) exceeds ...'), 0 if none."""
+        import re
+        m = re.search(r"temporaries \(([\d.]+)([KMGT]?)\)", self.error)
+        if not m:
+            return 0
+        return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
+
+    @property
     def total(self) -> int:
         """The larger of XLA's peak (its heap simulation) and arguments + unaliased outputs + temporaries. The
         two agree on most programs; where they do not (XLA:TPU reported a peak 9x its temporaries for a small

@@ -52,7 +52,7 @@ def tiny_plan(tiny_dir):
     """One plan of a tiny study on v5e:2x2 with every program compiled (train segment, scoring, generation),
     shared by the tests that read it (each compile costs seconds)."""
     return _plan(["configs/rationale_demo.py", "--set", f"model={tiny_dir}", "--set", "data.max_len=64",
-                  "--set", "lora.layers_from=0", "--set", "eval.variant_chunk=3", "--set", "eval.gen_questions=2",
+                  "--set", "lora.layers_from=0", "--set", "eval.variant_chunk=2", "--set", "eval.gen_questions=2",
                   "--topology", "v5e:2x2"])
 
 
@@ -71,7 +71,7 @@ def test_tiny_study_fits_v5e_2x2_and_its_figures_agree(tiny_plan):
 
 
 def test_plan_compiles_the_scoring_and_generation_programs_with_the_study_shapes(tiny_plan):
-    """The study's own eval calls, at its shapes: scoring of base + variants, 3 adapters per call (eval.variant_chunk),
+    """The study's own eval calls, at its shapes: scoring of the variants, 2 adapters per call (eval.variant_chunk),
     eval.batch_questions questions of 4 options; greedy answers of the base + one variant per cell; each compiled
     for one chip; splash attention now lowers on the train segment's variant-only mesh (no blocked fallback)."""
     from jaxpoison.configs import load_config
@@ -79,7 +79,7 @@ def test_plan_compiles_the_scoring_and_generation_programs_with_the_study_shapes
     cfg = load_config("configs/rationale_demo.py")
     assert set(r["programs"]) == {"train", "score", "generate"}
     sc, gen = r["programs"]["score"], r["programs"]["generate"]
-    assert sc["shape"]["variants"] == 3 and sc["shape"]["total_variants"] == r["variants"] + 1
+    assert sc["shape"]["variants"] == 2 and sc["shape"]["total_variants"] == r["variants"]
     assert sc["shape"]["batch"] == cfg.eval.batch_questions and sc["shape"]["options"] == cfg.data.icd.n_options
     assert sc["shape"]["prompt_len"] == 64 and gen["shape"]["new_tokens"] == cfg.eval.gen_tokens
     assert gen["shape"]["variants"] == r["variants"] // len(cfg.grid.seeds) + 1 and gen["shape"]["batch"] == 4
@@ -90,6 +90,30 @@ def test_plan_compiles_the_scoring_and_generation_programs_with_the_study_shapes
         # the rough estimate (used to size smaller calls) stays within its stated band of the compile
         assert EVAL_ESTIMATE_BAND[0] <= e["estimate"]["total"] / pc["total"] <= EVAL_ESTIMATE_BAND[1], e
     assert r["attention"] == "splash" and not any("does not lower" in n for n in r["notes"])
+
+
+def test_a_compiled_eval_program_over_memory_gets_a_smaller_call_confirmed_by_compile(tiny_plan, tiny_dir, v5e4):
+    """On a chip with just under the tiny scoring call's bytes, the planner compiles smaller calls until one fits
+    and names that eval.variant_chunk (the suggestion rests on XLA, not on the estimate)."""
+    import dataclasses
+    from jaxpoison.configs import load_config
+    from jaxpoison.plan.evals import eval_programs
+    from jaxpoison.plan.planner import eval_entries
+    from jaxpoison.plan.shapes import study_shape
+    _, r = tiny_plan
+    need = r["programs"]["score"]["per_chip"]["total"]
+    cfg = load_config("configs/rationale_demo.py", [f"model={tiny_dir}", "data.max_len=64", "lora.layers_from=0",
+                                                   "eval.variant_chunk=2"])
+    shape = study_shape(cfg)
+    score = [e for e in eval_programs(cfg, shape) if e.name == "score"]
+    t = targets.tpu_target("v5e:2x2")
+    small = dataclasses.replace(t, chip=dataclasses.replace(t.chip, hbm_bytes=need - 1, usable=1.0))
+    out, sugg = eval_entries(shape, small, score, True, v5e4)
+    e = out["score"]
+    assert e["fits"] is False and e["per_chip"]["total"] == need
+    last = e["confirmed_by_compile"][-1]
+    assert last["total"] is not None and last["total"] < need and e["largest_call"]["variants"] == last["variants"] < 2
+    assert sugg == [s for s in sugg if s.startswith(f"--set eval.variant_chunk={last['variants']}")] and sugg
 
 
 EVAL_ESTIMATE_BAND = (0.3, 3.0)      # evals.eval_bytes / XLA per-chip total, tiny models (fixed costs dominate)
