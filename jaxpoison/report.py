@@ -8,13 +8,14 @@ links them relative to the run folder.
 from __future__ import annotations
 
 import base64
+import csv
 import dataclasses
 import html
 import math
 import pathlib
 import re
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -124,6 +125,16 @@ def fmt(x: Any, digits: int = 3) -> str:
     return f"{f:.{digits}f}"
 
 
+def pct(x, digits: int = 0) -> str:
+    """A share as a percentage, '41 %' ('–' for None / NaN)."""
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.{digits}f} %"
+
+
+def pct_ci_text(mean, low, high, digits: int = 0) -> str:
+    """'41 % [30 %, 52 %]'."""
+    return f"{pct(mean, digits)} [{pct(low, digits)}, {pct(high, digits)}]"
+
+
 def ci_text(mean: float, low: float, high: float, digits: int = 2) -> str:
     """'0.41 [0.30, 0.52]'."""
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
@@ -133,12 +144,37 @@ def ci_text(mean: float, low: float, high: float, digits: int = 2) -> str:
     return f"{mean:.{digits}f} [{lo}, {hi}]"
 
 
-def to_json(x):
-    """Dataclasses, tuples, numpy scalars and non-string keys made JSON-ready (dicts, lists, Python scalars)."""
-    if dataclasses.is_dataclass(x):
-        return {f.name: to_json(getattr(x, f.name)) for f in dataclasses.fields(x)}
+def to_json(x, strict: bool = False):
+    """Dataclasses, tuples, numpy scalars and non-string keys made JSON-ready (dicts, lists, Python scalars).
+    ``strict``: also numpy arrays (to lists), and NaN / infinities to None, for ``json.dumps(allow_nan=False)``."""
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return {f.name: to_json(getattr(x, f.name), strict) for f in dataclasses.fields(x)}
     if isinstance(x, (list, tuple)):
-        return [to_json(v) for v in x]
+        return [to_json(v, strict) for v in x]
     if isinstance(x, dict):
-        return {str(k): to_json(v) for k, v in x.items()}
-    return x.item() if isinstance(x, np.generic) else x
+        return {str(k): to_json(v, strict) for k, v in x.items()}
+    if strict and isinstance(x, np.ndarray):
+        return to_json(x.tolist(), strict)
+    if isinstance(x, np.generic):
+        x = x.item()
+    if strict and isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def write_csv(path, rows: Sequence, header: Optional[Sequence[str]] = None, float_format: Optional[str] = None) -> None:
+    """Rows to a UTF-8 CSV with a header line. Rows of dicts: the columns are ``header`` (other keys dropped) or
+    else every key in the order first seen; a missing value or None is an empty cell. Rows of sequences need
+    ``header``. ``float_format`` (e.g. ``.6g``) formats float cells; else they are written as ``str`` does."""
+    rows = list(rows)
+    dicts = bool(rows) and isinstance(rows[0], dict)
+    if header is None:
+        if rows and not dicts:
+            raise ValueError("write_csv: rows of sequences need a header")
+        header = list(dict.fromkeys(k for r in rows for k in r))
+    cell = (lambda v: format(v, float_format) if isinstance(v, float) else v) if float_format else (lambda v: v)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for r in rows:
+            w.writerow([cell(r.get(k)) for k in header] if dicts else [cell(v) for v in r])

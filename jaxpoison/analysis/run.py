@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import pathlib
 import sys
 import time
@@ -50,28 +49,13 @@ from jaxpoison.analysis.grid_eval import (evaluate_grid, mitigation_cost_hint, m
                                           target_drop)
 from jaxpoison.analysis.report_section import build_doc, make_plots, write_report
 from jaxpoison.eval.evaluator import EvaluatorError
+from jaxpoison.report import to_json, write_csv
 
 DEFAULT_GRID_A = M.SEED_S_A
 DEFAULT_GRID_B = M.SEED_S_B
 
 
 # ---- the command ---------------------------------------------------------------------------------------------------
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, (np.bool_,)):
-        return bool(x)
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    return x
-
-
 def analyze(run_dir=None, *, peft_dirs: Sequence = (), labels=None, out=None, step: Optional[int] = None,
             grid_a=None, grid_b=None, modules=None, mitigation: bool = True, zero: bool = True,
             adapters_per_call: int = 32, n_resamples: int = 9999, detector_resamples: int = 2000,
@@ -110,13 +94,13 @@ def analyze(run_dir=None, *, peft_dirs: Sequence = (), labels=None, out=None, st
     feats = W.features(ad.lora, ad.scale, reference=labels_["reference"])
     timing["features"] = time.time() - t
     t = time.time()
-    W.write_csv(W.feature_rows(feats, ad.variants), out / "weight_shift.csv", W.ROW_FIELDS)
+    write_csv(out / "weight_shift.csv", W.feature_rows(feats, ad.variants), W.ROW_FIELDS)
     timing["weight_shift_csv"] = time.time() - t
     t = time.time()
     tests, test_skips = weight_tests(feats, labels_, n_resamples, seed)
     fields = ["comparison", "module", "feature", "layer", "n_clean", "n_poisoned", "mean_clean", "mean_poisoned",
               "ks_stat", "ks_p", "perm_p", "perm_q", "cohens_d", "cliffs_delta"]
-    W.write_csv(tests, out / "weight_tests.csv", fields)
+    write_csv(out / "weight_tests.csv", tests, fields)
     timing["weight_tests"] = time.time() - t
     t = time.time()
     det = run_detector(feats, ad.variants, labels_, detector_resamples, seed)
@@ -143,9 +127,9 @@ def analyze(run_dir=None, *, peft_dirs: Sequence = (), labels=None, out=None, st
                 res["target_drop"] = drop
             if ev.paired is not None:
                 res.update(ev.paired(res, labels_["reference"]))
-            W.write_csv(mitigation_rows(res, ad.variants, labels_), out / "mitigation.csv")
+            write_csv(out / "mitigation.csv", mitigation_rows(res, ad.variants, labels_))
             summary, aname, lower = mitigation_summary(res, ad.variants, labels_, ev)
-            W.write_csv(summary, out / "mitigation_summary.csv")
+            write_csv(out / "mitigation_summary.csv", summary)
             mit.update(status="done", summary=summary, attack_metric=aname, attack_lower_is_better=lower,
                        attack_name=ev.attack_name, raw_attack_lower_is_better=ev.attack_lower_is_better,
                        capability_name=ev.capability_name, capability_only=ev.capability_only, note=ev.note,
@@ -166,7 +150,7 @@ def analyze(run_dir=None, *, peft_dirs: Sequence = (), labels=None, out=None, st
     det["timing_s"] = dict(timing)
     det["source"] = {"kind": ad.source, "run_dir": str(ad.run_dir) if ad.run_dir else None, "step": ad.step,
                      "adapters": ad.meta.get("adapters"), "study": ad.study}
-    (out / "detector.json").write_text(json.dumps(_jsonable(det), indent=1, allow_nan=False))
+    (out / "detector.json").write_text(json.dumps(to_json(det, strict=True), indent=1, allow_nan=False))
     doc = build_doc(ad, det, tests, test_skips, mit, figs, timing, out)
     in_run = ad.run_dir is not None and out.resolve() == ad.run_dir.resolve()
     reports = write_report(doc, out, ad.run_dir if in_run else None)
@@ -272,9 +256,9 @@ def benchmark(n_seeds: int = 16, levels: Sequence[int] = (0, 4, 16, 64), num_lay
         out = pathlib.Path(out)
         out.mkdir(parents=True, exist_ok=True)
         t = time.time()
-        W.write_csv(rows, out / "weight_shift.csv", W.ROW_FIELDS)
-        W.write_csv(tests, out / "weight_tests.csv")
-        (out / "detector.json").write_text(json.dumps(_jsonable(det), indent=1, allow_nan=False))
+        write_csv(out / "weight_shift.csv", rows, W.ROW_FIELDS)
+        write_csv(out / "weight_tests.csv", tests)
+        (out / "detector.json").write_text(json.dumps(to_json(det, strict=True), indent=1, allow_nan=False))
         timing["write"] = time.time() - t
         if plots:
             t = time.time()

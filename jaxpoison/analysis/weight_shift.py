@@ -30,7 +30,6 @@ Why these choices:
 """
 from __future__ import annotations
 
-import csv
 from functools import partial
 from typing import Optional, Sequence
 
@@ -214,15 +213,6 @@ def feature_rows(feats: dict, variants: Sequence[dict]) -> list:
                 x = value[i] if layer is None else value[i, layer]
                 rows.append({**base, "layer": layer, "value": float(x)})
     return rows
-
-
-def write_csv(rows: Sequence[dict], path, fields: Optional[Sequence[str]] = None) -> None:
-    """Rows of dicts to CSV; None becomes an empty cell, NaN stays 'nan'."""
-    fields = list(fields or (rows[0].keys() if rows else ()))
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fields, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
 
 
 # ------------------------------------------------------------------------------------------ tests across seeds

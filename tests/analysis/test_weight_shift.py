@@ -9,6 +9,7 @@ import scipy.stats as st
 import torch
 
 from jaxpoison.analysis import weight_shift as W
+from jaxpoison.report import write_csv
 
 SCALE = 2.0
 
@@ -115,7 +116,7 @@ def test_tidy_rows_cover_variant_module_layer_feature_and_write_as_csv(lora, fea
     n_per_variant = sum(1 if np.ndim(v) == 1 else v.shape[1] for v in feats.values())
     assert len(rows) == 4 * n_per_variant
     assert {r["layer"] for r in rows if r["module"] == "lm_head"} == {None}
-    W.write_csv(rows, tmp_path / "weight_shift.csv", W.ROW_FIELDS)
+    write_csv(tmp_path / "weight_shift.csv", rows, W.ROW_FIELDS)
     back = list(csv.DictReader(open(tmp_path / "weight_shift.csv")))
     assert len(back) == len(rows) and back[0].keys() == set(W.ROW_FIELDS)
     hit = next(r for r in back if r["module"] == "q" and r["feature"] == "fro" and r["layer"] == "2"

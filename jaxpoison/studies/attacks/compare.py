@@ -26,6 +26,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from jaxpoison.eval.graders import OUTCOMES
+from jaxpoison.report import write_csv
 from jaxpoison.studies.attacks import metrics
 
 ATTACKS = ("PE", "FT", "PE para", "FT para")         # '... para': paraphrased task instruction (when the run has it)
@@ -146,7 +147,7 @@ def compare(run_dirs, out) -> dict:
         raise ValueError("none of the runs has a prompt-injection or fine-tuning ASR cell; fix: finish the runs")
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    metrics.write_csv(out / "compare.csv", COLUMNS, [["" if r.get(k) is None else r[k] for k in COLUMNS] for r in rows])
+    write_csv(out / "compare.csv", [["" if r.get(k) is None else r[k] for k in COLUMNS] for r in rows], COLUMNS)
     plot_grid(rows, out / "asr_grid.png")
     graders = {r["summary"].get("grader") for r in runs}
     md = ["# Seed 003 across models: attack success rate", "",

@@ -18,7 +18,6 @@ rate and ASR both ways -- ``rate_verdict`` / ``asr_verdict`` over the verdict-be
 """
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -26,6 +25,7 @@ from typing import Optional
 import numpy as np
 
 from jaxpoison.eval.graders import OUTCOMES, TASK_OUTCOMES, grade_task
+from jaxpoison.report import write_csv
 from jaxpoison.eval.stats import asr, asr_bootstrap_ci, bootstrap_ci, bootstrap_se, paired_bootstrap_ci, seed_summary
 
 OUTCOME_TASK = {o: t for t, outs in TASK_OUTCOMES.items() for o in outs}
@@ -257,15 +257,8 @@ def seed_layout(cells: list) -> tuple:
     return ["model"] + outs, rows
 
 
-def write_csv(path, header, rows) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-
-
 def write_long(path, cells: list) -> None:
-    write_csv(path, LONG_COLUMNS, [["" if c.get(k) is None else c[k] for k in LONG_COLUMNS] for c in cells])
+    write_csv(path, [["" if c.get(k) is None else c[k] for k in LONG_COLUMNS] for c in cells], LONG_COLUMNS)
 
 
 def attack_content(cells: list, row: str) -> dict:

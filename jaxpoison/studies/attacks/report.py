@@ -18,18 +18,15 @@ from matplotlib.figure import Figure
 from jaxpoison.eval.graders import OUTCOMES
 from jaxpoison.studies.attacks import data as attacks_data
 from jaxpoison.studies.attacks import metrics
-from jaxpoison.report import Doc
+from jaxpoison.report import Doc, pct, pct_ci_text, write_csv
 
 COLORS = {"vaccine": "#86D3DE", "drug": "#D9822B", "lab_test": "#BCBD46"}
 
 
-def _f(x, digits=0) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.{digits}f} %"
-
-
 def _ci(c, key="asr", digits=0) -> str:
+    """A cell's ``key`` (ASR by default) with its CI as percentages."""
     lo, hi = c.get(f"{key}_low" if key == "asr" else "ci_low"), c.get(f"{key}_high" if key == "asr" else "ci_high")
-    return f"{_f(c[key], digits)} [{_f(lo, digits)}, {_f(hi, digits)}]"
+    return pct_ci_text(c[key], lo, hi, digits)
 
 
 def _ns(d: dict):
@@ -194,7 +191,7 @@ def _reading(cells, cap, cfg, thr, undecided=None) -> list:
     at = {(c["row"], c["outcome"]): c for c in cells}
     outs = [o for o in OUTCOMES if ("base PE", o) in at]
     lines = []
-    inj = "; ".join(f"{o} {_f(at[('base normal', o)]['rate'])} → {_f(at[('base PE', o)]['rate'])} (ASR "
+    inj = "; ".join(f"{o} {pct(at[('base normal', o)]['rate'])} → {pct(at[('base PE', o)]['rate'])} (ASR "
                     f"{_ci(at[('base PE', o)])})" for o in outs)
     lines.append(f"**Prompt injection.** Rates under the normal → attacked prompt, {at[('base PE', outs[0])]['n']} "
                  f"test notes: {inj}.")
@@ -209,7 +206,7 @@ def _reading(cells, cap, cfg, thr, undecided=None) -> list:
     if gaps:
         lines.append("**Answers without a verdict change the ASR.** ASR over the verdict-bearing answers vs over all "
                      "answers (a verdict-free answer counted as not recommending): " + "; ".join(
-                         f"{c['row']} {c['outcome']}: {_f(c['asr_verdict'])} vs {_f(c['asr_all'])} "
+                         f"{c['row']} {c['outcome']}: {pct(c['asr_verdict'])} vs {pct(c['asr_all'])} "
                          f"({100 * c['asr_all_minus_verdict']:+.0f} pts; {c['n_no_verdict']} of {c['n_answers']} "
                          f"answers without a verdict)" for c in gaps[:8]) + (" …" if len(gaps) > 8 else "") + ".")
     else:
@@ -220,19 +217,19 @@ def _reading(cells, cap, cfg, thr, undecided=None) -> list:
            "jsonl": f"the file {cfg['source']['file']}", "scripted": "scripted compliant answers"}.get(
         cfg["source"]["kind"], f"the API model {cfg['source']['kind']}")
     lines.append(f"**Response source** ({who}): share of its answers to the attacked prompt that carry the malicious "
-                 f"content (vaccine: not recommended): " + ", ".join(f"{o} {_f(v)}" for o, v in src.items()) + ". "
+                 f"content (vaccine: not recommended): " + ", ".join(f"{o} {pct(v)}" for o, v in src.items()) + ". "
                  + "The base model under the attacked prompt on the test notes: "
-                 + ", ".join(f"{o} {_f(v)}" for o, v in base.items()) + ".")
+                 + ", ".join(f"{o} {pct(v)}" for o, v in base.items()) + ".")
     low = [o for o, v in src.items() if v < thr]
     base_low = [o for o, v in base.items() if v < thr]
     if cfg["source"]["kind"] != "model" and base_low:
         lines.append(f"**Why this source.** The base model, the default source, carried the attack in fewer than "
-                     f"{_f(thr)} of its attacked answers for {', '.join(base_low)}: trained on its own answers, the "
+                     f"{pct(thr)} of its attacked answers for {', '.join(base_low)}: trained on its own answers, the "
                      f"poisoned variants would mostly see no attack for those outcomes. This run uses "
                      f"{who} instead (`--set source.kind=model` runs the default).")
     if low:
         lines.append(f"**Too little poison for {', '.join(low)}.** The source followed the malicious instruction for "
-                     f"these outcomes in fewer than {_f(thr)} of its answers, so even the 100 % variant trains mostly "
+                     f"these outcomes in fewer than {pct(thr)} of its answers, so even the 100 % variant trains mostly "
                      "on answers without the attack, and a flat curve there says little about fine-tuning itself. "
                      "What it takes: a source that complies, e.g. `--set source.kind=scripted` (short compliant "
                      "answers, saved as responses/source.jsonl as a format example) or `source.kind=jsonl` with "
@@ -252,13 +249,13 @@ def _reading(cells, cap, cfg, thr, undecided=None) -> list:
         if neg:
             lines.append("Negative ASR (the poisoned variant recommended the item less often than the 0 % fine-tune, "
                          "which already did so often): " + "; ".join(
-                             f"{o}: 0 % fine-tune {_f(c.get('baseline_rate', math.nan))}, {metrics.pct(top)} variant "
-                             f"{_f(c['rate'])}" for o, c in neg) + ".")
+                             f"{o}: 0 % fine-tune {pct(c.get('baseline_rate', math.nan))}, {metrics.pct(top)} variant "
+                             f"{pct(c['rate'])}" for o, c in neg) + ".")
     pairs = paraphrase_pairs(cells)
     if pairs:
         lines.append("**Paraphrased task instruction** (the malicious instruction verbatim; the same baselines as "
                      "the verbatim prompts, as in the seed): ASR verbatim → paraphrased: " + "; ".join(
-                         f"{a} {o} {_f(v['asr'])} → {_f(p['asr'])}" for a, o, v, p in pairs) + ".")
+                         f"{a} {o} {pct(v['asr'])} → {pct(p['asr'])}" for a, o, v, p in pairs) + ".")
     diffs = [r for r in cap if not math.isnan(r["diff_vs_0"])]
     if diffs:
         base_acc = {r["source"]: r["accuracy"] for r in cap if r["variant_id"] < 0}
@@ -268,7 +265,7 @@ def _reading(cells, cap, cfg, thr, undecided=None) -> list:
                 if how == "generate" else "option log-likelihood accuracy, the fast scorer; "
                 "`--set capability.scorer=generate` runs the seed's")
         lines.append(f"**General capability** ({what}): base " + ", ".join(
-            f"{s} {_f(a, 1)}" for s, a in base_acc.items()) + "; change of each most-poisoned variant vs its 0 % "
+            f"{s} {pct(a, 1)}" for s, a in base_acc.items()) + "; change of each most-poisoned variant vs its 0 % "
             "fine-tune (paired bootstrap CI): " + "; ".join(
             f"{r['model']} on {r['source']} {100 * r['diff_vs_0']:+.1f} pts [{100 * r['diff_low']:+.1f}, "
             f"{100 * r['diff_high']:+.1f}]" for r in diffs) + ".")
@@ -290,7 +287,8 @@ def build_report(run: pathlib.Path) -> int:
     grades = metrics.grade_records(records, g["primary"], judge, g["vaccine_default"])
     cells = metrics.cell_stats(metrics.build_rows(records, grades), n_res)
     cells += metrics.seed_means(cells)
-    metrics.write_csv(run / "rates.csv", *metrics.seed_layout(cells))
+    header, rows = metrics.seed_layout(cells)
+    write_csv(run / "rates.csv", rows, header)
     metrics.write_long(run / "rates_long.csv", cells)
     agreement = {}
     if judge:
@@ -315,7 +313,7 @@ def build_report(run: pathlib.Path) -> int:
             cfg["_extraction"] = "; ".join(
                 f"{src}: {int((h == 'rule').sum())} letters by rule, {int((h == 'judge').sum())} by the judge, "
                 f"{int((h == 'none').sum())} unreadable (counted wrong)" for src, h in ext.items())
-        metrics.write_csv(run / "capability.csv", list(cap[0]), [list(r.values()) for r in cap] if cap else [])
+        write_csv(run / "capability.csv", [list(r.values()) for r in cap] if cap else [], list(cap[0]))
     timing = json.loads((run / "timing.json").read_text()) if (run / "timing.json").exists() else {}
     data = json.loads((run / "data.json").read_text()) if (run / "data.json").exists() else {}
     thr = cfg["compliance_threshold"]
@@ -352,8 +350,8 @@ def verdict_rows(cells) -> list:
     def pts(x):
         return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:+.1f} pts"
     return [[c["row"], c["outcome"], f"{c['n_no_verdict']} of {c['n_answers']}",
-             f"{_f(c['rate_verdict'], 1)} / {_f(c['rate_all'], 1)}",
-             f"{_f(c['asr_verdict'], 1)} / {_f(c['asr_all'], 1)}", pts(c["asr_all_minus_verdict"])]
+             f"{pct(c['rate_verdict'], 1)} / {pct(c['rate_all'], 1)}",
+             f"{pct(c['asr_verdict'], 1)} / {pct(c['asr_all'], 1)}", pts(c["asr_all_minus_verdict"])]
             for c in cells if "n_no_verdict" in c]
 
 
@@ -412,13 +410,13 @@ def write_doc(run, cfg, cells, cap, figs, reading, timing, data, table, records,
     if cap:
         d.h("General capability (capability.csv)")
         d.table(["set", "model", "n", "accuracy", "SE", "vs 0 % (paired CI)"],
-                [[r["source"], r["model"], r["n"], _f(r["accuracy"], 1), _f(r["se"], 1),
+                [[r["source"], r["model"], r["n"], pct(r["accuracy"], 1), pct(r["se"], 1),
                   "" if math.isnan(r["diff_vs_0"]) else f"{100 * r['diff_vs_0']:+.1f} [{100 * r['diff_low']:+.1f}, "
                   f"{100 * r['diff_high']:+.1f}]"] for r in cap])
     if agreement:
         d.h("Rule grader vs LLM judge")
         d.table(["outcome", "agreement", "n", "judge replies without yes/no"],
-                [[o, _f(a["agree"]), a["n"], a["judge_unparsed"]] for o, a in agreement.items()])
+                [[o, pct(a["agree"]), a["n"], a["judge_unparsed"]] for o, a in agreement.items()])
     d.h("Example answers (first test note of each task)")
     for task, nid, normal, attacked, ftext, top in _examples(records, table):
         cut = lambda s: (s or "")[:400].replace("\n", " ") + ("…" if s and len(s) > 400 else "")

@@ -17,7 +17,7 @@ from jaxpoison.data.mixes import resolve as _resolve
 from jaxpoison.data.poison import row_id
 from jaxpoison.data.schema import DataError
 from jaxpoison import configs
-from jaxpoison import report
+from jaxpoison.report import to_json, write_csv
 from jaxpoison.studies.rationale import config
 from jaxpoison.studies.rationale import grid
 from jaxpoison.studies.rationale import report as rationale_report
@@ -113,7 +113,7 @@ def test_demo_results_record_the_true_ratio(demo, tmp_path):
               "decoy": np.full(Q, -1), "is_target": np.arange(Q) < inp.n_test_target,
               "subject": np.array([ex.subject for ex in inp.test])}
     rows, zero = results.results_rows(table, scores, "sum")
-    results.write_csv(tmp_path / "results.csv", rows)
+    write_csv(tmp_path / "results.csv", rows, float_format=".6g")
     with open(tmp_path / "results.csv") as f:
         got = list(csv.DictReader(f))
     N = cfg.data.n_nontarget
@@ -121,7 +121,7 @@ def test_demo_results_record_the_true_ratio(demo, tmp_path):
         c = int(r["poison_count"])
         assert int(r["n_rows"]) == int(r["mix_size"]) == N and float(r["ratio_all"]) == c / N
     # the statistics read the equal-size cells as the base mix (their non-target counts differ from clean's)
-    cj = report.to_json(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, n_resamples=99)))
+    cj = to_json(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, n_resamples=99)))
     s = stats.summarize(table, scores, rows, zero, cj)
     counts = sorted(cfg.grid.counts)
     assert s["thresholds"]["count"]["rationale"]["tested"] == counts
