@@ -58,18 +58,70 @@ def _without(section, name: str, ignore: Sequence[str]):
     return {f: v for f, v in section.items() if f not in drop} if drop and isinstance(section, dict) else section
 
 
-def load_base(model: str, dtype: str, base_override=None, quant: str = "none"):
+def load_base(model: str, dtype: str, base_override=None, quant: str = "none", mesh=None):
     """The study's base model as an :class:`jaxpoison.models.lm.LM`; ``base_override`` = (model cfg, params,
     tokenizer) replaces it (tests use tiny random models; its name is ``override``, fingerprint empty). ``quant``
     other than 'none' quantises the decoder layers' kernels (:mod:`jaxpoison.models.quant`); the
-    fingerprint stays that of the weights, the run's config records ``quant``."""
+    fingerprint stays that of the weights, the run's config records ``quant``.
+
+    ``mesh``: the study's resolved :class:`jaxpoison.train.mesh.MeshConfig` (:func:`resolve_mesh`). Over more
+    than one device every array goes straight into the sharding the trainer gives the base on that mesh
+    (:func:`jaxpoison.train.mesh.base_shardings`: split over ``fsdp`` and ``model``): a safetensors checkpoint
+    is read into it slice by slice, the embedded GGUF placed into it, so no device holds the whole base unless
+    the mesh says so. None or one device: this process's first device, as before."""
+    import jax
     import jax.numpy as jnp
     from jaxpoison.models.lm import LM, load_model
     from jaxpoison.models.quant import kernel_transform, quantize_base
+    from jaxpoison.train.mesh import base_shardings, make_mesh
+    jmesh = make_mesh(mesh) if mesh is not None and mesh.size > 1 else None
     if base_override is None:       # each kernel is quantised as it is placed: never the whole float base at once
-        return load_model(model, dtype, transform=None if quant == "none" else kernel_transform(quant))
+        shardings = None if jmesh is None else base_shardings(jmesh, base_abstract(model, dtype))
+        return load_model(model, dtype, sharding=shardings,
+                          transform=None if quant == "none" else kernel_transform(quant))
     mcfg, params, tok = base_override
+    if jmesh is not None:
+        params = jax.device_put(params, base_shardings(jmesh, params))
     return LM(mcfg, quantize_base(params, quant), tok, "override", "", jnp.float32)
+
+
+def base_abstract(model: str, dtype: str):
+    """The float base tree of ``model`` as ShapeDtypeStructs, from its config alone (the loader's layout)."""
+    from jaxpoison.models import hf
+    from jaxpoison.models.lm import EMBEDDED, parse_dtype
+    if model in EMBEDDED:
+        from jaxpoison.models.gguf import GGUFFile, find_embedded_gguf, gguf_config
+        mcfg = gguf_config(GGUFFile(find_embedded_gguf()))
+    else:
+        mcfg = hf.read_hf_config(hf.resolve_model_dir(model), name=model)
+    return hf.abstract_base(mcfg, parse_dtype(dtype))
+
+
+def resolve_mesh(cfg, base_override=None):
+    """The study's mesh, resolved before any weight loads, so that the base can be read straight into its shards:
+    ``cfg.mesh`` with its 'auto' axes sized as the trainer sizes them (:func:`jaxpoison.train.trainer.study_mesh`),
+    from the model's config alone, the variant count the config implies (:func:`jaxpoison.plan.shapes.study_shape`:
+    the grid's cells x seeds) and ``train.variant_chunk``. Returns (MeshConfig, the variant count it assumed);
+    (None, None) when the model's config cannot be read without its weights, or in a multi-process job (there each
+    process loads the base onto its own device and the trainer places it: evaluation runs per process)."""
+    from jaxpoison import distributed
+    from jaxpoison.plan.program import abstract_base
+    from jaxpoison.plan.shapes import study_shape
+    from jaxpoison.train.trainer import study_mesh, variant_chunks
+    if distributed.process_count() > 1:
+        return None, None
+    try:
+        shape = study_shape(cfg, *((base_override[0], "base_override") if base_override else ()))
+    except FileNotFoundError:
+        return None, None
+    chunks = variant_chunks(np.ones(shape.variants, np.int64), cfg.train)     # chunk sizes depend on V alone
+    return study_mesh(cfg.mesh, chunks, cfg.train, abstract_base(shape.cfg, cfg.dtype, cfg.quant)), shape.variants
+
+
+def train_mesh(cfg, loaded_mesh, n_assumed, n_variants: int):
+    """The mesh to train on: the one the base was loaded into when the data have the variant count it assumed
+    (the base is then already in place), else the config's own (the trainer resolves it and moves the base)."""
+    return loaded_mesh if loaded_mesh is not None and n_assumed == n_variants else cfg.mesh
 
 
 def digest(*parts) -> str:

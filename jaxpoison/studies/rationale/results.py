@@ -160,12 +160,13 @@ def generated_answers(lm, lora, table: list, test: list, groups: list, n_questio
                       progress: bool = False) -> list:
     """Greedy answers of the base and one variant per cell to the SFT prompt (question + lettered options):
     one record per (variant, question) with the text, the answer read from it and whether it is right.
-    ``lora`` is the scoring stack (row 0 = the base as a zero adapter, row v + 1 = variant v)."""
+    ``lora``: the study's stacked adapters (row v = variant v); the base (id -1) answers as a zero row of its
+    generation chunk, so no zero adapter is stacked in front of them."""
     from jaxpoison.data.prompts import mcq_prompt
-    from jaxpoison.eval.generate_variants import generate_text_variants, take_variants
+    from jaxpoison.eval.generate_variants import generate_text_variants
     vids, qs = generation_plan(table, test, groups, n_questions)
     prompts = [mcq_prompt(test[q]) for q in qs]
-    out = generate_text_variants(lm, prompts, take_variants(lora, [v + 1 for v in vids]),
+    out = generate_text_variants(lm, prompts, lora, variants=vids,
                                  max_new_tokens=max_new_tokens, batch_size=min(32, len(prompts)),
                                  progress=progress, desc=f"generate {len(vids)} models x {len(prompts)} questions")
     recs = []

@@ -47,7 +47,9 @@ def run(cfg: RationaleConfig, out_dir: pathlib.Path, resume: bool = True, progre
     t_start, timing = time.time(), {}
     out = common.prepare(out_dir, NAME, to_json(cfg), resume, ("checkpoints", "scores.npz"))
     t = time.time()
-    lm = common.load_base(cfg.model, cfg.dtype, base_override, cfg.quant)
+    # the mesh before any weight loads: each array of the base is read straight into its shards on it
+    mesh, n_assumed = common.resolve_mesh(cfg, base_override)
+    lm = common.load_base(cfg.model, cfg.dtype, base_override, cfg.quant, mesh=mesh)
     mcfg, base, tok, base_name, fp, dtype = lm.cfg, lm.params, lm.tokenizer, lm.name, lm.fingerprint, lm.dtype
     timing["load_model_s"] = time.time() - t
 
@@ -80,7 +82,8 @@ def run(cfg: RationaleConfig, out_dir: pathlib.Path, resume: bool = True, progre
     sd = StudyData(inp.pool.tokens, inp.pool.loss_mask, inp.pool.attn_mask, vt.rows, vt.n_rows, vt.table,
                    inp.pool.data_hash)
     result = train_study(base, st, sd, run_dir=str(out), resume=resume, progress=progress, base_name=base_name,
-                         base_fingerprint=fp, meta_extra={"study": NAME, "config": to_json(cfg)}, mesh=cfg.mesh)
+                         base_fingerprint=fp, meta_extra={"study": NAME, "config": to_json(cfg)},
+                         mesh=common.train_mesh(cfg, mesh, n_assumed, len(vt)))
     timing["train_s"] = time.time() - t
     timing["train_steps"] = result.steps
     timing["train_tokens"] = int(len(vt) * result.steps * tcfg.rows_per_update * inp.pool.stats["T"])
@@ -95,10 +98,9 @@ def run(cfg: RationaleConfig, out_dir: pathlib.Path, resume: bool = True, progre
         z = np.load(sf, allow_pickle=False)
         cached = z if str(z["key"]) == key else None
     if cached is None:
-        # the zero-shot base rides along as one more adapter whose b is zero (x @ a @ 0 adds exactly 0), so the
-        # whole evaluation is one compiled program
-        lora = common.base_first(result.lora)
-        sc = score_options(base, mcfg, mc, lora, lora_scale=cfg.lora.scale, dtype=dtype,
+        # row 0 is the zero-shot base (scored once, adapter term off), rows 1.. the variants, read from the
+        # trained adapters where they lie one eval.variant_chunk at a time (no copy of them all)
+        sc = score_options(base, mcfg, mc, result.lora, with_base=True, lora_scale=cfg.lora.scale, dtype=dtype,
                            batch_questions=cfg.eval.batch_questions, calibrate=True, progress=progress,
                            variant_chunk=cfg.eval.variant_chunk, desc=f"score base + {len(vt)} variants")
         if writer:         # every process scored (the same adapters, on its own devices); one saves
@@ -110,8 +112,7 @@ def run(cfg: RationaleConfig, out_dir: pathlib.Path, resume: bool = True, progre
     if cfg.eval.gen_questions and not (resume and gf.exists() and json.loads(gf.read_text()).get("key") == key):
         from jaxpoison.studies.rationale.results import generated_answers
         t = time.time()
-        lora = common.base_first(result.lora)
-        recs = generated_answers(lm, lora, vt.table, inp.test, list(groups), cfg.eval.gen_questions,
+        recs = generated_answers(lm, result.lora, vt.table, inp.test, list(groups), cfg.eval.gen_questions,
                                  cfg.eval.gen_tokens, progress)
         if writer:
             gf.write_text(json.dumps({"key": key, "records": recs}, indent=1))

@@ -159,7 +159,22 @@ def test_sharded_chunked_run_equals_the_unsharded_run(run_dir, tmp_path, monkeyp
     for o in ("mesh.variant=2", "mesh.fsdp=2", "train.variant_chunk=6"):
         cfg = apply_override(cfg, o)
     base = init_params(CFG_M, jax.random.PRNGKey(0))
+    from jaxpoison.train import trainer
+    from jaxpoison.train.mesh import base_shardings, make_mesh
+    real, got = trainer.train_study, {}
+
+    def spy(b, *a, **k):      # the base as loaded: already in the trainer's shards on the study mesh
+        got["base"], got["mesh"] = b, k["mesh"]
+        return real(b, *a, **k)
+
+    monkeypatch.setattr(trainer, "train_study", spy)
     assert run.run(cfg, tmp_path, progress=False, base_override=(CFG_M, base, tiny_tokenizer())) == 0
+    assert got["mesh"].shape == (2, 1, 2, 1)
+    want = base_shardings(make_mesh(got["mesh"]), got["base"])
+    assert [x.sharding for x in jax.tree.leaves(got["base"])] == jax.tree.leaves(want)
+    q = got["base"]["layers"]["q"]["kernel"]
+    assert {s.data.shape for s in q.addressable_shards} == {want["layers"]["q"]["kernel"].shard_shape(q.shape)}
+    assert "fsdp" in str(q.sharding.spec) and q.addressable_shards[0].data.size < q.size
     a, b = np.load(run_dir / "scores.npz"), np.load(tmp_path / "scores.npz")
     assert np.abs(a["sum"][1:] - a["sum"][:1]).max() > 1e-3        # training moved the scores off the base's
     for k in ("sum", "uncond"):
