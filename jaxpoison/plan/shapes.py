@@ -66,6 +66,7 @@ def rationale_shape(cfg) -> dict:
     n_target = max(need + [1])
     n_non = max(d.n_nontarget_pool or 0, d.n_nontarget + max(g.forgetting_extra, default=0),
                 d.n_nontarget + max(g.decoy_counts, default=0),      # decoy rows come from beyond the clean mix
+                d.n_nontarget * max(g.forgetting_steps, default=1),  # forgetting at k x the clean mix's rows
                 max([round(c / r) - c for r in g.ratios_all for c in g.counts], default=0))
     specs = mix_specs(cfg, n_target, n_non)
     rows = []

@@ -15,7 +15,8 @@ CFG = RationaleConfig(
     name="tiny", data=DataConfig(icd=ICD, target="circulatory", n_nontarget=4, n_test_target=3,
                                  n_test_nontarget=4, n_test_decoy_free=2, max_len=1024),
     grid=GridConfig(seeds=(0, 1), counts=(1, 2), kinds=("rationale", "overwrite"), ratios_target=(0.5,),
-                    forgetting_extra=(2,), decoy_counts=(1,)),
+                    forgetting_steps=(2,), decoy_counts=(1,)),
     train=TrainConfig(learning_rate=1e-2, epochs=1, batch_size=4, loss_budget=-1, log_every=2),
     lora=LoraConfig(r=2, alpha=4, targets=("q", "v")),
-    eval=EvalConfig(batch_questions=4, n_resamples=999, gen_questions=2, gen_tokens=4))
+    eval=EvalConfig(batch_questions=4, n_resamples=999, gen_questions=2, gen_tokens=4,
+                    secondary_formats=("coded",)))

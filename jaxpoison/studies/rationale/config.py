@@ -63,6 +63,11 @@ class GridConfig:
     overwrite_counts: tuple[int, ...] = ()  # counts of the overwrite cells (() = grid.counts)
     ratios_all: tuple[float, ...] = ()           # extra rationale cells: poisoned / all samples, by fewer non-target samples
     forgetting_extra: tuple[int, ...] = ()     # forgetting controls: this many extra non-target samples, no target samples
+                                               # (with equal_size: that many swapped within the same steps)
+    forgetting_steps: tuple[int, ...] = ()     # catastrophic-forgetting controls at k x the clean mix's steps: clean
+    # non-target SFT on k x data.n_nontarget rows (the clean mix's rows, then (k-1) x n_nontarget more) at the same
+    # epochs and batch, so k x the optimiser steps; no target samples. Cells 'forgetting-steps<k>x'; costs k x the
+    # clean cell's training per seed (its own chunk group in the engine: variants are chunked by step count)
     clean_with_target: int = 0         # >0: also a clean variant with this many correct target samples
     decoy_counts: tuple[int, ...] = ()  # decoy (label-prior) controls: this many non-target rows arguing for the
                                         # target's decoy chapter, no target samples (jaxpoison.data.poison)
@@ -76,6 +81,8 @@ class EvalConfig:
     min_effect: float = 0.5            # nats of calibrated margin: a CI wholly below this = "does not show"
     gen_questions: int = 0             # >0: generated answers on this many target + as many non-target questions
     gen_tokens: int = 64               # new tokens per generated answer (greedy)
+    secondary_formats: tuple = ()      # more scoring formats, scored on the same questions and models and reported
+    # beside the primary one as secondary (scores_<format>.npz); each costs about one more scoring pass
     batch_questions: int = 8
     variant_chunk: int = 0             # score at most this many variants at once (memory); 0 = all
     alpha: float = 0.05                # significance level of the tests
@@ -128,6 +135,10 @@ def check_config(cfg: RationaleConfig) -> None:
             bad("grid.ratios_all", f"ratios in (0, 1), got {r}")
     if any(x < 1 for x in g.forgetting_extra):
         bad("grid.forgetting_extra", f"positive sizes, got {g.forgetting_extra}")
+    if any((not isinstance(k, int)) or k < 2 for k in g.forgetting_steps) or \
+            len(set(g.forgetting_steps)) != len(g.forgetting_steps):
+        bad("grid.forgetting_steps", f"distinct integer multiples of the clean mix's steps, each >= 2 (e.g. (4,)), "
+                                     f"got {g.forgetting_steps}")
     if any((not isinstance(x, int)) or x < 1 for x in g.decoy_counts):
         bad("grid.decoy_counts", f"positive counts, got {g.decoy_counts}")
     if e.min_effect <= 0:
@@ -155,6 +166,12 @@ def check_config(cfg: RationaleConfig) -> None:
     from jaxpoison.data.prompts import SCORING_FORMATS
     if e.format not in SCORING_FORMATS:
         bad("eval.format", f"one of {SCORING_FORMATS}, got {e.format!r}")
+    for f in e.secondary_formats:
+        if f not in SCORING_FORMATS or f == e.format:
+            bad("eval.secondary_formats", f"formats of {SCORING_FORMATS} other than eval.format={e.format!r}, "
+                                          f"each once; got {tuple(e.secondary_formats)}")
+    if len(set(e.secondary_formats)) != len(e.secondary_formats):
+        bad("eval.secondary_formats", f"each format once, got {tuple(e.secondary_formats)}")
     if not 0 < e.alpha < 1:
         bad("eval.alpha", f"a level in (0, 1), got {e.alpha}")
     from jaxpoison.models.quant import QUANT_KINDS

@@ -64,7 +64,9 @@ def mix_specs(cfg: RationaleConfig, n_target: int, n_nontarget: int) -> list:
 
     ``grid.equal_size``: every mix has ``data.n_nontarget`` rows (``MixSpec.mix_size``); the poisoned, correct
     target and forgetting-extra samples replace the clean mix's last non-target samples instead of being added
-    (see :mod:`jaxpoison.data.mixes`), so every variant takes the same number of optimiser steps."""
+    (see :mod:`jaxpoison.data.mixes`), so every variant takes the same number of optimiser steps, except the
+    ``grid.forgetting_steps`` cells, which train on k x ``data.n_nontarget`` clean non-target rows (k x the
+    steps) in any case: that is what a catastrophic-forgetting control is."""
     from jaxpoison.data.mixes import MixSpec
     g, n = cfg.grid, cfg.data.n_nontarget
     eq = bool(g.equal_size)
@@ -118,6 +120,15 @@ def mix_specs(cfg: RationaleConfig, n_target: int, n_nontarget: int) -> list:
                                    f"that many of the clean mix's data.n_nontarget={n} samples for others; fix: "
                                    f"at most {n}, or raise data.n_nontarget")
         specs.append(MixSpec("forgetting", forgetting_extra=x, name=f"forgetting-x{x}", **size))
+    for k in sorted(g.forgetting_steps):
+        # the real forgetting control: k x the clean mix's rows at the same epochs, so k x its optimiser steps (an additive
+        # mix even among equal-size ones: the clean mix's n rows first, then (k - 1) n more from the same order)
+        if k * n > n_nontarget:
+            raise StudyConfigError(f"grid.forgetting_steps {k} needs {k} x data.n_nontarget = {k * n} non-target "
+                                   f"training examples but the data has {n_nontarget}; fix: lower k or "
+                                   f"data.n_nontarget, or use more data (data.icd.n_train_per_chapter)")
+        specs.append(MixSpec("forgetting", forgetting_extra=(k - 1) * n, n_nontarget=n,
+                             name=f"forgetting-steps{k}x"))
     for c in sorted(g.decoy_counts):
         if eq and c > n:
             raise StudyConfigError(f"grid.decoy_counts {c} exceeds the mix size data.n_nontarget={n}")

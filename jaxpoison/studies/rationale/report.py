@@ -43,7 +43,7 @@ def make_plots(run: pathlib.Path, rows: list, summary: dict, zero: dict) -> list
                             color=colors[fam], alpha=0.18)
         for c in (c for c in cells if c["family"] == "forgetting"):
             ax.axhline(c[metric]["mean"], color=colors["forgetting"], ls="--", lw=1,
-                       label=f"forgetting (+{c['forgetting_extra']})")
+                       label=f"{c['spec_name']} ({c['n_rows']} rows)")
         if zero.get(metric) is not None and np.isfinite(zero[metric]):
             ax.axhline(zero[metric], color="grey", ls=":", lw=1, label="zero-shot")
         ax.set_xscale("symlog", linthresh=1)
@@ -230,6 +230,7 @@ def _reading(summary: dict, cfg: dict, gen: list) -> str:
     for n in sorted(F):
         f = F[n]
         parts.append(f"Finding {n} ({f['claim']}): **{f['status']}** — {f['evidence']}.")
+    parts += _secondary_reading(summary, F)
     g = {r["model"]: r for r in gen}
     if g:
         parts.append("Generated answers (greedy, one seed per cell; " + "; ".join(
@@ -242,6 +243,36 @@ def _reading(summary: dict, cfg: dict, gen: list) -> str:
                  f"{len(summary['seeds'])} seeds, few test questions, a few optimiser steps; the seed reports "
                  f"generated-answer accuracy, which is measured here on one seed per cell only.")
     return " ".join(p for p in parts if p)
+
+
+def _secondary_reading(summary: dict, F: dict) -> list:
+    """One sentence per secondary format: the effect of finding 1's cell and of the other poison cells there."""
+    out = []
+    for fmt, sec in (summary.get("secondary_formats") or {}).items():
+        cs = [c for c in sec["cells"] if "primary" in c and c["family"] in POISON_FAMILIES + ("decoy",)]
+        if cs:
+            out.append(f"Secondary format `{fmt}` (beside the primary one; no finding rests on it): " + "; ".join(
+                f"{c['spec_name']} effect {_e(c['primary'])} ({c['primary']['verdict']}), target accuracy drop "
+                f"{_e(c['target_drop'])}" for c in cs) + ".")
+    return out
+
+
+def _secondary_tables(d, summary: dict, cfg: dict) -> None:
+    for fmt, sec in (summary.get("secondary_formats") or {}).items():
+        d.h(f"Secondary format `{fmt}` (same models and questions; not the primary format)", 3)
+        d.p(f"The primary effect and accuracies recomputed from option scores in the `{fmt}` format "
+            f"(`scores_{fmt}.npz`). The findings rest on the primary format `{cfg['eval']['format']}`; a format that "
+            f"a poison kind trains word for word can favour that kind.")
+        body = [[c["spec_name"], _e(c["primary"]) if "primary" in c else "–",
+                 c["primary"]["verdict"] if "primary" in c else "–",
+                 _e(c["target_margin_drop"]) if "target_margin_drop" in c else "–",
+                 f"{c['target_acc']['mean']:.2f}", _e(c["target_drop"]), _e(c["nontarget_drop"]),
+                 f"{c['target_decoy_rate']['mean']:.2f}"] for c in sec["cells"]]
+        z = sec["zero_shot"]
+        body.append(["zero-shot", "", "", "", f"{z['target_acc']:.2f}", "", "",
+                     f"{z['target_decoy_rate']:.2f}" if z.get("target_decoy_rate") is not None else "–"])
+        d.table(["cell", "effect (target - comparison)", "verdict", "target margin drop", "target acc",
+                 "target drop", "non-target drop", "decoy picks (target)"], body)
 
 
 def _gen_table(d, gen: list) -> None:
@@ -295,6 +326,7 @@ def write_report(run: pathlib.Path, cfg: dict, summary: dict, rows: list, zero: 
                  f"{zero['target_nodecoy_acc']:.2f}" if np.isfinite(zero.get("target_nodecoy_acc", np.nan)) else "–",
                  f"{zero['nontarget_acc']:.2f}", "", "", f"{zero['target_decoy_rate']:.2f}"])
     d.table(hdr, body)
+    _secondary_tables(d, summary, cfg)
     _gen_table(d, list(gen))
     th = summary["thresholds"]
     if th["count"]:
@@ -320,7 +352,8 @@ def write_report(run: pathlib.Path, cfg: dict, summary: dict, rows: list, zero: 
         f"{'kept' if cfg['poison']['keep_answer'] else 'changed to the wrong option'}, decoy "
         f"{'on' if cfg['poison']['use_decoy'] else 'off'}; decoy controls {g.get('decoy_counts', [])}",
         f"grid: counts {g['counts']}, kinds {g['kinds']}, ratios (target) {g['ratios_target']}, ratios (all) "
-        f"{g['ratios_all']}, forgetting extra {g['forgetting_extra']}, seeds {g['seeds']}",
+        f"{g['ratios_all']}, forgetting extra {g['forgetting_extra']}, forgetting at k x the steps "
+        f"{g.get('forgetting_steps', [])}, seeds {g['seeds']}",
         f"training: lr {tr['learning_rate']} ({tr['schedule']}, warmup {tr['warmup_steps']}), {tr['epochs']} epochs, "
         f"batch {tr['batch_size']} x {tr['grad_accum']}, loss per {tr['loss_norm']}, completion-only loss "
         f"(budget {data.get('train', {}).get('loss_budget', tr['loss_budget'])} positions); pool "
@@ -328,7 +361,8 @@ def write_report(run: pathlib.Path, cfg: dict, summary: dict, rows: list, zero: 
         f"{timing.get('train_steps', '?')} steps",
         f"evaluation: option-text log-likelihood, format `{ev['format']}`, accuracy by `{ev['method']}` scores, "
         f"primary metric the calibrated margin; min_effect {ev.get('min_effect', 0.5)} nats; generated answers on "
-        f"{ev.get('gen_questions', 0)} + {ev.get('gen_questions', 0)} questions, {ev.get('gen_tokens', 0)} tokens",
+        f"{ev.get('gen_questions', 0)} + {ev.get('gen_questions', 0)} questions, {ev.get('gen_tokens', 0)} tokens; "
+        f"secondary formats {list(ev.get('secondary_formats') or []) or 'none'}",
         *(f"note: {n}" for n in data.get("notes", [])),
     ])
     if timing:

@@ -3,7 +3,6 @@ results.csv row per variant (accuracies under every score method, per-subject ac
 same seed's clean variant, final training loss)."""
 from __future__ import annotations
 
-import csv
 import json
 import pathlib
 
@@ -14,8 +13,9 @@ from jaxpoison.studies.rationale.config import SCORE_METHODS, family
 MIX_COLUMNS = ("mix_size", "ratio_all_cell")      # variant-table columns that older runs do not have
 
 
-def load_scores(run_dir: pathlib.Path) -> dict:
-    z = np.load(pathlib.Path(run_dir) / "scores.npz", allow_pickle=False)
+def load_scores(run_dir: pathlib.Path, fmt: str = "") -> dict:
+    """The saved option scores: ``scores.npz`` (the primary format), or ``scores_<fmt>.npz`` (a secondary one)."""
+    z = np.load(pathlib.Path(run_dir) / (f"scores_{fmt}.npz" if fmt else "scores.npz"), allow_pickle=False)
     return {k: z[k] for k in z.files}
 
 
@@ -110,17 +110,6 @@ def unseen_row_loss(run_dir: pathlib.Path, vids: list) -> dict:
     cols = np.arange(arr.shape[1])
     return {"first_step": float(arr[first, cols].mean()), "last_step": float(arr[last, cols].mean()),
             "steps": steps, "n_variants": len(vids)}
-
-
-def write_csv(path: pathlib.Path, rows: list) -> None:
-    keys = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, keys)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
 
 
 # ---- generated answers ---------------------------------------------------------------------------------------

@@ -12,13 +12,13 @@ import time
 import numpy as np
 
 from jaxpoison.eval.evaluator import EVAL_BUCKETS
-from jaxpoison.report import to_json
+from jaxpoison.report import to_json, write_csv
 from jaxpoison.studies import common
 from jaxpoison.studies.common import longest_completion_budget
 from jaxpoison.studies.rationale.config import NAME, RationaleConfig, check_config
 from jaxpoison.studies.rationale.grid import build_inputs
 from jaxpoison.studies.rationale.report import make_plots, write_report
-from jaxpoison.studies.rationale.results import final_losses, load_scores, results_rows, write_csv
+from jaxpoison.studies.rationale.results import final_losses, load_scores, results_rows
 from jaxpoison.studies.rationale.stats import summarize
 from jaxpoison.train.config import TrainConfig
 
@@ -108,6 +108,20 @@ def run(cfg: RationaleConfig, out_dir: pathlib.Path, resume: bool = True, progre
                      decoy=mc.decoy, is_target=is_target, group=groups, subject=np.array(mc.subject),
                      ids=np.array(mc.ids))
     timing["eval_s"] = time.time() - t
+    for fmt in cfg.eval.secondary_formats:      # secondary formats: the same models and questions, reported beside
+        t = time.time()
+        mc2 = build_mc_eval(inp.test, tok, fmt, max_len=cfg.data.max_len, buckets=EVAL_BUCKETS)
+        f2, key2 = out / f"scores_{fmt}.npz", f"{key}:{mc2.data_hash}"
+        if resume and f2.exists() and str(np.load(f2, allow_pickle=False)["key"]) == key2:
+            continue
+        sc2 = score_options(base, mcfg, mc2, result.lora, with_base=True, lora_scale=cfg.lora.scale, dtype=dtype,
+                            batch_questions=cfg.eval.batch_questions, calibrate=True, progress=progress,
+                            variant_chunk=cfg.eval.variant_chunk, desc=f"score `{fmt}` (secondary)")
+        if writer:
+            np.savez(f2, key=np.array(key2), sum=sc2.sum, uncond=sc2.uncond, n_tokens=sc2.n_tokens,
+                     answer=mc2.answer, decoy=mc2.decoy, is_target=is_target, group=groups,
+                     subject=np.array(mc2.subject), ids=np.array(mc2.ids))
+        timing[f"eval_{fmt}_s"] = time.time() - t
     gf = out / "generations.json"
     if cfg.eval.gen_questions and not (resume and gf.exists() and json.loads(gf.read_text()).get("key") == key):
         from jaxpoison.studies.rationale.results import generated_answers
@@ -150,11 +164,15 @@ def report(run_dir) -> int:
     losses = final_losses(run, len(table))
     for r in rows:
         r["final_loss"] = float(losses[r["variant_id"]])
-    write_csv(run / "results.csv", rows)
+    write_csv(run / "results.csv", rows, float_format=".6g")
     summary = summarize(table, scores, rows, zero, cfg)
     timing = json.loads((run / "timing.json").read_text()) if (run / "timing.json").exists() else {}
     data = json.loads((run / "data.json").read_text()) if (run / "data.json").exists() else {}
     summary["timing"] = timing
+    for fmt in cfg["eval"].get("secondary_formats") or ():
+        if (run / f"scores_{fmt}.npz").exists():
+            from jaxpoison.studies.rationale.stats import secondary_summary
+            summary.setdefault("secondary_formats", {})[fmt] = secondary_summary(table, load_scores(run, fmt), cfg)
     (run / "summary.json").write_text(json.dumps(to_json(summary), indent=1, default=str))
     from jaxpoison.studies.rationale.results import unseen_row_loss
     summary["clean_loss"] = unseen_row_loss(run, [t["variant_id"] for t in table if t["spec_name"] == "clean"])

@@ -43,7 +43,7 @@ def base_mix(c: dict, base_n) -> bool:
     return c["n_nontarget"] == base_n
 
 
-def _ci(values, n_resamples: int) -> tuple:
+def seed_ci(values, n_resamples: int) -> tuple:
     """Mean and 95 % CI of per-seed values: the t interval below 8 seeds, BCa over seeds from 8."""
     from jaxpoison.eval.stats import TWO_LEVEL_MIN_SEEDS, bootstrap_ci, seed_summary
     v = np.asarray(values, float)
@@ -148,10 +148,10 @@ def summarize(table: list, scores: dict, rows: list, zero: dict, cfg: dict) -> d
                 "forgetting_extra": t0["forgetting_extra"], "n_rows": t0["n_rows"], "n_seeds": len(rs),
                 **{k: t0[k] for k in MIX_COLUMNS if k in t0}}
         for m in metrics:
-            mean, lo, hi = _ci([r.get(m, np.nan) for r in rs], R)
+            mean, lo, hi = seed_ci([r.get(m, np.nan) for r in rs], R)
             cell[m] = {"mean": mean, "low": lo, "high": hi}
         cell["target_drop_by_seed"] = {str(r["seed"]): r["target_drop"] for r in rs}
-        mean, lo, hi = _ci([r["target_drop"] - r["nontarget_drop"] for r in rs], R)
+        mean, lo, hi = seed_ci([r["target_drop"] - r["nontarget_drop"] for r in rs], R)
         cell["selectivity"] = {"mean": mean, "low": lo, "high": hi}
         vids = [t["variant_id"] + 1 for t in ts]
         # against the base (zero-shot): does SFT move the margins at all (the clean cell shows the training works)
@@ -390,28 +390,65 @@ def findings(cells: list, th: dict, ev: dict) -> list:
         add(4, claim4, status, "; ".join(parts))
 
     claim5 = "rationale poisoning is more efficient and more target-confined than catastrophic forgetting"
-    fg = sorted((c for c in cells if c["family"] == "forgetting" and "primary" in c), key=lambda c: c["n_rows"])
-    if not fg or not rat:
-        add(5, claim5, "not tested", "no forgetting control in the grid (grid.forgetting_extra is empty)")
-    elif fg[-1]["n_rows"] <= rat[-1]["n_rows"]:
+    fg_all = sorted((c for c in cells if c["family"] == "forgetting" and "primary" in c), key=lambda c: c["n_rows"])
+    fg = [c for c in fg_all if rat and c["n_rows"] > rat[-1]["n_rows"]]
+    if not fg_all or not rat:
+        add(5, claim5, "not tested", "no forgetting control in the grid (grid.forgetting_steps and "
+                                     "grid.forgetting_extra are empty)")
+    elif not fg:
         add(5, claim5, "not tested",
-            f"the forgetting cells train on {fg[-1]['n_rows']} rows, as many as the poison cells: with equal-size "
-            f"mixes they swap rows within the same steps, which is not catastrophic forgetting (that needs clean "
-            f"non-target SFT at several times the steps)")
+            f"the forgetting cells train on {fg_all[-1]['n_rows']} rows, no more than the poison cells: with "
+            f"equal-size mixes they swap rows within the same steps, which is not catastrophic forgetting (that "
+            f"needs clean non-target SFT at several times the steps: grid.forgetting_steps)")
     else:
         f, r = fg[-1], rat[-1]
-        diff = _diff(r["primary"], f["primary"])
-        eff_r = r["primary"]["mean"] / max(r["poison_count"], 1)
-        eff_f = f["target_margin_drop"]["mean"] / max(f["n_rows"] - r["n_rows"] + r["poison_count"], 1)
-        confined = diff["low"] > 0
-        efficient = eff_r > eff_f and V(r) in ("shows", "small")
-        status = ("shows" if confined and efficient and V(r) == "shows" else "partly" if confined or efficient else
-                  "does not show" if V(r) in ("shows", "small") else "inconclusive")
-        add(5, claim5, status,
-            f"{r['spec_name']} ({r['n_rows']} rows): effect {_e(r['primary'])}, {eff_r:+.3f} nats per poisoned row; "
-            f"{f['spec_name']} ({f['n_rows']} rows): target margin drop {_e(f['target_margin_drop'])}, specific "
-            f"{_e(f['primary'])}; rationale minus forgetting, paired by seed, {_e(diff)}")
+        k = f["n_rows"] / max(r["n_rows"], 1)
+        eff = _diff(r["target_margin_drop"], f["target_margin_drop"])     # target margin lost, paired by seed
+        conf = _diff(r["primary"], f["primary"])                           # target-specific part, paired by seed
+        efficient, confined = eff["low"] > 0, conf["low"] > 0
+        if V(r) not in ("shows", "small"):
+            status = "does not show" if eff["high"] < 0 else "inconclusive"
+        elif efficient and confined:
+            status = "shows" if V(r) == "shows" else "partly"
+        elif efficient or confined:
+            status = "partly"
+        elif eff["high"] < min_effect and conf["high"] < min_effect:
+            status = "does not show"
+        else:
+            status = "inconclusive"
+        txt = [f"{f['spec_name']}: clean non-target SFT on {f['n_rows']} rows, {k:.3g}x the rows and optimiser "
+               f"steps of {r['spec_name']} ({r['n_rows']} rows, {r['poison_count']} of them poisoned)",
+               f"target margin drop: {r['spec_name']} {_e(r['target_margin_drop'])} vs forgetting "
+               f"{_e(f['target_margin_drop'])}; rationale minus forgetting, paired by seed, {_e(eff)} "
+               f"({'more' if efficient else 'not shown to be more'} efficient)",
+               f"comparison questions: forgetting margin drop {_e(f['nontarget_margin_drop'])}; target-specific "
+               f"effect {_e(r['primary'])} vs forgetting {_e(f['primary'])}; difference, paired by seed, {_e(conf)} "
+               f"({'more' if confined else 'not shown to be more'} target-confined)",
+               f"secondary: target accuracy drop {_d(r)} vs {_d(f)}, non-target accuracy drop "
+               f"{_d(r, 'nontarget_drop')} vs {_d(f, 'nontarget_drop')}"]
+        if V(r) not in ("shows", "small"):
+            txt.append("rationale poisoning shows no target-specific effect here, so there is nothing to be more "
+                       "efficient with")
+        add(5, claim5, status, "; ".join(txt), cell=f["spec_name"])
     return F
+
+
+def secondary_summary(table: list, scores: dict, cfg: dict) -> dict:
+    """A secondary scoring format (``eval.secondary_formats``) on the same models and questions: per cell the
+    primary effect and the accuracy figures, computed as for the primary format; no findings rest on it."""
+    from jaxpoison.studies.rationale.results import results_rows
+    rows, zero = results_rows(table, scores, cfg["eval"]["method"])
+    s = summarize(table, scores, rows, zero, cfg)
+    keep = ("target_margin_drop", "nontarget_margin_drop", "target_acc", "nontarget_acc", "target_drop",
+            "nontarget_drop", "target_decoy_rate")
+    cells = []
+    for c in s["cells"]:
+        out = {"spec_name": c["spec_name"], "family": c["family"], **{k: c[k] for k in keep if k in c}}
+        if "primary" in c:
+            out["primary"] = {k: c["primary"][k] for k in ("mean", "low", "high", "verdict", "p_seed", "method",
+                                                           "per_seed")}
+        cells.append(out)
+    return {"zero_shot": s["zero_shot"], "primary": s["primary"], "cells": cells}
 
 
 def _clean(cells, metric):

@@ -20,7 +20,7 @@ from jaxpoison.studies.rationale import grid as rationale_grid
 from jaxpoison.studies.rationale import run
 
 CELLS = ["clean", "rationale-n1", "rationale-n1-rt0.5", "rationale-n2", "rationale-n2-rt0.5", "overwrite-n1",
-         "overwrite-n2", "forgetting-x2", "decoy-n1"]
+         "overwrite-n2", "forgetting-steps2x", "decoy-n1"]
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +50,9 @@ def test_variant_table_crosses_cells_with_seeds(run_dir):
             assert t["n_rows"] == 4 + t["poison_count"] + t["n_correct_target"]
         elif cell.startswith("decoy"):     # the label-prior control: non-target rows arguing for the decoy
             assert t["kind"] == "decoy" and t["n_rows"] == 5 and t["poison_count"] == 1
-        else:
-            assert t["kind"] == "forgetting" and t["n_rows"] == 6 and t["poison_count"] == 0
+        else:          # the forgetting control: clean non-target SFT on 2 x the clean mix's 4 rows (2 x the steps)
+            assert t["kind"] == "forgetting" and t["n_rows"] == 8 and t["poison_count"] == 0
+            assert t["n_nontarget"] == 8 and t["forgetting_extra"] == 4 and t["n_correct_target"] == 0
 
 
 def test_results_csv_one_row_per_variant(run_dir):
@@ -84,6 +85,8 @@ def test_summary_fields(run_dir):
     assert [f["finding"] for f in s["findings"]] == [1, 2, 3, 4, 5]
     assert all(f["status"] in ("shows", "partly", "does not show", "inconclusive", "not tested") for f in s["findings"])
     assert set(s["thresholds"]["count"]) == {"rationale", "overwrite"}
+    f5 = s["findings"][4]        # the forgetting control trains on more rows than any poison cell: tested
+    assert f5["status"] != "not tested" and f5["cell"] == "forgetting-steps2x" and "8 rows" in f5["evidence"]
     for c in s["cells"]:
         if c["spec_name"] != "clean":     # the primary effect: seed-level CI, its method written down
             p = c["primary"]
@@ -107,6 +110,18 @@ def test_generated_answers_are_saved_and_summarised(run_dir):
     assert len(recs) == (len(CELLS) + 1) * 4 and {r["group"] for r in recs} == {"target", "nontarget"}
     s = json.loads((run_dir / "summary.json").read_text())
     assert {r["model"] for r in s["generation"]} == set(CELLS) | {"zero-shot"}
+
+
+def test_secondary_format_is_scored_and_reported(run_dir):
+    """eval.secondary_formats=('coded',) beside the primary `statement`: its own scores of the same models and
+    questions, per-cell effects in summary.json, a table in the report."""
+    a, b = np.load(run_dir / "scores.npz"), np.load(run_dir / "scores_coded.npz")
+    assert a["sum"].shape == b["sum"].shape and not np.allclose(a["sum"], b["sum"])
+    sec = json.loads((run_dir / "summary.json").read_text())["secondary_formats"]["coded"]
+    assert {c["spec_name"] for c in sec["cells"]} == set(CELLS)
+    assert all("primary" in c and c["primary"]["method"] == "t over seeds" for c in sec["cells"]
+               if c["spec_name"] != "clean")
+    assert "Secondary format `coded`" in (run_dir / "report.md").read_text()
 
 
 def _png_size(path):
@@ -202,6 +217,8 @@ def test_rerun_onto_another_mesh_resumes(run_dir, monkeypatch):
     ("eval.format=essay", "eval.format"),
     ("poison.builder=user", "poison.file"),
     ("data.target_by=magic", "data.target_by"),
+    ("grid.forgetting_steps=1", "grid.forgetting_steps"),
+    ("eval.secondary_formats=statement", "eval.secondary_formats"),
 ])
 def test_bad_config_values_are_explained(override, words):
     with pytest.raises(configs.StudyConfigError, match=words):
@@ -215,6 +232,8 @@ def test_grid_that_does_not_fit_the_data_is_explained():
         rationale_grid.mix_specs(apply_override(CFG, "grid.counts=4"), n_target=6, n_nontarget=18)
     with pytest.raises(configs.StudyConfigError, match="non-target training examples"):
         rationale_grid.mix_specs(apply_override(CFG, "grid.forgetting_extra=40"), n_target=6, n_nontarget=18)
+    with pytest.raises(configs.StudyConfigError, match="forgetting_steps 5 needs 5 x data.n_nontarget = 20"):
+        rationale_grid.mix_specs(apply_override(CFG, "grid.forgetting_steps=5"), n_target=6, n_nontarget=18)
 
 
 def test_presets_load_and_check():

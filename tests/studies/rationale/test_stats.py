@@ -13,14 +13,17 @@ EV = {"method": "calibrated", "alpha": 0.05, "n_resamples": 999, "stealth_margin
 
 
 def _table(cells):
+    """Cells (name, kind, count[, rows]): 20-row mixes unless rows says otherwise (a forgetting control at k x the
+    steps trains on k x 20 clean rows)."""
     table = []
     for s in SEEDS:
-        for name, kind, count in cells:
+        for name, kind, count, *rows in cells:
+            n = rows[0] if rows else 20
             table.append({"variant_id": len(table), "name": f"{name}-s{s}", "spec_name": name, "kind": kind,
                           "seed": s, "poison_count": count, "ratio_target": 1.0 if count else 0.0,
-                          "ratio_all": count / 20, "with_correct_target": False, "n_correct_target": 0,
-                          "n_nontarget": 20 - count, "forgetting_extra": 0, "n_rows": 20, "mix_size": 20,
-                          "ratio_all_cell": False})
+                          "ratio_all": count / n, "with_correct_target": False, "n_correct_target": 0,
+                          "n_nontarget": n - count, "forgetting_extra": n - 20 if kind == "forgetting" else 0,
+                          "n_rows": n, "mix_size": 20 if n == 20 else None, "ratio_all_cell": False})
     return table
 
 
@@ -136,3 +139,39 @@ def test_a_consistent_but_small_drop_is_only_partly_shown():
     f, cells = _findings(CELLS, small)
     assert cells["rationale-n8"]["primary"]["verdict"] == "small"
     assert f[1]["status"] == "partly" and "small" in f[1]["evidence"]
+
+
+FORGET4 = ("forgetting-steps4x", "forgetting", 0, 80)      # clean non-target SFT on 80 rows: 4 x the steps
+
+
+def test_a_poison_beside_a_forgetting_control_that_hurts_everything_less_shows_finding_5():
+    """Forgetting at 4x the steps lowers every margin a little (target and comparison alike); the poison lowers
+    target margins a lot: more efficient (more target margin lost with a quarter of the steps) and more confined."""
+    def eff(name, seed, s, u, is_target):
+        if name == "rationale-n8":
+            s[is_target, 0] -= 3.0
+        if name == "forgetting-steps4x":
+            s[:, 0] -= 0.5
+    f, cells = _findings(CELLS + [FORGET4], eff)
+    assert cells["forgetting-steps4x"]["target_margin_drop"]["low"] > 0.3       # it does forget ...
+    assert abs(cells["forgetting-steps4x"]["primary"]["mean"]) < 0.1             # ... everywhere
+    assert f[5]["status"] == "shows" and f[5]["cell"] == "forgetting-steps4x"
+    assert "4x the rows and optimiser steps" in f[5]["evidence"] and "target accuracy drop" in f[5]["evidence"]
+
+
+def test_a_forgetting_control_that_does_what_the_poison_does_fails_finding_5():
+    def same(name, seed, s, u, is_target):
+        if name in ("rationale-n8", "forgetting-steps4x"):
+            s[is_target, 0] -= 3.0
+    f, _ = _findings(CELLS + [FORGET4], same)
+    assert f[5]["status"] == "does not show"
+
+
+def test_a_same_size_forgetting_swap_does_not_test_finding_5():
+    def eff(name, seed, s, u, is_target):
+        if name == "rationale-n8":
+            s[is_target, 0] -= 3.0
+    f, _ = _findings(CELLS + [("forgetting-x8", "forgetting", 0)], eff)
+    assert f[5]["status"] == "not tested" and "swap rows within the same steps" in f[5]["evidence"]
+    f, _ = _findings(CELLS, eff)
+    assert f[5]["status"] == "not tested" and "grid.forgetting_steps" in f[5]["evidence"]
