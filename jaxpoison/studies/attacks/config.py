@@ -135,6 +135,9 @@ class AttacksConfig:
     paraphrase: ParaphraseConfig = ParaphraseConfig()
     api: ApiConfig = ApiConfig()
     n_resamples: int = 9999
+    asr_paired: bool = True             # ASR CIs: resample the notes a row shares with its baseline together (the
+    # seed's rows answer the same test notes: a paired bootstrap); False: attacked and baseline notes resampled
+    # independently (scipy's unpaired two-sample bootstrap)
     compliance_threshold: float = 0.5   # below this share of poisoned targets carrying the attack, the report warns
     note: str = ""
 

@@ -5,8 +5,9 @@ source (its training targets), or the fine-tunes at one poison fraction and seed
 from the answers of the task each outcome belongs to (Vaccine <- vaccine task, Harmful drug <- drug, the four
 tests <- lab_test), one 0/1 value per test note. Per cell: the rate and its 95 % BCa bootstrap CI (9999
 resamples, batched over every cell with the same number of notes), and against the row's baseline the seed's
-ASR (vaccine ``(b - x) / b``, others ``(x - b) / (1 - b)``, not clipped) with a bootstrap CI of its own
-(attacked and baseline notes resampled independently, as the two samples of scipy's unpaired bootstrap). With
+ASR (vaccine ``(b - x) / b``, others ``(x - b) / (1 - b)``, not clipped) with a bootstrap CI of its own: paired
+by default (``asr_paired``: the notes a row shares with its baseline resampled together, since both answer the same
+notes), or two-sample (attacked and baseline notes resampled independently, as scipy's unpaired bootstrap). With
 two or more seeds, each fine-tuning fraction also gets the mean over seeds with a t interval.
 
 **Answers without a verdict** are counted for every cell (``n_no_verdict`` of ``n_answers``): a vaccine answer
@@ -233,7 +234,7 @@ def _pooled_verdicts(group: list) -> dict:
 LONG_COLUMNS = ("row", "phase", "prompt_kind", "fraction", "seed", "outcome", "task", "n", "rate", "ci_low",
                 "ci_high", "baseline", "baseline_rate", "asr", "asr_low", "asr_high", "asr_undefined_fraction",
                 "ci_method", "n_answers", "n_no_verdict", "rate_verdict", "rate_all", "asr_verdict", "asr_all",
-                "asr_all_minus_verdict")
+                "asr_all_minus_verdict", "asr_ci")
 
 
 def _p(x: float) -> str:

@@ -285,7 +285,8 @@ def build_report(run: pathlib.Path) -> int:
     judge = attacks_data.phase_records(run / "responses" / "judge.jsonl")
     g, n_res = cfg["grader"], cfg["n_resamples"]
     grades = metrics.grade_records(records, g["primary"], judge, g["vaccine_default"])
-    cells = metrics.cell_stats(metrics.build_rows(records, grades), n_res)
+    paired = bool(cfg.get("asr_paired", True))      # runs from before the option: the paired default too
+    cells = metrics.cell_stats(metrics.build_rows(records, grades), n_res, paired=paired)
     cells += metrics.seed_means(cells)
     header, rows = metrics.seed_layout(cells)
     write_csv(run / "rates.csv", rows, header)
@@ -294,7 +295,7 @@ def build_report(run: pathlib.Path) -> int:
     if judge:
         other = "judge" if g["primary"] == "rule" else "rule"
         alt = metrics.grade_records(records, other, judge, g["vaccine_default"])
-        jcells = metrics.cell_stats(metrics.build_rows(records, alt), n_res)
+        jcells = metrics.cell_stats(metrics.build_rows(records, alt), n_res, paired=paired)
         metrics.write_long(run / f"rates_{other}.csv", jcells)
         for o in OUTCOMES:
             pairs = [(a[o], b[o]) for a, b in zip(grades, alt) if o in a and o in b
@@ -378,7 +379,9 @@ def write_doc(run, cfg, cells, cap, figs, reading, timing, data, table, records,
         f"epochs, batch {tr['batch_size']}, LR {tr['learning_rate']} {tr['schedule']}, clip {tr['clip_norm']}, loss on "
         f"{'the whole sequence' if cfg['loss_on'] == 'all' else 'the completion'}; {timing.get('train_steps', '?')} steps.",
         f"Grader: {cfg['grader']['primary']}" + (f" (judge `{cfg['grader']['judge']}` also run)" if cfg['grader']['judge']
-                                                 else "") + f"; 95 % BCa bootstrap CIs, {cfg['n_resamples']} resamples."]
+                                                 else "") + f"; 95 % BCa bootstrap CIs, {cfg['n_resamples']} resamples"
+        + ("; ASR CIs paired (the notes a row shares with its baseline resampled together)" if cfg.get("asr_paired", True)
+           else "; ASR CIs two-sample (attacked and baseline notes resampled independently)") + "."]
         + ([f"Paraphrase attack: task instructions rephrased by `{cfg['paraphrase']['model']}` (one per "
             f"{cfg['paraphrase']['per']}), the malicious instruction verbatim; fine-tunes on "
             + ("verbatim and paraphrased prompts (the '_para' variants)." if True in cfg["grid"].get("paraphrase", [])

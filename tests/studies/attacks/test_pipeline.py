@@ -91,3 +91,25 @@ def test_report_rebuilds_from_saved_answers_and_a_rerun_reuses_them(run_dir, mon
     monkeypatch.setattr("jaxpoison.models.generate.generate_text", boom)
     assert run.run(CFG, run_dir, progress=False, base_override=(CFG_M, tiny_params(), tiny_tokenizer())) == 0
     assert (run_dir / "rates.csv").read_text() == before["rates.csv"]
+
+
+def test_asr_cis_are_paired_by_default_and_two_sample_on_request(run_dir, tmp_path):
+    """The rows answer the same test notes, so the ASR CI resamples each row's notes with its baseline's
+    (``asr_paired=True``, the default); a report rebuilt with ``asr_paired=false`` uses the two-sample bootstrap."""
+    import shutil
+    assert CFG.asr_paired
+    s = json.loads((run_dir / "summary.json").read_text())
+    with_ci = [c for c in s["cells"] if c.get("asr_ci")]
+    assert with_ci and all(c["asr_ci"] == "paired bootstrap BCa (shared notes)" for c in with_ci)
+    assert "ASR CIs paired" in (run_dir / "report.md").read_text()
+    assert {r["asr_ci"] for r in csv.DictReader(open(run_dir / "rates_long.csv"))} >= {with_ci[0]["asr_ci"]}
+    other = tmp_path / "unpaired"
+    shutil.copytree(run_dir, other, ignore=shutil.ignore_patterns("checkpoints"))
+    c = json.loads((other / "config.json").read_text())
+    c["config"]["asr_paired"] = False
+    (other / "config.json").write_text(json.dumps(c))
+    assert run.report(other) == 0
+    u = {(c["row"], c["outcome"]): c for c in json.loads((other / "summary.json").read_text())["cells"]}
+    assert all(u[(c["row"], c["outcome"])]["asr_ci"] == "two-sample bootstrap BCa" for c in with_ci)
+    assert all(u[(c["row"], c["outcome"])]["asr"] == pytest.approx(c["asr"], nan_ok=True) for c in with_ci)
+    assert "ASR CIs two-sample" in (other / "report.md").read_text()
