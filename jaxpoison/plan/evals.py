@@ -56,6 +56,7 @@ class EvalProgram:
     chunk_setting: str = ""     # the config field that sets `variants`
     batch_setting: str = ""     # the config field that sets `batch`
     prompt_from: str = "max_len bound"
+    batch_unit: int = 1         # prompts per unit of batch_setting (eval.gen_questions: a target + a non-target one)
 
     def describe(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -102,7 +103,7 @@ def rationale_evals(cfg, shape: StudyShape, prompt_len: int = 0) -> list:
         out.append(EvalProgram("generate", "generated answers, base + one variant per cell", "generate", G,
                                min(32, 2 * e.gen_questions), _round(prompt_len or d.max_len, 32),
                                new_tokens=e.gen_tokens, total_variants=G, batch_setting="eval.gen_questions",
-                               prompt_from=src))
+                               prompt_from=src, batch_unit=2))
     return out
 
 

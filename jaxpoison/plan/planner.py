@@ -161,15 +161,18 @@ def eval_entries(shape: StudyShape, target: Target, evals, compile: bool, device
         if not e["fits"]:
             # the estimate scaled to XLA's figure: its total, or from its out-of-memory message the temporaries
             ref = total or (est["arguments"] + c.needed_temporaries if e["method"] == "xla-compile" else 0)
-            v, b = scaled_fit(shape, ev, target.usable_bytes, ref)
-            if v and e["method"] == "xla-compile":
-                v, b, tried = confirm_call(shape, ev, v, b, target, devices)
+            if e["method"] == "xla-compile":
+                v, b, tried = confirm_call(shape, ev, target, devices, ref / est["total"] if ref else 1.0)
                 e["confirmed_by_compile"] = tried
+            else:
+                v, b = scaled_fit(shape, ev, target.usable_bytes, ref)
             if v and (b < ev.batch or ev.chunk_setting):
                 parts = ([f"--set {ev.chunk_setting}={v}"] if ev.chunk_setting and v < ev.variants else []) + \
-                        ([f"--set {ev.batch_setting}={b}"] if b < ev.batch else [])
+                        ([f"--set {ev.batch_setting}={max(b // ev.batch_unit, 1)}"] if b < ev.batch else [])
                 how = (f"compiled: {fmt_bytes(e['confirmed_by_compile'][-1]['total'])} per chip"
                        if e.get("confirmed_by_compile") else "estimate")
+                if ev.kind == "generate" and b < ev.batch:
+                    how += "; a smaller batch also changes which samples each prompt draws (keys per batch)"
                 sugg.append(" ".join(parts) + f"   ({ev.name}: {v} adapter(s) x {b} "
                             f"{'questions' if ev.kind == 'score' else 'prompts'} per call, {how})")
             else:
@@ -182,21 +185,28 @@ def eval_entries(shape: StudyShape, target: Target, evals, compile: bool, device
     return out, sugg
 
 
-def confirm_call(shape: StudyShape, ev, v: int, b: int, target: Target, devices, tries: int = 4) -> tuple:
-    """(variants, batch, [(v, b, total or None)]) of the largest call at or below (v, b) that XLA compiles within
-    memory: halve the batch, then the adapters, at most ``tries`` compiles (an eval call compiles in seconds)."""
-    from .evals import eval_program
+def confirm_call(shape: StudyShape, ev, target: Target, devices, ratio: float = 1.0, tries: int = 6) -> tuple:
+    """(variants, batch, [{variants, batch, total}]) of the largest call below ``ev``'s that XLA compiles within
+    memory: the adapters halved down to 1 (when a setting sets them), then the batch halved, skipping candidates
+    the estimate scaled by ``ratio`` puts over 1.5x the chip; at most ``tries`` compiles (seconds each)."""
+    from .evals import eval_bytes, eval_program
+    cands, v, b = [], ev.variants, ev.batch
+    while v > 1 and ev.chunk_setting:
+        v = -(-v // 2) if v > 2 else 1
+        cands.append((v, b))
+    while b > 1:
+        b = -(-b // 2) if b > 2 else 1
+        cands.append((v, b))
     tried = []
-    while v and b and len(tried) < tries:
+    for v, b in cands:
+        if len(tried) >= tries:
+            break
+        if eval_bytes(shape, ev.resized(variants=v, batch=b))["total"] * ratio > 1.5 * target.usable_bytes:
+            continue
         c = compile_program(eval_program(shape, ev.resized(variants=v, batch=b), devices))
-        ok = c.ok and c.total <= target.usable_bytes
         tried.append({"variants": v, "batch": b, "total": c.total if c.ok else None})
-        if ok:
+        if c.ok and c.total <= target.usable_bytes:
             return v, b, tried
-        if v > 1 and ev.chunk_setting:
-            v = max(v // 2, 1)
-        else:
-            b = b // 2
     return 0, 0, tried
 
 
