@@ -92,11 +92,12 @@ def _over_variants(fn, lora, *args):
     return jax.vmap(fn, in_axes=(0,) + (None,) * len(args))(lora, *args)
 
 
-def shared_layers(lora, num_layers: int) -> int:
+def shared_layers(lora, num_layers: int, variants=None) -> int:
     """How many bottom layers no adapter touches: layer ``i`` counts when, for every variant and module, the
     adapter's A or B rows of that layer are all zero (its update ``x @ A @ B`` is then exactly 0). Adapters
     trained with ``lora.layers_from = k`` have exactly zero rows below ``k``, and so have their shrunk copies, so
-    the scorer runs those layers once for all variants. Capped at ``num_layers - 1``."""
+    the scorer runs those layers once for all variants. Capped at ``num_layers - 1``. ``variants``: only these
+    rows of the stack count."""
     if lora is None:
         return 0
     free = np.ones((num_layers,), bool)
@@ -106,7 +107,8 @@ def shared_layers(lora, num_layers: int) -> int:
         # host adapters are reduced on the host, device ones where they lie (only [V, L] booleans move)
         xp = lambda x: np if isinstance(x, np.ndarray) else jnp
         zero = [np.asarray(xp(ab[n]).all(ab[n] == 0, axis=tuple(range(2, ab[n].ndim)))) for n in ("a", "b")]
-        free = free & np.all(zero[0] | zero[1], axis=0)
+        either = zero[0] | zero[1]                                                              # [V, L]
+        free = free & np.all(either if variants is None else either[np.asarray(variants, np.int64)], axis=0)
     k = num_layers if free.all() else int(np.argmin(free))
     return min(k, num_layers - 1)
 
@@ -258,36 +260,41 @@ def _pad_to(x: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([x, np.repeat(x[:1], n - x.shape[0], axis=0)], axis=0)
 
 
-def _passes(lora, variant_chunk: int, with_base: bool) -> list:
+def _passes(lora, variant_chunk: int, with_base: bool, variants=None) -> list:
     """What one scoring pass each sees, in the order of the result's rows: ``None`` (the base: the adapter term
-    switched off) when ``with_base`` or there are no adapters, then the variant ranges of the stacked adapters,
-    ``variant_chunk`` at a time. Ranges, not arrays: :func:`_chunk` slices one chunk out of the caller's arrays
-    (sharded device arrays, pinned host or numpy ones) when its pass comes, so no copy of every adapter (and no
-    zero adapter in front of them) is ever built."""
+    switched off) when ``with_base`` or there are no adapters, then the variant indices of the stacked adapters
+    (``variants``, default all in order), ``variant_chunk`` at a time. Indices, not arrays: :func:`_chunk` takes
+    one chunk out of the caller's arrays (sharded device arrays, pinned host or numpy ones) when its pass comes,
+    so no copy of every adapter (and no zero adapter in front of them) is ever built."""
     out = [None] if with_base or lora is None else []
     if lora is not None:
-        V = int(jax.tree.leaves(lora)[0].shape[0])
-        step = variant_chunk if 0 < variant_chunk < V else V
-        out += [(v0, min(v0 + step, V)) for v0 in range(0, V, step)]
+        sel = np.arange(int(jax.tree.leaves(lora)[0].shape[0])) if variants is None else \
+            np.asarray(variants, np.int64).reshape(-1)
+        step = variant_chunk if 0 < variant_chunk < len(sel) else max(len(sel), 1)
+        out += [sel[v0:v0 + step] for v0 in range(0, len(sel), step)]
     return out
 
 
-def _chunk(lora, rng):
-    """The adapters of one pass: None for the base, the whole stack as it is, or a slice of it."""
-    if rng is None:
+def _chunk(lora, idx):
+    """The adapters of one pass: None for the base, the whole stack as it is, a slice of it (contiguous
+    indices), or the gathered rows."""
+    if idx is None:
         return None
     V = int(jax.tree.leaves(lora)[0].shape[0])
-    if rng == (0, V):
+    if len(idx) == V and (idx == np.arange(V)).all():
         return lora
-    return jax.tree.map(lambda x: x[rng[0]:rng[1]], lora)
+    if (np.diff(idx) == 1).all():
+        return jax.tree.map(lambda x: x[int(idx[0]):int(idx[-1]) + 1], lora)
+    from jaxpoison.eval.generate_variants import take_variants
+    return take_variants(lora, idx)
 
 
 def _run_passes(program, lora, batches: list, n_rows: int, *, variant_chunk, with_base, progress, desc, shared,
-                **kw) -> np.ndarray:
+                variants=None, **kw) -> np.ndarray:
     """``program(lora_chunk, base, *batch_args, shared=...)`` over every (pass, batch) -> [rows of all passes,
     n_rows]. The base pass runs its layers whole (``shared = 0``: with the adapter term off there is no trunk to
     share)."""
-    passes = _passes(lora, variant_chunk, with_base)
+    passes = _passes(lora, variant_chunk, with_base, variants)
     out = [[] for _ in passes]
     current = (None, None)
     for p, b0 in _jobs(passes, n_rows, batches[0][1] if batches else 1, progress, desc):
@@ -301,7 +308,7 @@ def _run_passes(program, lora, batches: list, n_rows: int, *, variant_chunk, wit
 
 
 def _score_plain(base, cfg, tokens, cont, attn, lora, *, rows_per_batch, dtype, lora_scale, chunk, variant_chunk,
-                 progress, desc, shared=0, with_base=False):
+                 progress, desc, shared=0, with_base=False, variants=None):
     """[N, T] rows -> [V, N] summed continuation log-probs ([1 + V, N] with the base first when ``with_base``)."""
     tokens, cont, attn = _trim(tokens, cont, attn)
     budget = int(np.max((cont[:, 1:] > 0).sum(-1)))
@@ -311,11 +318,11 @@ def _score_plain(base, cfg, tokens, cont, attn, lora, *, rows_per_batch, dtype, 
     program = lambda l, *a, shared: score_rows(l, base, *a, cfg=cfg, dtype=dtype, lora_scale=lora_scale,
                                                budget=budget, chunk=chunk, shared=shared)
     return _run_passes(program, lora, batches, N, variant_chunk=variant_chunk, with_base=with_base,
-                       progress=progress, desc=desc, shared=shared)
+                       progress=progress, desc=desc, shared=shared, variants=variants)
 
 
 def _score_prefix(base, cfg, split, lora, *, batch_questions, dtype, lora_scale, chunk, variant_chunk, progress,
-                  desc, shared=0, with_base=False):
+                  desc, shared=0, with_base=False, variants=None):
     prefix, pmask, cont, cmask = split
     Q = prefix.shape[0]
     batches = [([jnp.asarray(_pad_to(x[b0:b0 + batch_questions], batch_questions)) for x in (prefix, pmask, cont,
@@ -324,13 +331,13 @@ def _score_prefix(base, cfg, split, lora, *, batch_questions, dtype, lora_scale,
     program = lambda l, *a, shared: score_shared_prefix(l, base, *a, cfg=cfg, dtype=dtype, lora_scale=lora_scale,
                                                         chunk=chunk, shared=shared)
     return _run_passes(program, lora, batches, Q, variant_chunk=variant_chunk, with_base=with_base,
-                       progress=progress, desc=desc, shared=shared)
+                       progress=progress, desc=desc, shared=shared, variants=variants)
 
 
 def score_options(base, cfg: ModelConfig, mc, lora=None, *, lora_scale: float = 1.0, dtype=jnp.float32,
                   batch_questions: int = 8, calibrate: bool = True, path: str = "auto", variant_chunk: int = 0,
                   chunk: int = 128, progress: bool = False, desc: str = "score",
-                  share_trunk: bool = True, with_base: bool = False) -> OptionScores:
+                  share_trunk: bool = True, with_base: bool = False, variants=None) -> OptionScores:
     """Score every option of every question of ``mc`` (a :class:`jaxpoison.data.pool.McEval`) for every variant.
 
     ``lora``: stacked adapters with a leading variant axis, or None for the base alone (V = 1). They are read
@@ -338,6 +345,7 @@ def score_options(base, cfg: ModelConfig, mc, lora=None, *, lora_scale: float = 
     ``with_base``: the result has 1 + V rows, row 0 the base (zero-shot) scored once with the adapter term
     switched off, rows 1.. the adapters: a study's base and variants without a zero adapter stacked in front
     (which would copy every adapter).
+    ``variants``: score only these rows of the stack, in this order (each chunk gathered when its turn comes).
     ``path``: 'auto' (shared prefix when the data allow), 'shared_prefix' or 'plain'.
     ``variant_chunk``: score at most this many variants per call (memory); 0 = all at once.
     ``share_trunk``: run the bottom layers no adapter touches (:func:`shared_layers`; adapters trained with
@@ -349,7 +357,8 @@ def score_options(base, cfg: ModelConfig, mc, lora=None, *, lora_scale: float = 
         raise ValueError(f"batch_questions must be >= 1, got {batch_questions}")
     Q, C, T = mc.tokens.shape
     kw = dict(dtype=dtype, lora_scale=lora_scale, chunk=chunk, variant_chunk=variant_chunk, progress=progress,
-              shared=shared_layers(lora, cfg.num_layers) if share_trunk else 0, with_base=with_base)
+              shared=shared_layers(lora, cfg.num_layers, variants) if share_trunk else 0, with_base=with_base,
+              variants=variants)
     split = None if path == "plain" else split_shared_prefix(mc.tokens, mc.cont_mask, mc.attn_mask)
     if path == "shared_prefix" and split is None:
         raise ValueError("the options of some question do not share a prefix (or a continuation does not end its "

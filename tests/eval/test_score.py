@@ -164,6 +164,12 @@ def test_with_base_equals_a_zero_adapter_in_front_without_stacking_one(mc, path,
         np.testing.assert_allclose(new.sum, old.sum, rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(new.uncond, old.uncond, rtol=1e-6, atol=1e-6)
         assert None in seen and all(s is None or s <= {1, 2} for s in seen), seen
+    # a subset in another order: its rows gathered a chunk at a time, never the whole selection at once
+    seen.clear()
+    sub = score_options(BASE, CFG, mc, stack, with_base=True, variants=[4, 1, 2], **kw)
+    np.testing.assert_allclose(sub.sum, old.sum[[0, 5, 2, 3]], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(sub.uncond, old.uncond[[0, 5, 2, 3]], rtol=1e-6, atol=1e-6)
+    assert all(s is None or s <= {1, 2} for s in seen), seen
     # the base row is the base alone
     alone = score_options(BASE, CFG, mc, None, batch_questions=3, path=path)
     np.testing.assert_allclose(new.sum[0], alone.sum[0], rtol=1e-6, atol=1e-6)
