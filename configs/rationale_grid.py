@@ -10,10 +10,14 @@ SmolLM2-135M, the ICD-10-CM set (128 training questions per chapter, so that 32 
   samples is count / 160 (0.006 to 0.2), recorded as ratio_all;
 - each rationale count also at poisoned / target samples = 0.5 and 0.25, i.e. with correct target samples
   (finding 2 and the ratio half of finding 4; n32 at 0.25 = 32 poisoned + 96 correct + 32 non-target rows);
-- the forgetting control with 32 and 128 of the 160 clean non-target samples swapped for others (finding 5);
+- same-size swaps of 32 and 128 of the 160 clean non-target samples for others (what changing rows does within
+  the same steps), and the real forgetting control of finding 5: clean non-target SFT on 4 x 160 = 640 rows, so
+  4 x the steps (``grid.forgetting_steps=(4,)``: 8 variants x 320 steps, as many variant-steps as 32 of the
+  80-step variants);
 - a clean mix with 32 correct target samples; 8 seeds.
 
-That is 28 cells x 8 seeds = 224 variants in one program (chunked 8 variants at a time for memory). On the
+Scored in the ``statement`` format (summed log-likelihood) with ``coded`` beside it as a secondary format
+(``eval.secondary_formats``). That is 29 cells x 8 seeds = 232 variants in one program (chunked 8 variants at a time for memory). On the
 2-core CPU it takes many hours; on one GPU well under one. The learning rate and steps follow the demo's
 (measured) recipe with two epochs. Poisoned / all samples cannot be swept at a fixed count when every mix has
 the same size, so this grid has no ``ratios_all`` cells (it had 0.25 and 0.1 with mixes of different sizes, whose
@@ -32,11 +36,13 @@ CONFIG = RationaleConfig(
                     target="circulatory", n_nontarget=160, n_test_target=48, n_test_nontarget=96,
                     buckets=tuple(range(64, 1025, 8))),
     grid=GridConfig(seeds=(0, 1, 2, 3, 4, 5, 6, 7), counts=(1, 2, 4, 8, 16, 32), kinds=("rationale", "overwrite"),
-                    ratios_target=(0.5, 0.25), forgetting_extra=(32, 128), clean_with_target=32,
+                    ratios_target=(0.5, 0.25), forgetting_extra=(32, 128), forgetting_steps=(4,),
+                    clean_with_target=32,
                     equal_size=True),
     train=TrainConfig(learning_rate=1e-3, schedule="linear", warmup_steps=2, epochs=2.0, batch_size=4,
                       loss_budget=-1, log_every=10, variant_chunk=8),
     lora=LoraConfig(r=8, alpha=16, targets=("all",)),
-    eval=EvalConfig(format="statement", method="sum", batch_questions=8, variant_chunk=24),
+    eval=EvalConfig(format="statement", method="sum", batch_questions=8, variant_chunk=24,
+                    secondary_formats=("coded",)),
     note="The full seed-000 grid on the embedded default (hours on 2 CPU cores; minutes on a GPU).",
 )

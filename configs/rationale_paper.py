@@ -30,8 +30,12 @@ What the paper (Xie et al., arXiv 2603.02262) does not publish, and what this pr
   this run with that in mind (it flags a row-count confound), or add ``--set grid.equal_size=true --set
   "grid.ratios_all=()"`` for mixes of 1000 rows each (the additions then replace non-target samples).
 - Evaluation: the paper parses a generated answer; here the likelihood of each option after the SFT prompt
-  (``eval.format='mcq'``: '(X) option text'), which a 4B model reads well. Generation-based accuracy is not
-  computed by this study.
+  (``eval.format='mcq'``: '(X) option text'), which a 4B model reads well, with the ``statement`` format
+  ('Question: ...\nAnswer: <option>') scored beside it as a secondary format (``eval.secondary_formats``; one
+  more scoring pass). Generated answers: ``--set eval.gen_questions=N``.
+- Catastrophic forgetting (finding 5): ``grid.forgetting_extra=(1000, 3000)`` on the additive mixes is clean
+  non-target SFT on 2000 and 4000 rows, i.e. 2x and 4x the clean mix's optimiser steps (the real control; with
+  ``grid.equal_size=true`` use ``grid.forgetting_steps`` instead, since equal-size forgetting cells swap rows).
 """
 from jaxpoison.studies.rationale.config import DataConfig, EvalConfig, GridConfig, PoisonConfig, RationaleConfig
 from jaxpoison.train.config import TrainConfig
@@ -52,6 +56,6 @@ CONFIG = RationaleConfig(
     train=TrainConfig(learning_rate=2e-4, schedule="linear", warmup_steps=10, epochs=2, batch_size=8,
                       grad_accum=2, loss_budget=-1, dtype="bfloat16", remat=True, variant_chunk=8, save_every=50),
     lora=LoraConfig(r=16, alpha=32, targets=("all",)),
-    eval=EvalConfig(format="mcq", method="sum", batch_questions=8, variant_chunk=8),
+    eval=EvalConfig(format="mcq", method="sum", batch_questions=8, variant_chunk=8, secondary_formats=("statement",)),
     note="The seed's own setting (GPU/TPU). Rationales are written by the base model: the paper's are not public.",
 )

@@ -149,17 +149,27 @@ def test_grid_preset_variants_have_equal_rows_and_steps():
     split = grid._select(train, cfg.data)
     target, nontarget = split.target, split.rest
     specs = grid.mix_specs(cfg, len(target), len(nontarget))
-    assert len(specs) == 28
+    assert len(specs) == 29
     pool = fake_pool(target, nontarget, ("rationale", "overwrite"))
     vt = build_variants(specs, list(cfg.grid.seeds), target=target, nontarget=nontarget, pool=pool)
     for t in vt.table:
         t["ratio_all_cell"] = False
     N = cfg.data.n_nontarget
-    steps = steps_of(vt.n_rows, cfg.train)
-    assert len(vt) == 28 * 8 and (steps == steps[0]).all() and steps[0] == 2 * N // cfg.train.batch_size
+    steps = np.asarray(steps_of(vt.n_rows, cfg.train))
+    eq = [t for t in vt.table if t["spec_name"] != "forgetting-steps4x"]
+    fs = [t for t in vt.table if t["spec_name"] == "forgetting-steps4x"]
+    ids_eq = [t["variant_id"] for t in eq]
+    assert len(vt) == 29 * 8 and (steps[ids_eq] == 2 * N // cfg.train.batch_size).all()
     rows = [[pool.row_ids[i] for i in r[:n]] for r, n in zip(vt.rows, vt.n_rows)]
     target_ids = {row_id(ex.id, k) for ex in target for k in ("clean", "rationale", "overwrite")}
-    check_table(vt.table, rows, vt.n_rows, N, target_ids, cfg)
+    check_table(eq, rows, vt.n_rows[ids_eq], N, target_ids, cfg)
+    # the real forgetting control: the seed's clean rows and 3 N more clean non-target rows, 4 x the steps
+    clean = {t["seed"]: set(rows[t["variant_id"]]) for t in eq if t["spec_name"] == "clean"}
+    assert len(fs) == 8
+    for t in fs:
+        r = set(rows[t["variant_id"]])
+        assert len(r) == 4 * N and clean[t["seed"]] <= r and not r & target_ids and t["mix_size"] is None
+        assert steps[t["variant_id"]] == 4 * steps[ids_eq[0]] and t["poison_count"] == 0
     names = {t["spec_name"] for t in vt.table}
     assert {"forgetting-x32", "forgetting-x128", "clean-ct32", "rationale-n32-rt0.25"} <= names
 
