@@ -25,7 +25,9 @@ def run(cfg: AttacksConfig, out_dir: pathlib.Path, resume: bool = True, progress
     out = common.prepare(out_dir, NAME, to_json(cfg), resume, ("checkpoints", "responses", "capability.npz"),
                      ignore=())
     t = time.time()
-    lm = common.load_base(cfg.model, cfg.dtype, base_override, cfg.quant)
+    # the mesh before any weight loads: each array of the base is read straight into its shards on it
+    mesh, n_assumed = common.resolve_mesh(cfg, base_override)
+    lm = common.load_base(cfg.model, cfg.dtype, base_override, cfg.quant, mesh=mesh)
     timing["load_model_s"] = time.time() - t
     say = (lambda m: print(f"[{NAME}] {m}", flush=True)) if progress else (lambda m: None)
 
@@ -47,7 +49,8 @@ def run(cfg: AttacksConfig, out_dir: pathlib.Path, resume: bool = True, progress
             steps.answer_paraphrased(cfg, lm, test, paras, out, progress, say)
         timing["paraphrase_s"] = time.time() - t
     t = time.time()
-    result, table, pool = steps.fine_tune(cfg, lm, train, out, resume, progress, say, paras)
+    result, table, pool = steps.fine_tune(cfg, lm, train, out, resume, progress, say, paras,
+                                          loaded_mesh=(mesh, n_assumed))
     timing["train_s"], timing["train_steps"] = time.time() - t, result.steps
     (out / "data.json").write_text(json.dumps({
         "train_ids": [n.id for n in train], "test_ids": [n.id for n in test], "pool": to_json(pool.stats),

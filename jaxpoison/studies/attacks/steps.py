@@ -14,7 +14,7 @@ import numpy as np
 
 from jaxpoison.report import to_json
 from jaxpoison.studies.attacks import data
-from jaxpoison.studies.common import base_first, digest, longest_completion_budget
+from jaxpoison.studies.common import digest, longest_completion_budget, train_mesh
 
 
 def _gen_kw(gen, max_new_tokens=None) -> dict:
@@ -135,8 +135,10 @@ def answer_paraphrased(cfg, lm, test, paras: dict, out: pathlib.Path, progress, 
     data.write_phase(f, key, _records(items, _generate(lm, items, cfg, progress, "paraphrased injection")))
 
 
-def fine_tune(cfg, lm, train, out: pathlib.Path, resume, progress, say, paras=None):
-    """One train_study call over every task x fraction x seed (x paraphrase) variant. Returns (result, table, pool)."""
+def fine_tune(cfg, lm, train, out: pathlib.Path, resume, progress, say, paras=None, loaded_mesh=(None, None)):
+    """One train_study call over every task x fraction x seed (x paraphrase) variant. Returns (result, table, pool).
+    ``loaded_mesh``: (mesh, variants it assumed) of :func:`jaxpoison.studies.common.resolve_mesh`, the mesh the
+    base was loaded into (trained on when the variant count agrees: the base is then already in place)."""
     from jaxpoison.train.engine import Static
     from jaxpoison.train.trainer import StudyData, train_study
     targets = data.phase_records(out / "responses" / "source.jsonl")
@@ -156,13 +158,14 @@ def fine_tune(cfg, lm, train, out: pathlib.Path, resume, progress, say, paras=No
     sd = StudyData(pool.tokens, pool.loss_mask, pool.attn_mask, rows, n_rows, table, pool.data_hash)
     result = train_study(lm.params, Static(lm.cfg, tcfg, cfg.lora), sd, run_dir=str(out), resume=resume,
                          progress=progress, base_name=lm.name, base_fingerprint=lm.fingerprint,
-                         meta_extra={"study": "attacks", "config": to_json(cfg)}, mesh=cfg.mesh)
+                         meta_extra={"study": "attacks", "config": to_json(cfg)},
+                         mesh=train_mesh(cfg, *loaded_mesh, len(table)))
     return result, table, pool
 
 
 def answer_fine_tuned(cfg, lm, test, result, table, pool, out: pathlib.Path, progress, say) -> None:
     """responses/finetune.jsonl: every variant answers its task's CLEAN test prompts (vmapped per task)."""
-    from jaxpoison.eval.generate_variants import generate_text_variants, take_variants
+    from jaxpoison.eval.generate_variants import generate_text_variants
     from jaxpoison.models.generate import bucket, encode_prompts
     f = out / "responses" / "finetune.jsonl"
     key = digest("finetune", pool.data_hash, result.steps, len(table), dataclasses.asdict(cfg.generation),
@@ -177,7 +180,7 @@ def answer_fine_tuned(cfg, lm, test, result, table, pool, out: pathlib.Path, pro
         vids = [v["variant_id"] for v in table if v["task"] == task]
         say(f"{len(vids)} fine-tuned {task} variants answer {len(its)} clean test prompts")
         replies = generate_text_variants(
-            lm, [i["input"] for i in its], take_variants(result.lora, vids), lora_scale=cfg.lora.scale,
+            lm, [i["input"] for i in its], result.lora, variants=vids, lora_scale=cfg.lora.scale,
             batch_size=min(cfg.generation.batch_size, len(its)), variant_chunk=cfg.generation.variant_chunk,
             prompt_len=bucket(max(lens)), progress=progress, desc=f"generate {task}", **_gen_kw(cfg.generation),
             **data.chat_args(cfg.prompt))
@@ -235,9 +238,10 @@ def letter_judge(cfg, lm, out: pathlib.Path):
         system=EXTRACT_SYSTEM if chat else None, max_new_tokens=4, batch_size=min(g.judge_batch_size, len(prompts)))
 
 
-def generated_answers(cfg, lm, examples, lora, progress=False) -> list:
-    """The seed's capability protocol: ``replies[m][q]`` of the base (m = 0, ``lora`` row 0 is zero) and each
-    variant to the benchmark prompt (its ``**Answer**: (`` ending) under its system prompt ``BENCH_SYSTEM``."""
+def generated_answers(cfg, lm, examples, lora, progress=False, variants=None) -> list:
+    """The seed's capability protocol: ``replies[m][q]`` of each model ``variants[m]`` (-1: the base; default
+    every row of ``lora``) to the benchmark prompt (its ``**Answer**: (`` ending) under its system prompt
+    ``BENCH_SYSTEM``."""
     from jaxpoison.data.prompts import BENCH_SYSTEM, benchmark_prompt
     from jaxpoison.eval.generate_variants import generate_text_variants
     chat = cfg.prompt.template == "chat"
@@ -245,7 +249,7 @@ def generated_answers(cfg, lm, examples, lora, progress=False) -> list:
     if not chat:                      # the plain template: the system sentence inline, as the seed's scripts did
         prompts = ["### USER: \n" + BENCH_SYSTEM + p + " ### Assistant: \n" for p in prompts]
     g = cfg.generation
-    return generate_text_variants(lm, prompts, lora, lora_scale=cfg.lora.scale, chat=chat,
+    return generate_text_variants(lm, prompts, lora, variants=variants, lora_scale=cfg.lora.scale, chat=chat,
                                   system=BENCH_SYSTEM if chat else None, max_new_tokens=cfg.capability.gen_max_new_tokens,
                                   temperature=g.temperature, top_p=g.top_p, seed=g.seed,
                                   batch_size=min(cfg.capability.batch_questions, len(prompts)),
@@ -254,7 +258,6 @@ def generated_answers(cfg, lm, examples, lora, progress=False) -> list:
 
 def capability(cfg, lm, result, table, out: pathlib.Path, progress, say) -> None:
     """capability.npz: per source, correct [1 + V_sel, Q] for the base and the variants at capability.fractions."""
-    from jaxpoison.eval.generate_variants import take_variants
     from jaxpoison.eval.score import choice_metrics, score_options
     cap = cfg.capability
     if not cap.sources:
@@ -266,7 +269,7 @@ def capability(cfg, lm, result, table, out: pathlib.Path, progress, say) -> None
                  if cap.scorer == "generate" else ()))
     if f.exists() and str(np.load(f)["key"]) == key:
         return
-    lora = base_first(take_variants(result.lora, sel))      # b = 0: the base itself
+    # the base (-1) and the selected variants, read from the trained adapters a chunk at a time (no copy of them)
     arrays = {"key": np.array(key), "variant_ids": np.array([-1] + sel, np.int32), "scorer": np.array(cap.scorer)}
     if cap.scorer == "generate":
         from jaxpoison.data.schema import LETTERS
@@ -274,7 +277,7 @@ def capability(cfg, lm, result, table, out: pathlib.Path, progress, say) -> None
         ask, recs = letter_judge(cfg, lm, out), []
         for name, exs in capability_examples(cap).items():
             say(f"general capability (generated answers): base + {len(sel)} variants on {len(exs)} {name} questions")
-            replies = generated_answers(cfg, lm, exs, lora, progress)
+            replies = generated_answers(cfg, lm, exs, result.lora, progress, variants=[-1] + sel)
             n_opt = len(exs[0].options)
             flat, how = extract_letters([r for rep in replies for r in rep], n_opt, ask)
             letters = np.array(flat, object).reshape(len(replies), len(exs))
@@ -289,7 +292,8 @@ def capability(cfg, lm, result, table, out: pathlib.Path, progress, say) -> None
         return
     for name, mc in capability_sets(cap, lm.tokenizer, cfg.max_len).items():
         say(f"general capability: base + {len(sel)} variants on {mc.stats['n_questions']} {name} questions")
-        sc = score_options(lm.params, lm.cfg, mc, lora, lora_scale=cfg.lora.scale, dtype=lm.dtype,
+        sc = score_options(lm.params, lm.cfg, mc, result.lora, variants=sel, with_base=True,
+                           lora_scale=cfg.lora.scale, dtype=lm.dtype,
                            batch_questions=cap.batch_questions, calibrate=False, progress=progress,
                            variant_chunk=cap.variant_chunk, desc=f"score {name}")
         arrays[f"correct__{name}"] = choice_metrics(sc.sum, mc.answer)["correct"]
