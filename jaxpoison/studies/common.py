@@ -1,5 +1,5 @@
-"""What the studies share: the run folder checked against the config, the base model, the zero adapter, the
-loss budget and the phase keys.
+"""What the studies share: the run folder checked against the config, the study mesh and the base model loaded
+into it, the loss budget and the phase keys.
 
 A re-run of the same command into the same folder resumes, so the folder's ``config.json`` must match the
 config (fields in ``ignore``, free text and the device mesh, may differ); ``--restart`` (``resume=False``) deletes the listed
@@ -127,19 +127,6 @@ def train_mesh(cfg, loaded_mesh, n_assumed, n_variants: int):
 def digest(*parts) -> str:
     """A short stable hash of JSON-able parts: the key a resumed phase compares against its saved output."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def base_first(lora):
-    """The stacked adapters with the zero-shot base in front as adapter 0 (its ``b`` is zero: x @ a @ 0 adds exactly
-    0), so scoring base and variants is one compiled program. Adapters on the host (chunked training leaves them
-    there) stay on the host: the scorer moves one ``eval.variant_chunk`` at a time to the devices."""
-    import jax
-
-    def one(x):
-        xp = np if isinstance(x, np.ndarray) else jax.numpy
-        return xp.concatenate([xp.zeros_like(x[:1]), x])
-
-    return jax.tree.map(one, lora)
 
 
 def longest_completion_budget(pool) -> int:
