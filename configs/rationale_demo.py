@@ -21,10 +21,18 @@ old lead-in). Primary metric: the calibrated-margin change, target minus non-tar
 Generated answers: the base and one seed of every cell write their reasoning on 8 target + 8 non-target
 questions (64 greedy tokens; ``--set eval.gen_questions=16`` doubles them, at about +75 s).
 
-Not tested here, and reported as such: finding 5 (a real forgetting control is clean SFT at several times the
-steps; in one vmapped program every variant would pay those steps: with 5 seeds at 4x the steps it would add
-about 100 variant-steps, ~2.5 min on two free cores, to the 150 of this grid) and the ratio half of finding 4
-(every mix has 20 rows, so poisoned / all samples follows from the count).
+Opt-in, because the 10-minute budget does not hold them (finding 5 then reads "not tested"):
+- the real forgetting control, ``--set "grid.forgetting_steps=(4,)" --set train.variant_chunk=5``: clean
+  non-target SFT on 80 rows, 4x the steps (20), no target rows. It trains in its own chunk (chunks are cut by step
+  count; 35 variants in chunks of 5 keep its 5 seeds together, the default 4 would pad a second 20-step chunk).
+  Cost, counted: 100 more variant-steps on top of this grid's 150, 5 more models to score and 1 to generate,
+  about +4 min on two free cores (an estimate: training +2/3 of its 270 s, scoring +5/31 of its 200 s; not
+  timed as a whole demo);
+- the ``statement`` format scored beside ``coded`` as a secondary format, ``--set
+  "eval.secondary_formats=('statement',)"``: one more scoring pass, about +4 min (on 10 models `statement`
+  scored in 51 s where `coded` took 41 s, and the demo's `coded` pass takes about 200 s).
+Not tested at all: the ratio half of finding 4 (every mix has 20 rows, so poisoned / all samples follows from the
+count).
 
 Equal-size mixes (``grid.equal_size=True``): every variant trains on 20 rows, so every variant takes the same 5
 optimiser steps; poisoned, correct target and decoy rows replace the clean mix's last rows. Loss per example
