@@ -346,6 +346,8 @@ def write_report(run: pathlib.Path, cfg: dict, summary: dict, rows: list, zero: 
         f"examples available; " + (
             f"equal-size mixes: every variant trains on {dt['n_nontarget']} rows (poisoned, correct-target, decoy "
             f"and forgetting samples replace clean non-target samples, so every variant takes the same steps)"
+            + "".join(f"; forgetting-steps{k}x: {k * dt['n_nontarget']} clean non-target rows, {k}x the steps"
+                      for k in g.get("forgetting_steps") or ())
             if g.get("equal_size") else f"{dt['n_nontarget']} clean non-target samples per variant, poisoned and "
             f"other samples added to them (mixes differ in size and steps)"),
         f"poisoned rationales by the `{cfg['poison']['builder']}` builder, final answer "
