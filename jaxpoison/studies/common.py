@@ -77,8 +77,12 @@ def load_base(model: str, dtype: str, base_override=None, quant: str = "none", m
     jmesh = make_mesh(mesh) if mesh is not None and mesh.size > 1 else None
     if base_override is None:       # each kernel is quantised as it is placed: never the whole float base at once
         shardings = None if jmesh is None else base_shardings(jmesh, base_abstract(model, dtype))
-        return load_model(model, dtype, sharding=shardings,
-                          transform=None if quant == "none" else kernel_transform(quant))
+        transform = None if quant == "none" else kernel_transform(quant)
+        if transform is not None and jmesh is not None:
+            # one kernel's quantisation (its collectives) in flight at a time: emulated CPU devices deadlock
+            # on several collective programs at once
+            transform = (lambda t: lambda path, x: jax.block_until_ready(t(path, x)))(transform)
+        return load_model(model, dtype, sharding=shardings, transform=transform)
     mcfg, params, tok = base_override
     if jmesh is not None:
         params = jax.device_put(params, base_shardings(jmesh, params))

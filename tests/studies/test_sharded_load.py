@@ -49,6 +49,14 @@ def test_hf_checkpoint_is_read_into_its_shards(tmp_path):
     ref = hf.load_hf_params(tmp_path, lm.cfg, np.float32)
     for a, b in zip(jax.tree.leaves(lm.params), jax.tree.leaves(ref)):
         np.testing.assert_array_equal(np.asarray(a), b)
+    # NF4: each kernel quantised as it is placed, from its shards; the codes stay split over fsdp
+    from jaxpoison.models.quant import quantize_base
+    q = common.load_base(str(tmp_path), "float32", quant="nf4", mesh=MESH)
+    want = quantize_base(jax.tree.map(np.asarray, ref), "nf4")
+    for a, b in zip(jax.tree.leaves(q.params), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    codes = q.params["layers"]["gate"]["kernel"].codes
+    assert "fsdp" in str(codes.sharding.spec) and codes.addressable_shards[0].data.size * 4 == codes.size
 
 
 def test_one_device_mesh_loads_as_before():
