@@ -315,17 +315,42 @@ def init_program(st: Static, mesh=None):
     return jax.jit(fn, in_shardings=(NamedSharding(mesh, P("variant")),), out_shardings=_state_shardings(st, mesh))
 
 
-def segment_program(st: Static, length: int, mesh=None, base=None):
+def _per_shard(segment, st: Static):
+    """``segment`` over a pool split by variant shard: pool leaves ``[S, R_s, ...]`` (shard ``s``'s own rows),
+    per-variant inputs ``[V, ...]`` whose ``rows`` index their own shard's rows, variants ``[s * V/S, (s+1) *
+    V/S)`` on shard ``s``. The outer vmap over the ``S`` shards is the ``variant`` mesh axis, the inner one runs
+    a shard's variants against its rows; each variant computes exactly what it computes on a shared pool."""
+    inner = jax.vmap(segment, in_axes=(0, None, 0, None, None, 0), out_axes=(0, 1))
+    outer = jax.vmap(inner, in_axes=(0, None, 0, None, 0, 0), out_axes=(0, 1),
+                     spmd_axis_name="variant" if st.rules is not None else None)
+
+    def fn(state, s0, keys, base, pool, var):
+        S = pool.tokens.shape[0]
+        split = lambda x: x.reshape((S, x.shape[0] // S) + x.shape[1:])
+        state, m = outer(jax.tree.map(split, state), s0, split(keys), base, pool, jax.tree.map(split, var))
+        return (jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), state),
+                jax.tree.map(lambda x: x.reshape((x.shape[0], -1) + x.shape[3:]), m))
+
+    return fn
+
+
+def segment_program(st: Static, length: int, mesh=None, base=None, pool_shards: bool = False):
     """The jitted study segment ``(state [V], s0, keys [V], base, pool, var [V]) -> (state, metrics [length,
     V])`` that the trainer runs and the planner compiles ahead of time. On a ``mesh`` (with ``st.rules`` and an
     abstract or real ``base`` for its shardings) per-variant inputs and outputs are split over ``variant``, the
-    base is stored by the rules (``fsdp`` / ``model``), the pool replicated; lower and run it under
-    ``jax.set_mesh(mesh)``. The state is donated."""
-    fn = vmap_variants(make_segment(st, length), st, (0, None, 0, None, None, 0), (0, 1))
+    base is stored by the rules (``fsdp`` / ``model``); lower and run it under ``jax.set_mesh(mesh)``. The state
+    is donated. The pool is one ``[R, ...]`` table replicated on every device, or with ``pool_shards`` one table
+    per variant shard, ``[S, R_s, ...]`` split over ``variant`` (:func:`_per_shard`, :func:`.trainer.pool_layout`):
+    a device then holds only the rows of its own variants, and a process of a multi-host job only those of
+    its devices."""
+    if pool_shards:
+        fn = _per_shard(make_segment(st, length), st)
+    else:
+        fn = vmap_variants(make_segment(st, length), st, (0, None, 0, None, None, 0), (0, 1))
     if mesh is None:
         return jax.jit(fn, donate_argnums=(0,))
     v, rep = NamedSharding(mesh, P("variant")), NamedSharding(mesh, P())
     s_state = _state_shardings(st, mesh)
     s_base = base_shardings(mesh, base, st.rules) if base is not None else rep
-    return jax.jit(fn, donate_argnums=(0,), in_shardings=(s_state, rep, v, s_base, rep, v),
+    return jax.jit(fn, donate_argnums=(0,), in_shardings=(s_state, rep, v, s_base, v if pool_shards else rep, v),
                    out_shardings=(s_state, NamedSharding(mesh, P(None, "variant"))))

@@ -23,13 +23,12 @@ import os
 import pathlib
 import signal
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import numpy as np
 
 from jaxpoison import distributed
-from jaxpoison.models.decoder import pool_trunk
 from jaxpoison.models.attention import kernel_manifest
 from jaxpoison.models.lm import parse_dtype
 
@@ -44,21 +43,42 @@ from .tblog import StudyLog
 
 @dataclasses.dataclass
 class StudyData:
-    """Numpy inputs of a study: the tokenized pool and one row per variant."""
-    tokens: np.ndarray          # [R, T]
-    loss_mask: np.ndarray       # [R, T]
-    attn_mask: np.ndarray       # [R, T]
+    """Numpy inputs of a study: the tokenized pool and one row per variant.
+
+    The pool is either whole arrays (``tokens``, ``loss_mask``, ``attn_mask``) or, with those left None,
+    ``row_source(idx) -> (tokens, loss_mask, attn_mask)`` for the global pool rows ``idx`` (each [len(idx), T]):
+    the trainer asks it only for the rows the devices of this process train on (:func:`pool_layout`), so a
+    process of a multi-host job tokenises and holds only those."""
+    tokens: Optional[np.ndarray]        # [R, T]
+    loss_mask: Optional[np.ndarray]     # [R, T]
+    attn_mask: Optional[np.ndarray]     # [R, T]
     rows: np.ndarray            # [V, M]
     n_rows: np.ndarray          # [V]
     table: list                 # one dict per variant (variant_id, seed, kind, ...)
     data_hash: str = ""
     lr_scale: Optional[np.ndarray] = None
+    row_source: Optional[Callable] = None
+
+    def __post_init__(self):
+        if self.tokens is None and self.row_source is None:
+            raise ValueError("StudyData needs the pool: give tokens/loss_mask/attn_mask, or row_source")
 
     @property
     def num_variants(self) -> int:
         return len(self.n_rows)
 
+    def take_rows(self, idx) -> tuple:
+        """(tokens, loss_mask, attn_mask) of the global pool rows ``idx``, as numpy."""
+        idx = np.asarray(idx, np.int64)
+        if self.tokens is None:
+            t, l, a = self.row_source(idx)
+        else:
+            t, l, a = self.tokens[idx], self.loss_mask[idx], self.attn_mask[idx]
+        return np.asarray(t, np.int32), np.asarray(l, np.float32), np.asarray(a, bool)
+
     def pool(self) -> Pool:
+        if self.tokens is None:
+            return make_pool(*self.take_rows(np.arange(int(self.rows.max()) + 1)))
         return make_pool(self.tokens, self.loss_mask, self.attn_mask)
 
     def variants(self) -> Variants:
@@ -74,6 +94,7 @@ class TrainResult:
     steps: int
     seconds: float
     resumed_from: Optional[int] = None
+    pool_rows: Optional[dict] = None    # {variant shard: global pool rows} this process took (PoolLayout)
 
     @property
     def lora(self):
@@ -128,6 +149,106 @@ def variant_chunks(n_rows: np.ndarray, tcfg: TrainConfig) -> list[np.ndarray]:
     return [order[i:i + size] for i in range(0, V, size)]
 
 
+@dataclasses.dataclass
+class PoolLayout:
+    """Which pool rows each variant shard holds (engine.segment_program's ``pool_shards``). Chunk ``i``'s
+    variant at position ``j`` trains on shard ``j // (len(chunk) / S)``; shard ``s`` holds the sorted global
+    rows ``shard_rows[s]`` that its variants of every chunk draw from, padded to ``R`` (a multiple of 8) by
+    repeating its first row; ``local[i]`` is chunk ``i``'s ``rows`` [len(chunk), M] as indices into its shard's
+    rows (slots past a variant's ``n_rows`` point at row 0 of the shard; they are never trained on)."""
+    shard_rows: list
+    R: int
+    local: list
+
+    @property
+    def S(self) -> int:
+        return len(self.shard_rows)
+
+    def padded(self, s: int) -> np.ndarray:
+        """Shard ``s``'s global row indices, padded to ``R``."""
+        r = self.shard_rows[s]
+        r = r if len(r) else np.zeros(1, np.int64)
+        return np.concatenate([r, np.repeat(r[:1], self.R - len(r))])
+
+
+def pool_layout(rows: np.ndarray, n_rows: np.ndarray, chunks: list, S: int) -> PoolLayout:
+    """The :class:`PoolLayout` of variants ``rows`` [V, M] / ``n_rows`` [V] cut into ``chunks`` over ``S``
+    variant shards (every chunk's size a multiple of ``S``)."""
+    rows, n_rows = np.asarray(rows), np.asarray(n_rows)
+    M = rows.shape[1]
+    valid = np.arange(M)[None, :] < n_rows[:, None]
+    shard_of = np.zeros(len(n_rows), np.int64)
+    need = [set() for _ in range(S)]
+    for c in chunks:
+        if len(c) % S:
+            raise ValueError(f"a chunk of {len(c)} variants does not split over {S} variant shards")
+        shard_of[c] = np.arange(len(c)) // (len(c) // S)
+    for v in range(len(n_rows)):
+        need[shard_of[v]].update(rows[v][valid[v]].tolist())
+    shard_rows = [np.array(sorted(n), np.int64) for n in need]
+    R = max(8, -(-max(max(len(r) for r in shard_rows), 1) // 8) * 8)
+    local = []
+    for c in chunks:
+        loc = np.zeros((len(c), M), np.int32)
+        for j, v in enumerate(c):
+            sr = shard_rows[shard_of[v]]
+            loc[j] = np.where(valid[v], np.searchsorted(sr, rows[v]), 0) if len(sr) else 0
+        local.append(loc)
+    return PoolLayout(shard_rows, R, local)
+
+
+def place_pool(sd: "StudyData", layout: PoolLayout, mesh) -> tuple:
+    """The pool as global arrays ``[S, R, T]`` split over ``variant`` (one device without a mesh), each process
+    taking from ``sd`` only the rows of the shards its own devices hold (``jax.make_array_from_callback`` calls
+    back for addressable shards only). Returns (Pool, {shard: global rows} taken by this process)."""
+    cache: dict = {}
+
+    def shard(s):
+        if s not in cache:
+            cache[s] = sd.take_rows(layout.padded(s))
+        return cache[s]
+
+    if mesh is None:
+        parts = [shard(s) for s in range(layout.S)]
+        arrays = [np.stack([p[i] for p in parts]) for i in range(3)]
+        pool = make_pool(*arrays)
+        pool = jax.tree.map(jax.numpy.asarray, pool)
+    else:
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("variant"))
+        mine = sharding.addressable_devices_indices_map((layout.S, layout.R, 1))
+        T = shard(next(iter(mine.values()))[0].start or 0)[0].shape[1]     # from a shard this process holds
+
+        def cb(index, i):
+            sl = index[0]
+            s0, s1 = sl.start or 0, layout.S if sl.stop is None else sl.stop
+            return np.stack([shard(s)[i] for s in range(s0, s1)])[(slice(None),) + tuple(index[1:])]
+
+        pool = Pool(*[jax.make_array_from_callback((layout.S, layout.R, T), sharding,
+                                                   lambda index, i=i: cb(index, i)) for i in range(3)])
+    return pool, {s: layout.padded(s)[:len(layout.shard_rows[s])] for s in cache}
+
+
+def shard_trunk(base, st: Static, pool: Pool, rows_per_call: int = 8):
+    """Layer ``lora_from``'s input for every row of a sharded pool ``[S, R, T]`` -> ``[S, R, T, D]``, each
+    shard computed on its own devices, ``rows_per_call`` rows of every shard per call."""
+    from jaxpoison.models.decoder import lower_layers, layer_inputs
+    dtype = parse_dtype(st.tcfg.dtype)
+
+    @jax.jit
+    def rows(base, t, m):
+        def one(t, m):
+            cos, sin, mask = layer_inputs(st.cfg, t, m)
+            return lower_layers(base, st.cfg, t, st.lora_from, cos, sin, mask, dtype=dtype)[0]
+        return jax.vmap(one)(t, m)
+
+    R = pool.tokens.shape[1]
+    n = max(1, min(rows_per_call, R))
+    while R % n:
+        n -= 1
+    out = [rows(base, pool.tokens[:, r0:r0 + n], pool.attn_mask[:, r0:r0 + n]) for r0 in range(0, R, n)]
+    return jax.device_put(jax.numpy.concatenate(out, axis=1), pool.tokens.sharding)
+
+
 def tree_bytes(tree) -> int:
     return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
@@ -164,7 +285,7 @@ def _check_same_inputs(sd: StudyData, meta: dict) -> None:
     """Every process of a multi-host job must have derived the same variants, seeds and data: prove it."""
     items = {k: meta.get(k) for k in ("variants", "data_hash", "train", "lora", "model", "base")}
     for k in ("tokens", "loss_mask", "attn_mask", "rows", "n_rows", "lr_scale"):
-        a = getattr(sd, k)
+        a = getattr(sd, k)      # a pool given as row_source is covered by data_hash
         items[f"{k} array"] = None if a is None else np.ascontiguousarray(a).tobytes() + str(a.shape).encode()
     distributed.agree("study inputs", items)
 
@@ -179,7 +300,7 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
     S = num_steps(sd.n_rows, tcfg)
     K = tcfg.save_every or min(tcfg.log_every, S)
     root = jax.random.PRNGKey(tcfg.seed)
-    pool, var = sd.pool(), sd.variants()
+    var = sd.variants()
     keys = np.asarray(variant_keys(root, var))
     chunks = variant_chunks(sd.n_rows, tcfg)
     chunk_steps = [int(np.max(np.asarray(total_updates(sd.n_rows[c], tcfg)))) for c in chunks]
@@ -199,14 +320,14 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
     if jmesh is not None:
         st = dataclasses.replace(st, rules=mesh_rules(jmesh))
         base = jax.device_put(base, base_shardings(jmesh, base, st.rules))
+    # the pool split by variant shard: each device holds the rows its own variants draw from, each process
+    # takes (tokenises, with a row_source) only the rows of its devices
+    layout = pool_layout(sd.rows, sd.n_rows, chunks, mc.variant if jmesh is not None else 1)
+    pool, taken = place_pool(sd, layout, jmesh)
     if tcfg.trunk_cache and st.lora_from > 0:
         # every pool row through the layers no adapter touches, once; steps gather these states (engine.loss_terms)
-        pool = pool.replace(trunk=pool_trunk(base, st.cfg, sd.tokens, sd.attn_mask, st.lora_from,
-                                             parse_dtype(tcfg.dtype)))
-    if jmesh is not None:
-        pool = jax.device_put(pool, jax.sharding.NamedSharding(jmesh, jax.sharding.PartitionSpec()))
-    else:
-        pool = jax.tree.map(jax.numpy.asarray, pool)
+        with (jax.set_mesh(jmesh) if jmesh is not None else contextlib.nullcontext()):
+            pool = pool.replace(trunk=shard_trunk(base, st, pool))
 
     def place(tree):        # per-variant arrays of one chunk onto the devices
         if jmesh is None:
@@ -222,7 +343,7 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
             "pinned_host": lambda t: jax.device_put(t, jax.tree.map(
                 lambda x: x.sharding.with_memory_kind("pinned_host"), t))}[where]
     init = init_program(st, jmesh)
-    chunk_in = [(place(keys[c]), place(var.take(c))) for c in chunks]
+    chunk_in = [(place(keys[c]), place(var.take(c).replace(rows=loc))) for c, loc in zip(chunks, layout.local)]
     if resident:
         state = init(chunk_in[0][0])
     else:
@@ -265,7 +386,7 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
         tb = StudyLog(pathlib.Path(run_dir) / "tensorboard", sd.table)
         tb.add_rows([json.loads(l) for l in kept])
 
-    seg = segment_program(st, K, jmesh, base)
+    seg = segment_program(st, K, jmesh, base, pool_shards=True)
     bar = None
     if progress and writer:
         from tqdm.auto import tqdm
@@ -362,7 +483,7 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
         state = _host(state)
     state = study_order(state)
     metrics = {k: np.concatenate(v) for k, v in history.items()} if history else {}
-    return TrainResult(state, metrics, S, time.time() - t0, resumed)
+    return TrainResult(state, metrics, S, time.time() - t0, resumed, taken)
 
 
 def study_static(cfg, tcfg: TrainConfig, lcfg: LoraConfig) -> Static:

@@ -1,6 +1,9 @@
 """The tiny study of resume_job.py with 8 variants split over 8 devices, as one process of a job whose shape
 comes from the environment (one process with 8 CPU devices, or several with fewer: JAXPOISON_* or SLURM_*).
-``python multihost_train_job.py RUN_DIR OUT.npz``; process 0 writes OUT.npz (adapters, resume step)."""
+``python multihost_train_job.py RUN_DIR OUT.npz``; process 0 writes OUT.npz (adapters, resume step); every
+process ``i`` writes ``OUT.p<i>.json`` (outside the run folder): the pool rows its ``row_source`` was asked for,
+the variant shards it took them for, and the shapes of its addressable pool shards."""
+import json
 import sys
 
 import numpy as np
@@ -15,8 +18,30 @@ if __name__ == "__main__":
     from jaxpoison.train.mesh import MeshConfig
     from jaxpoison.train.trainer import train_study
 
-    res = train_study(tiny_base(), ST, tiny_study(V=8), run_dir=run_dir, progress=False,
+    from jaxpoison.train import trainer
+    full = tiny_study(V=8, R=48)        # 48 rows: each variant draws 12, so a process's 4 variants miss some
+    asked = []
+
+    def row_source(idx):                # a tokeniser of the rows asked for (here: slices of the tiny pool)
+        asked.extend(int(i) for i in idx)
+        return full.tokens[idx], full.loss_mask[idx], full.attn_mask[idx]
+
+    sd = trainer.StudyData(None, None, None, full.rows, full.n_rows, full.table, full.data_hash,
+                           row_source=row_source)
+    shapes = []
+    place = trainer.place_pool
+
+    def recording_place(*a, **k):
+        pool, taken = place(*a, **k)
+        shapes.extend(list(sh.data.shape) for sh in getattr(pool.tokens, "addressable_shards", []))
+        return pool, taken
+
+    trainer.place_pool = recording_place
+    res = train_study(tiny_base(), ST, sd, run_dir=run_dir, progress=False,
                       mesh=MeshConfig(variant=8, data=1, fsdp=1, model=1))
+    with open(f"{out}.p{distributed.process_index()}.json", "w") as f:
+        json.dump({"asked": sorted(set(asked)), "shards": {str(s): r.tolist() for s, r in res.pool_rows.items()},
+                   "shard_shapes": shapes}, f)
     if distributed.is_writer():
         np.savez(out, **{f"{m}.{k}": np.asarray(x) for m, ab in res.lora.items() for k, x in ab.items()},
                  resumed=np.int32(-1 if res.resumed_from is None else res.resumed_from),

@@ -74,6 +74,28 @@ def test_two_processes_train_the_adapters_of_one_process_with_8_devices(runs):
     assert shards == {"ocdbt.process_0", "ocdbt.process_1"}
 
 
+def test_each_process_tokenises_and_holds_only_the_pool_rows_of_its_own_variants(runs):
+    """Each process asked its row source only for the rows of the variants on its devices (4 of the 8 variant
+    shards), and its addressable pool shards are those rows alone; the 1-process job asked for every used row."""
+    from tiny import tiny_study
+    sd = tiny_study(V=8, R=48)
+    own = [set(sd.rows[v, :sd.n_rows[v]].tolist()) for v in range(8)]
+    recs = [json.loads((runs / f"two.npz.p{i}.json").read_text()) for i in (0, 1)]
+    assert sorted(int(s) for r in recs for s in r["shards"]) == list(range(8))      # each shard on one process
+    for r in recs:
+        shards = [int(s) for s in r["shards"]]
+        assert len(shards) == 4
+        mine = set().union(*(own[s] for s in shards))
+        assert set(r["asked"]) == mine and len(mine) < 48 - 4, (len(mine), shards)
+        for s in shards:
+            assert set(r["shards"][str(s)]) == own[s]
+        width = max(len(own[s]) for s in range(8))          # rows per shard: the largest shard, padded to 8
+        assert r["shard_shapes"] == [[1, -(-width // 8) * 8, 16]] * 4
+    one = json.loads((runs / "one.npz.p0.json").read_text())
+    assert set(one["asked"]) == set().union(*own) and len(one["shards"]) == 8
+    assert set(recs[0]["asked"]) != set(recs[1]["asked"])
+
+
 def test_sigkill_of_one_process_then_restart_is_bitwise_the_uninterrupted_job(runs):
     ck = runs / "killed" / "checkpoints"
     assert max(int(p.name) for p in ck.iterdir() if p.name.isdigit()) == 4

@@ -104,6 +104,36 @@ def test_chunk_on_variant_axis_has_no_collectives():
     assert coll == []
 
 
+def test_pool_split_by_variant_shard_holds_only_each_shards_rows_and_exchanges_nothing():
+    """The trainer's pool layout (engine ``pool_shards``): on (8, 1, 1, 1) device ``s`` holds exactly the rows that
+    the chunk's variants on it draw from (``pool_layout``), the compiled step still has no collective, and the
+    study trains the adapters of the replicated-pool program."""
+    from jaxpoison.train.trainer import place_pool, pool_layout
+    mesh = make_mesh(MeshConfig(8, 1, 1, 1))
+    st = dataclasses.replace(ST, rules=mesh_rules(mesh))
+    sd = tiny_study(V=8, R=48)
+    layout = pool_layout(sd.rows, sd.n_rows, [np.arange(8)], 8)
+    for v in range(8):      # variant v alone on shard v: its own rows, nothing else
+        assert set(layout.shard_rows[v]) == set(sd.rows[v, :sd.n_rows[v]])
+        np.testing.assert_array_equal(layout.padded(v)[layout.local[0][v, :sd.n_rows[v]]], sd.rows[v, :sd.n_rows[v]])
+    pool, taken = place_pool(sd, layout, mesh)
+    assert layout.R < 48 and pool.tokens.shape == (8, layout.R, sd.tokens.shape[1])
+    for sh in pool.tokens.addressable_shards:
+        s = sh.index[0].start
+        np.testing.assert_array_equal(np.asarray(sh.data)[0], sd.tokens[layout.padded(s)])
+    var = sd.variants()
+    keys = variant_keys(jax.random.PRNGKey(0), var)
+    with jax.set_mesh(mesh):
+        state = init_program(st, mesh)(keys)
+        seg = segment_program(st, 2, mesh, tiny_base(), pool_shards=True)
+        placed = var.replace(rows=layout.local[0])
+        assert _collectives(seg.lower(state, np.int32(0), keys, tiny_base(), pool, placed).compile().as_text()) == []
+        got, _ = seg(state, np.int32(0), keys, tiny_base(), pool, placed)
+        ref, _ = segment_program(st, 2, mesh, tiny_base())(init_program(st, mesh)(keys), np.int32(0), keys,
+                                                            tiny_base(), sd.pool(), var)
+    _close(got.lora, ref.lora, atol=1e-6)
+
+
 def test_sharded_chunk_gathers_base_layers_only():
     """On (variant, data, fsdp, model) = (2, 1, 2, 2) the step all-gathers one base layer at a time over fsdp
     (and the embedding once) and all-reduces tensor-parallel activations; no per-variant state is gathered."""
