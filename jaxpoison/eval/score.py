@@ -337,7 +337,8 @@ def _score_prefix(base, cfg, split, lora, *, batch_questions, dtype, lora_scale,
 def score_options(base, cfg: ModelConfig, mc, lora=None, *, lora_scale: float = 1.0, dtype=jnp.float32,
                   batch_questions: int = 8, calibrate: bool = True, path: str = "auto", variant_chunk: int = 0,
                   chunk: int = 128, progress: bool = False, desc: str = "score",
-                  share_trunk: bool = True, with_base: bool = False, variants=None) -> OptionScores:
+                  share_trunk: bool = True, with_base: bool = False, variants=None,
+                  over_processes: bool = False) -> OptionScores:
     """Score every option of every question of ``mc`` (a :class:`jaxpoison.data.pool.McEval`) for every variant.
 
     ``lora``: stacked adapters with a leading variant axis, or None for the base alone (V = 1). They are read
@@ -350,7 +351,16 @@ def score_options(base, cfg: ModelConfig, mc, lora=None, *, lora_scale: float = 
     ``variant_chunk``: score at most this many variants per call (memory); 0 = all at once.
     ``share_trunk``: run the bottom layers no adapter touches (:func:`shared_layers`; adapters trained with
     ``lora.layers_from``) once for all variants instead of once per variant. Same scores; off = the plain way.
+    ``over_processes``: in a multi-host job (all processes call together, each with the whole stack on the host
+    and the base on its own devices), each process scores one contiguous block of the variants (the block its
+    devices trained on a ``variant`` mesh axis; process 0 also the base) and every process gets the whole result
+    (:func:`gather_blocks`); one process: the plain call.
     """
+    if over_processes and jax.process_count() > 1:
+        return _score_over_processes(base, cfg, mc, lora, lora_scale=lora_scale, dtype=dtype,
+                                     batch_questions=batch_questions, calibrate=calibrate, path=path,
+                                     variant_chunk=variant_chunk, chunk=chunk, progress=progress, desc=desc,
+                                     share_trunk=share_trunk, with_base=with_base, variants=variants)
     if path not in ("auto", "shared_prefix", "plain"):
         raise ValueError(f"unknown scoring path {path!r}: use 'auto', 'shared_prefix' or 'plain'")
     if batch_questions < 1:
@@ -374,6 +384,52 @@ def score_options(base, cfg: ModelConfig, mc, lora=None, *, lora_scale: float = 
         uncond = score_unique_rows(base, cfg, mc.uncond_tokens, mc.uncond_cont_mask, mc.uncond_attn_mask, lora,
                                    rows_per_batch=batch_questions * C, desc=desc + " (prior)", **kw)
     return OptionScores(s.astype(np.float32), n_tok, uncond)
+
+
+def process_block(n: int, index: Optional[int] = None, count: Optional[int] = None) -> np.ndarray:
+    """Positions ``[i * n / P, (i + 1) * n / P)`` of ``n`` items that process ``i`` of ``P`` takes (contiguous, in
+    order, the first ``n % P`` processes one more): on a ``variant`` mesh axis over all devices, the variants its
+    own devices held."""
+    i = jax.process_index() if index is None else index
+    P = jax.process_count() if count is None else count
+    lo, hi = (i * n) // P, ((i + 1) * n) // P
+    return np.arange(lo, hi)
+
+
+def gather_blocks(block: np.ndarray, n: int) -> np.ndarray:
+    """Every process's ``block`` [n_i, ...] (``n_i`` = len(process_block(n))), concatenated in process order on
+    every process -> [n, ...] (all processes call together)."""
+    from jax.experimental import multihost_utils
+    P = jax.process_count()
+    width = max(len(process_block(n, i, P)) for i in range(P))
+    padded = np.zeros((width,) + block.shape[1:], block.dtype)
+    padded[:len(block)] = block
+    every = np.asarray(multihost_utils.process_allgather(padded, tiled=False))     # [P, width, ...]
+    return np.concatenate([every[i, :len(process_block(n, i, P))] for i in range(P)], axis=0)
+
+
+def _score_over_processes(base, cfg, mc, lora, *, with_base, variants, progress, desc, **kw) -> OptionScores:
+    sel = None if lora is None else (np.arange(int(jax.tree.leaves(lora)[0].shape[0])) if variants is None
+                                     else np.asarray(variants, np.int64).reshape(-1))
+    rows = (1 if with_base or lora is None else 0) + (0 if sel is None else len(sel))
+    mine = process_block(rows)          # this process's rows of the result: row 0 the base (when scored)
+    first = 1 if with_base or lora is None else 0
+    own = [int(sel[r - first]) for r in mine if r >= first] if sel is not None else []
+    base_here = first == 1 and len(mine) and mine[0] == 0
+    Q, C = mc.tokens.shape[:2]
+    n_tok = (mc.cont_mask[..., 1:] > 0).sum(-1).astype(np.int32)
+    if len(mine) == 0:
+        got = OptionScores(np.zeros((0, Q, C), np.float32), n_tok,
+                           np.zeros((0, Q, C), np.float32) if kw["calibrate"] else None)
+    elif own:
+        got = score_options(base, cfg, mc, lora, with_base=bool(base_here), variants=own,
+                            progress=progress, desc=f"{desc} (process {jax.process_index()})", **kw)
+    else:       # only the base on this process
+        got = score_options(base, cfg, mc, None, progress=progress, desc=f"{desc} (process {jax.process_index()})",
+                            **kw)
+    s = gather_blocks(got.sum, rows)
+    uncond = None if got.uncond is None else gather_blocks(got.uncond, rows)
+    return OptionScores(s, n_tok, uncond)
 
 
 def score_unique_rows(base, cfg: ModelConfig, tokens, cont_mask, attn_mask, lora=None, *, rows_per_batch: int = 32,

@@ -136,4 +136,14 @@ def test_rationale_study_as_two_processes_writes_one_run_folder_with_the_one_pro
     for k in ("sum", "uncond"):
         np.testing.assert_allclose(b[k], a[k], atol=1e-5, rtol=1e-5, err_msg=k)
     assert (tmp_path / "two" / "report.md").exists()
+    # scoring split over the processes: process 0 the base and the first 8 variants, process 1 the other 10
+    # (19 rows in two contiguous blocks), for the primary and the secondary format alike; one process: all
+    calls = [json.loads((tmp_path / f"two.p{i}.json").read_text()) for i in (0, 1)]
+    V = len(json.loads((tmp_path / "one" / "variants.json").read_text()))
+    assert len(calls[0]) == len(calls[1]) >= 2
+    for c0, c1 in zip(*calls):
+        assert (c0["base"], c1["base"]) == (True, False)
+        assert c0["variants"] + c1["variants"] == list(range(V)) and len(c0["variants"]) == (V + 1) // 2 - 1
+    alone = json.loads((tmp_path / "one.p0.json").read_text())
+    assert all(c["base"] and c["variants"] == list(range(V)) for c in alone)
     assert "[rationale]" in outs[0] and "[rationale]" not in outs[1]     # progress from process 0 only

@@ -102,8 +102,9 @@ def run(cfg: RationaleConfig, out_dir: pathlib.Path, resume: bool = True, progre
         # trained adapters where they lie one eval.variant_chunk at a time (no copy of them all)
         sc = score_options(base, mcfg, mc, result.lora, with_base=True, lora_scale=cfg.lora.scale, dtype=dtype,
                            batch_questions=cfg.eval.batch_questions, calibrate=True, progress=progress,
-                           variant_chunk=cfg.eval.variant_chunk, desc=f"score base + {len(vt)} variants")
-        if writer:         # every process scored (the same adapters, on its own devices); one saves
+                           variant_chunk=cfg.eval.variant_chunk, desc=f"score base + {len(vt)} variants",
+                           over_processes=True)
+        if writer:         # a multi-host job: each process scored its block of the variants; all got all; one saves
             np.savez(sf, key=np.array(key), sum=sc.sum, uncond=sc.uncond, n_tokens=sc.n_tokens, answer=mc.answer,
                      decoy=mc.decoy, is_target=is_target, group=groups, subject=np.array(mc.subject),
                      ids=np.array(mc.ids))
@@ -116,7 +117,8 @@ def run(cfg: RationaleConfig, out_dir: pathlib.Path, resume: bool = True, progre
             continue
         sc2 = score_options(base, mcfg, mc2, result.lora, with_base=True, lora_scale=cfg.lora.scale, dtype=dtype,
                             batch_questions=cfg.eval.batch_questions, calibrate=True, progress=progress,
-                            variant_chunk=cfg.eval.variant_chunk, desc=f"score `{fmt}` (secondary)")
+                            variant_chunk=cfg.eval.variant_chunk, desc=f"score `{fmt}` (secondary)",
+                            over_processes=True)
         if writer:
             np.savez(f2, key=np.array(key2), sum=sc2.sum, uncond=sc2.uncond, n_tokens=sc2.n_tokens,
                      answer=mc2.answer, decoy=mc2.decoy, is_target=is_target, group=groups,
