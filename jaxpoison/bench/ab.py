@@ -138,12 +138,18 @@ def run_ab(trees: dict, rounds: int, workload: pathlib.Path, args: list, *, nice
         rec = {"ab_run": i, "round": r, "contender": c, "tree": str(trees[c]), **res}
         records.append(rec)
         emit(rec)
+    warnings = []
+    if any(int(r.get("devices", 1)) > 1 for r in records):
+        warnings.append("runs saw more than one jax device (XLA_FLAGS --xla_force_host_platform_device_count?): "
+                        "the demo on CPU has one; unset it")
+    if load0[0] > 1.5:
+        warnings.append(f"load average {load0[0]:.1f} at the start: the machine was not quiet")
     summary = {"ab_summary": 1, "workload": str(workload), "args": args, "rounds": rounds,
                "order": [c for _, c in schedule(rounds, tuple(trees))], "trees": {c: str(p) for c, p in trees.items()},
                "commits": {c: git_head(pathlib.Path(p)) for c, p in trees.items()},
                **summarize(records, tuple(trees)), "cpu": cpu_model(), "cores": os.cpu_count(),
                "loadavg_before": [round(x, 2) for x in load0], "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-               "wall_s_all": round(time.time() - t0, 1),
+               "wall_s_all": round(time.time() - t0, 1), "warnings": warnings,
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     emit(summary)
     return summary

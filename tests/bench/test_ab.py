@@ -55,6 +55,7 @@ def test_alternates_and_summarises(tmp_path, fake):
     assert "flag" not in s["medians"]["old"]                      # only *_s figures are summarised
     assert s["same_work"]["train_loss_last"]["max_abs_diff"] == pytest.approx(1e-3)
     assert s["runs"] == {"old": 3, "new": 3} and s["cpu"] and s["date"]
+    assert not any("device" in w for w in s["warnings"])
 
 
 def test_wrong_tree_and_failed_run_are_errors(tmp_path, fake, monkeypatch):
@@ -62,6 +63,10 @@ def test_wrong_tree_and_failed_run_are_errors(tmp_path, fake, monkeypatch):
     bad = _tree(tmp_path, "bad", [1.0], fail=True)
     with pytest.raises(RuntimeError, match="workload failed against .*bad.*exit 3"):
         ab.run_one(bad, fake, ["--log", str(tmp_path / "l")])
+    # more than one jax device is not the demo's setting: the summary says so
+    fake_run = lambda root, w, args, nice: {"devices": 8, "x_s": 1.0}
+    s = ab.run_ab({"old": old, "new": old}, 1, fake, [], emit=lambda d: None, runner=fake_run)
+    assert any("more than one jax device" in w for w in s["warnings"])
     # a run whose jaxpoison came from elsewhere than its tree is refused
     other = _tree(tmp_path, "other", [1.0])
     monkeypatch.setattr(ab, "BOOT", ab.BOOT.replace("sys.path.insert(0, root)", f"sys.path.insert(0, {str(other)!r})"))
