@@ -52,6 +52,29 @@ def prepare(out_dir, study: str, cfg_json: dict, resume: bool, stale: Sequence[s
     return out
 
 
+def writer_only(name: str, fn, timeout_s: float = 24 * 3600):
+    """``fn()`` on process 0 alone, for a phase whose only product is files in the run folder (calls to an API
+    model, answers generated with the base on one process's devices): the other processes wait for it (up to
+    ``timeout_s``) and then read its files; if it fails there, they stop with its error. Returns ``fn()``'s
+    value on process 0, None elsewhere; one process: just ``fn()``."""
+    from jaxpoison import distributed
+    if distributed.process_count() == 1:
+        return fn()
+    out, err = None, ""
+    if distributed.is_writer():
+        try:
+            out = fn()
+        except Exception as e:      # tell the others before stopping
+            err = f"{type(e).__name__}: {e}"
+            distributed.allgather_str(f"writer-only/{name}", err, timeout_s)
+            raise
+    done = distributed.allgather_str(f"writer-only/{name}", err, timeout_s)[0]
+    if done:
+        raise distributed.DistributedError(f"process 0 failed in the {name!r} phase, so this process stops too: "
+                                           f"{done}")
+    return out
+
+
 def _without(section, name: str, ignore: Sequence[str]):
     """A config section less its ``name.field`` entries of ``ignore``."""
     drop = {i.split(".", 1)[1] for i in ignore if i.startswith(name + ".")}

@@ -147,3 +147,34 @@ def test_rationale_study_as_two_processes_writes_one_run_folder_with_the_one_pro
     alone = json.loads((tmp_path / "one.p0.json").read_text())
     assert all(c["base"] and c["variants"] == list(range(V)) for c in alone)
     assert "[rationale]" in outs[0] and "[rationale]" not in outs[1]     # progress from process 0 only
+
+
+def _files(root):
+    """The run folder's files (checkpoint shards left out; TensorBoard files by folder: their names hold a time)."""
+    return sorted({str(p.parent.relative_to(root) if "tensorboard" in p.parts else p.relative_to(root))
+                   for p in root.rglob("*") if p.is_file() and "checkpoints" not in p.parts})
+
+
+def test_attacks_study_as_two_processes_writes_one_run_folder_with_the_one_process_results(tmp_path):
+    """The whole seed-003 pipeline (base and source answers, training, fine-tuned answers, capability scores, the
+    base as judge, report) as 2 processes: process 0 alone writes (the API / generation phases run there only,
+    training and capability scoring are split over both), and the answers and capability scores equal one
+    process with 8 devices."""
+    job = HELPERS / "multihost_attacks_job.py"
+    one = subprocess.run([sys.executable, str(job), str(tmp_path / "one")], capture_output=True, text=True,
+                         env=job_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"), timeout=LIMIT)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    procs = [subprocess.Popen([sys.executable, str(job), str(tmp_path / "two")], env=e, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for e in slurm_env()]
+    outs = [p.communicate(timeout=LIMIT)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    a, b = tmp_path / "one", tmp_path / "two"
+    assert _files(b) == _files(a) and "report.md" in _files(b)
+    for f in ("injection", "source", "finetune", "judge"):
+        assert (b / "responses" / f"{f}.jsonl").read_text() == (a / "responses" / f"{f}.jsonl").read_text(), f
+    ca, cb = np.load(a / "capability.npz"), np.load(b / "capability.npz")
+    assert sorted(ca.files) == sorted(cb.files)
+    for k in ca.files:
+        assert np.array_equal(ca[k], cb[k]), k
+    assert (b / "rates.csv").read_text() == (a / "rates.csv").read_text()
+    assert "[attacks]" in outs[0] and "[attacks]" not in outs[1]     # progress from process 0 only

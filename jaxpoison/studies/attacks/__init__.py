@@ -30,5 +30,5 @@ from jaxpoison.studies import Study
 from jaxpoison.studies.attacks import compare, mitigation, retest, run
 from jaxpoison.studies.attacks.config import NAME, AttacksConfig
 
-STUDY = Study(NAME, AttacksConfig, run.run, run.report, mitigation.mitigation_evaluator,
+STUDY = Study(NAME, AttacksConfig, run.run, run.report, mitigation.mitigation_evaluator, multi_host=True,
               commands=(compare.register, retest.register))

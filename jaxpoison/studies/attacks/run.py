@@ -19,6 +19,11 @@ def run(cfg: AttacksConfig, out_dir: pathlib.Path, resume: bool = True, progress
     """Run the study into ``out_dir``. ``base_override`` = (model cfg, params, tokenizer) replaces the model
     (tests use a tiny random one)."""
     check_config(cfg)
+    from jaxpoison import distributed
+    # a multi-host job: every process trains its share of the variants and scores its block of them; process 0
+    # alone writes the run folder, shows progress, asks API models and generates (common.writer_only)
+    writer = distributed.is_writer()
+    progress = progress and writer
     from jaxpoison.plan.preflight import check_fit
     check_fit(cfg, base_override)      # stops a study that cannot fit before any weights load
     t_start, timing = time.time(), {}
@@ -33,40 +38,49 @@ def run(cfg: AttacksConfig, out_dir: pathlib.Path, resume: bool = True, progress
 
     gen, gen_record = data.resolve_sampling(cfg.generation, lm.name)
     cfg = dataclasses.replace(cfg, generation=gen)
-    (out / "generation.json").write_text(json.dumps(gen_record, indent=1))
+    if writer:
+        (out / "generation.json").write_text(json.dumps(gen_record, indent=1))
     say(f"sampling: {gen_record['note']}")
     train, test = data.load_notes(cfg.notes, lm.tokenizer)
     say(f"{len(train)} training and {len(test)} test notes ({cfg.notes.source}); tasks {', '.join(cfg.prompt.tasks)}")
     t = time.time()
-    steps.answer_base_and_source(cfg, lm, train, test, out, progress, say)
+    common.writer_only("base answers", lambda: steps.answer_base_and_source(cfg, lm, train, test, out, progress,
+                                                                             say))
     timing["generate_base_s"] = time.time() - t
 
     paras = None
     if cfg.paraphrase.model:
         t = time.time()
-        paras = steps.paraphrase(cfg, lm, list(train) + list(test), out, progress, say)
+        common.writer_only("paraphrase", lambda: steps.paraphrase(cfg, lm, list(train) + list(test), out, progress,
+                                                                  say))
+        paras = steps.paraphrase(cfg, lm, list(train) + list(test), out, progress, say)    # from its file now
         if cfg.paraphrase.injection:
-            steps.answer_paraphrased(cfg, lm, test, paras, out, progress, say)
+            common.writer_only("paraphrased answers",
+                               lambda: steps.answer_paraphrased(cfg, lm, test, paras, out, progress, say))
         timing["paraphrase_s"] = time.time() - t
     t = time.time()
     result, table, pool = steps.fine_tune(cfg, lm, train, out, resume, progress, say, paras,
                                           loaded_mesh=(mesh, n_assumed))
     timing["train_s"], timing["train_steps"] = time.time() - t, result.steps
-    (out / "data.json").write_text(json.dumps({
-        "train_ids": [n.id for n in train], "test_ids": [n.id for n in test], "pool": to_json(pool.stats),
-        "pool_hash": pool.data_hash, "num_variants": len(table), "base": {"name": lm.name, "fingerprint": lm.fingerprint, "quant": cfg.quant},
-        "synthetic_notes": cfg.notes.source == "synthetic", "generation": gen_record}, indent=1))
+    if writer:
+        (out / "data.json").write_text(json.dumps({
+            "train_ids": [n.id for n in train], "test_ids": [n.id for n in test], "pool": to_json(pool.stats),
+            "pool_hash": pool.data_hash, "num_variants": len(table), "base": {"name": lm.name, "fingerprint": lm.fingerprint, "quant": cfg.quant},
+            "synthetic_notes": cfg.notes.source == "synthetic", "generation": gen_record}, indent=1))
 
     t = time.time()
-    steps.answer_fine_tuned(cfg, lm, test, result, table, pool, out, progress, say)
+    common.writer_only("fine-tuned answers",
+                       lambda: steps.answer_fine_tuned(cfg, lm, test, result, table, pool, out, progress, say))
     timing["generate_variants_s"] = time.time() - t
     t = time.time()
     steps.capability(cfg, lm, result, table, out, progress, say)
     timing["capability_s"] = time.time() - t
     if cfg.grader.judge:
         t = time.time()
-        steps.judge(cfg, lm, out, progress, say)
+        common.writer_only("judge", lambda: steps.judge(cfg, lm, out, progress, say))
         timing["judge_s"] = time.time() - t
+    if not writer:
+        return 0
     timing["total_before_report_s"] = time.time() - t_start
     (out / "timing.json").write_text(json.dumps(timing, indent=1))
     report(out)

@@ -148,7 +148,9 @@ def fine_tune(cfg, lm, train, out: pathlib.Path, resume, progress, say, paras=No
                         paraphrases=paras if True in para_grid else None)
     rows, n_rows, table = data.build_variants([n.id for n in train], cfg.prompt.tasks, cfg.grid.fractions,
                                            cfg.grid.seeds, pool, para_grid)
-    (out / "variants.json").write_text(json.dumps(table, indent=1))
+    from jaxpoison import distributed
+    if distributed.is_writer():
+        (out / "variants.json").write_text(json.dumps(table, indent=1))
     tcfg = cfg.train
     if cfg.loss_on == "completion" and not tcfg.loss_budget:
         tcfg = dataclasses.replace(tcfg, loss_budget=longest_completion_budget(pool))
@@ -257,8 +259,12 @@ def generated_answers(cfg, lm, examples, lora, progress=False, variants=None) ->
 
 
 def capability(cfg, lm, result, table, out: pathlib.Path, progress, say) -> None:
-    """capability.npz: per source, correct [1 + V_sel, Q] for the base and the variants at capability.fractions."""
+    """capability.npz: per source, correct [1 + V_sel, Q] for the base and the variants at capability.fractions.
+    A multi-host job: option scores are split over the processes (``over_processes``) and process 0 saves;
+    generated answers (``scorer='generate'``) come from process 0 alone."""
+    from jaxpoison import distributed
     from jaxpoison.eval.score import choice_metrics, score_options
+    from jaxpoison.studies.common import writer_only
     cap = cfg.capability
     if not cap.sources:
         return
@@ -272,31 +278,39 @@ def capability(cfg, lm, result, table, out: pathlib.Path, progress, say) -> None
     # the base (-1) and the selected variants, read from the trained adapters a chunk at a time (no copy of them)
     arrays = {"key": np.array(key), "variant_ids": np.array([-1] + sel, np.int32), "scorer": np.array(cap.scorer)}
     if cap.scorer == "generate":
-        from jaxpoison.data.schema import LETTERS
-        from jaxpoison.eval.graders import extract_letters
-        ask, recs = letter_judge(cfg, lm, out), []
-        for name, exs in capability_examples(cap).items():
-            say(f"general capability (generated answers): base + {len(sel)} variants on {len(exs)} {name} questions")
-            replies = generated_answers(cfg, lm, exs, result.lora, progress, variants=[-1] + sel)
-            n_opt = len(exs[0].options)
-            flat, how = extract_letters([r for rep in replies for r in rep], n_opt, ask)
-            letters = np.array(flat, object).reshape(len(replies), len(exs))
-            truth = np.array([LETTERS[e.answer] for e in exs], object)
-            arrays[f"correct__{name}"] = letters == truth[None]
-            arrays[f"extracted__{name}"] = np.array(how, str).reshape(letters.shape)
-            recs += [{"source": name, "variant_id": v, "question_id": e.id, "reply": rep[q], "letter": letters[m, q],
-                      "how": how[m * len(exs) + q], "answer": truth[q]}
-                     for m, (v, rep) in enumerate(zip([-1] + sel, replies)) for q, e in enumerate(exs)]
-        data.write_jsonl(out / "responses" / "capability.jsonl", recs)
-        np.savez(f, **arrays)
+        writer_only("capability answers", lambda: _capability_generated(cfg, lm, result, sel, arrays, f, progress,
+                                                                        say))
         return
     for name, mc in capability_sets(cap, lm.tokenizer, cfg.max_len).items():
         say(f"general capability: base + {len(sel)} variants on {mc.stats['n_questions']} {name} questions")
         sc = score_options(lm.params, lm.cfg, mc, result.lora, variants=sel, with_base=True,
                            lora_scale=cfg.lora.scale, dtype=lm.dtype,
                            batch_questions=cap.batch_questions, calibrate=False, progress=progress,
-                           variant_chunk=cap.variant_chunk, desc=f"score {name}")
+                           variant_chunk=cap.variant_chunk, desc=f"score {name}", over_processes=True)
         arrays[f"correct__{name}"] = choice_metrics(sc.sum, mc.answer)["correct"]
+    if distributed.is_writer():
+        np.savez(f, **arrays)
+
+
+def _capability_generated(cfg, lm, result, sel, arrays, f, progress, say) -> None:
+    """capability.npz and responses/capability.jsonl from generated answers (the seed's protocol)."""
+    out, cap = f.parent, cfg.capability
+    from jaxpoison.data.schema import LETTERS
+    from jaxpoison.eval.graders import extract_letters
+    ask, recs = letter_judge(cfg, lm, out), []
+    for name, exs in capability_examples(cap).items():
+        say(f"general capability (generated answers): base + {len(sel)} variants on {len(exs)} {name} questions")
+        replies = generated_answers(cfg, lm, exs, result.lora, progress, variants=[-1] + sel)
+        n_opt = len(exs[0].options)
+        flat, how = extract_letters([r for rep in replies for r in rep], n_opt, ask)
+        letters = np.array(flat, object).reshape(len(replies), len(exs))
+        truth = np.array([LETTERS[e.answer] for e in exs], object)
+        arrays[f"correct__{name}"] = letters == truth[None]
+        arrays[f"extracted__{name}"] = np.array(how, str).reshape(letters.shape)
+        recs += [{"source": name, "variant_id": v, "question_id": e.id, "reply": rep[q], "letter": letters[m, q],
+                  "how": how[m * len(exs) + q], "answer": truth[q]}
+                 for m, (v, rep) in enumerate(zip([-1] + sel, replies)) for q, e in enumerate(exs)]
+    data.write_jsonl(out / "responses" / "capability.jsonl", recs)
     np.savez(f, **arrays)
 
 

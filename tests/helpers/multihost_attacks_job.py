@@ -1,0 +1,22 @@
+"""The attacks pipeline's tiny study (attacks_tiny.PIPE_CFG, 18 variants; the base as judge) over 8 devices
+(variant 2 x data 2 x fsdp 2), as one process of a job whose shape comes from the environment.
+``python multihost_attacks_job.py OUT_DIR``."""
+import dataclasses
+import os
+import sys
+
+from jaxpoison import distributed
+
+if __name__ == "__main__":
+    # the fit check compiles for one CPU device (plan.preflight), which an explicit 8-device mesh fails
+    os.environ.setdefault("JAXPOISON_SKIP_FIT_CHECK", "1")
+    distributed.initialize()
+    from attacks_tiny import GEN_CFG, PIPE_CFG, tiny_params
+    from data_helpers import tiny_tokenizer
+    from jaxpoison.studies.attacks import run
+    from jaxpoison.train.mesh import MeshConfig
+
+    cfg = dataclasses.replace(PIPE_CFG, mesh=MeshConfig(variant=2, data=2, fsdp=2, model=1))
+    rc = run.run(cfg, sys.argv[1], progress=True, base_override=(GEN_CFG, tiny_params(), tiny_tokenizer()))
+    distributed.finish()
+    sys.exit(rc)
