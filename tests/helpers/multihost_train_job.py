@@ -13,7 +13,10 @@ from jaxpoison import distributed
 if __name__ == "__main__":
     run_dir, out = sys.argv[1], sys.argv[2]
     distributed.initialize()
+    import dataclasses
     from resume_job import ST
+    # two epochs (6 steps, checkpoints at 2, 4, 6): a kill after step 4 still leaves 2 steps to resume
+    ST = dataclasses.replace(ST, tcfg=dataclasses.replace(ST.tcfg, epochs=2))
     from tiny import tiny_base, tiny_study
     from jaxpoison.train.mesh import MeshConfig
     from jaxpoison.train.trainer import train_study

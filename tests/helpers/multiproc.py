@@ -8,14 +8,22 @@ ROOT = next(p for p in pathlib.Path(__file__).resolve().parents if (p / "pyproje
 HELPERS = ROOT / "tests" / "helpers"      # the job scripts live here
 
 
+_GIVEN = set()      # ports handed out by this process: jobs started together must not share a coordinator port
+
+
 def free_port(lo=None, hi=None):
-    for port in (range(lo, hi) if lo else [0]):
+    for port in (range(lo, hi) if lo else [0] * 100):
+        if port in _GIVEN:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return s.getsockname()[1]
+            got = s.getsockname()[1]
+        if got not in _GIVEN:
+            _GIVEN.add(got)
+            return got
     raise RuntimeError("no free port")
 
 

@@ -14,20 +14,17 @@ import pytest
 from multiproc import HELPERS, job_env, slurm_env
 
 JOB = HELPERS / "multihost_train_job.py"
-LIMIT = 400      # per run; a run takes ~15 s of CPU per process (compiles included) on an idle core
+LIMIT = 400      # per job (several run at once); a run takes ~15 s of CPU per process on an idle core
 
 
-def _one_process(run_dir, out):
-    env = job_env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    p = subprocess.run([sys.executable, str(JOB), str(run_dir), str(out)], env=env, capture_output=True, text=True,
-                       timeout=LIMIT)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+def _start(job, args, envs):
+    """One process per env of ``job args`` (started now; :func:`_wait` collects them). Jobs started together
+    overlap: a process waiting on its peer's collectives leaves the cores to the others."""
+    return [subprocess.Popen([sys.executable, str(job), *map(str, args)], env=e, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for e in envs]
 
 
-def _two_processes(run_dir, out, **extra):
-    envs = [{**e, **{k: str(v) for k, v in extra.items()}} for e in slurm_env()]
-    procs = [subprocess.Popen([sys.executable, str(JOB), str(run_dir), str(out)], env=e, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for e in envs]
+def _wait(procs):
     outs = []
     for p in procs:
         try:
@@ -39,6 +36,28 @@ def _two_processes(run_dir, out, **extra):
     return [p.returncode for p in procs], outs
 
 
+def _one(job, *args):
+    return _start(job, args, [job_env(XLA_FLAGS="--xla_force_host_platform_device_count=8")])
+
+
+def _two(job, *args, **extra):
+    return _start(job, args, [{**e, **{k: str(v) for k, v in extra.items()}} for e in slurm_env()])
+
+
+def _ok(procs):
+    rcs, outs = _wait(procs)
+    assert all(rc == 0 for rc in rcs), "\n".join(o[-3000:] for o in outs)
+    return outs
+
+
+def _one_process(run_dir, out):
+    _ok(_one(JOB, run_dir, out))
+
+
+def _two_processes(run_dir, out, **extra):
+    return _wait(_two(JOB, run_dir, out, **extra))
+
+
 def _adapters(f):
     z = np.load(f)
     return {k: z[k] for k in z.files if k not in ("resumed", "processes")}, int(z["resumed"]), int(z["processes"])
@@ -47,12 +66,14 @@ def _adapters(f):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("multihost")
-    _one_process(d / "one", d / "one.npz")
-    rcs, outs = _two_processes(d / "two", d / "two.npz")
-    assert rcs == [0, 0], "\n".join(o[-3000:] for o in outs)
-    # the job killed: process 1 dies once step 4 is on disk, with its next segment dispatched
-    rcs, outs = _two_processes(d / "killed", d / "never.npz", JAXPOISON_TEST_SIGKILL_AFTER=4,
-                               JAXPOISON_TEST_SIGKILL_PROCESS=1)
+    # the three jobs at once: the 1-process reference, the 2-process job, and the 2-process job killed (process 1
+    # dies once step 4 is on disk, with its next segment dispatched)
+    one, two = _one(JOB, d / "one", d / "one.npz"), _two(JOB, d / "two", d / "two.npz")
+    killed = _two(JOB, d / "killed", d / "never.npz", JAXPOISON_TEST_SIGKILL_AFTER=4,
+                  JAXPOISON_TEST_SIGKILL_PROCESS=1)
+    _ok(one)
+    _ok(two)
+    rcs, outs = _wait(killed)
     assert rcs[1] == -signal.SIGKILL and rcs[0] != 0, outs[0][-3000:]     # the survivor stopped (heartbeats)
     assert not (d / "never.npz").exists()
     shutil.copytree(d / "killed", d / "killed-copy")
@@ -123,14 +144,9 @@ def test_rationale_study_as_two_processes_writes_one_run_folder_with_the_one_pro
     """The whole seed-000 pipeline (train, score, report) on test_rationale_pipeline's tiny study: process 0 alone
     writes the run folder, and its scores equal those of one process with 8 devices."""
     job = HELPERS / "multihost_rationale_job.py"
-    one = subprocess.run([sys.executable, str(job), str(tmp_path / "one")], capture_output=True, text=True,
-                         env=job_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"), timeout=LIMIT)
-    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
-    envs = slurm_env()
-    procs = [subprocess.Popen([sys.executable, str(job), str(tmp_path / "two")], env=e, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for e in envs]
-    outs = [p.communicate(timeout=LIMIT)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    one, two = _one(job, tmp_path / "one"), _two(job, tmp_path / "two")
+    _ok(one)
+    outs = _ok(two)
     assert {p.name for p in (tmp_path / "two").iterdir()} == {p.name for p in (tmp_path / "one").iterdir()}
     a, b = np.load(tmp_path / "one" / "scores.npz"), np.load(tmp_path / "two" / "scores.npz")
     for k in ("sum", "uncond"):
@@ -161,13 +177,9 @@ def test_attacks_study_as_two_processes_writes_one_run_folder_with_the_one_proce
     training and capability scoring are split over both), and the answers and capability scores equal one
     process with 8 devices."""
     job = HELPERS / "multihost_attacks_job.py"
-    one = subprocess.run([sys.executable, str(job), str(tmp_path / "one")], capture_output=True, text=True,
-                         env=job_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"), timeout=LIMIT)
-    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
-    procs = [subprocess.Popen([sys.executable, str(job), str(tmp_path / "two")], env=e, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for e in slurm_env()]
-    outs = [p.communicate(timeout=LIMIT)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    one, two = _one(job, tmp_path / "one"), _two(job, tmp_path / "two")
+    _ok(one)
+    outs = _ok(two)
     a, b = tmp_path / "one", tmp_path / "two"
     assert _files(b) == _files(a) and "report.md" in _files(b)
     for f in ("injection", "source", "finetune", "judge"):
