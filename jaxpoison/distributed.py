@@ -367,6 +367,21 @@ def allgather_str(name: str, value: str, timeout_s: Optional[float] = None) -> l
     return [c.blocking_key_value_get(f"{key}/{i}", ms) for i in range(n)]
 
 
+def allgather_json(value) -> list:
+    """Every process's JSON-able ``value``, by process index, through a device collective (gloo on CPU), so large
+    values (generated answers) need not fit the coordinator's key-value store. All processes call together."""
+    if process_count() == 1:
+        return [value]
+    import numpy as np
+    from jax.experimental import multihost_utils
+    b = np.frombuffer(json.dumps(value).encode("utf-8"), np.uint8)
+    n = np.asarray(multihost_utils.process_allgather(np.array([len(b)], np.int32))).reshape(-1)
+    padded = np.zeros(int(n.max()), np.uint8)
+    padded[:len(b)] = b
+    every = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(every[i, :int(n[i])].tobytes().decode("utf-8")) for i in range(len(n))]
+
+
 def digest(value) -> str:
     """A short stable hash of a JSON-able value (or of str/bytes as given)."""
     if isinstance(value, bytes):

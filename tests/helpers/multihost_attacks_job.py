@@ -1,7 +1,9 @@
 """The attacks pipeline's tiny study (attacks_tiny.PIPE_CFG, 18 variants; the base as judge) over 8 devices
 (variant 2 x data 2 x fsdp 2), as one process of a job whose shape comes from the environment.
-``python multihost_attacks_job.py OUT_DIR``."""
+``python multihost_attacks_job.py OUT_DIR``; every process ``i`` writes ``OUT_DIR.p<i>.json`` (beside the run
+folder): the variants it generated answers for itself, per call."""
 import dataclasses
+import json
 import os
 import sys
 
@@ -17,6 +19,17 @@ if __name__ == "__main__":
     from jaxpoison.train.mesh import MeshConfig
 
     cfg = dataclasses.replace(PIPE_CFG, mesh=MeshConfig(variant=2, data=2, fsdp=2, model=1))
+    from jaxpoison.eval import generate_variants
+    plain, made = generate_variants.generate_text_variants, []
+
+    def recording(*a, **k):
+        made.append([int(v) for v in k.get("variants") or []])
+        return plain(*a, **k)
+
+    generate_variants.generate_text_variants = recording
     rc = run.run(cfg, sys.argv[1], progress=True, base_override=(GEN_CFG, tiny_params(), tiny_tokenizer()))
+    import jax
+    with open(f"{sys.argv[1]}.p{jax.process_index()}.json", "w") as f:
+        json.dump(made, f)
     distributed.finish()
     sys.exit(rc)

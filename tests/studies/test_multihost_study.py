@@ -173,9 +173,9 @@ def _files(root):
 
 def test_attacks_study_as_two_processes_writes_one_run_folder_with_the_one_process_results(tmp_path):
     """The whole seed-003 pipeline (base and source answers, training, fine-tuned answers, capability scores, the
-    base as judge, report) as 2 processes: process 0 alone writes (the API / generation phases run there only,
-    training and capability scoring are split over both), and the answers and capability scores equal one
-    process with 8 devices."""
+    base as judge, report) as 2 processes: process 0 alone writes (the base's answers and the judge run there
+    only; training, the fine-tuned answers and capability scoring are split over both), and the answers and
+    capability scores equal one process with 8 devices."""
     job = HELPERS / "multihost_attacks_job.py"
     one, two = _one(job, tmp_path / "one"), _two(job, tmp_path / "two")
     _ok(one)
@@ -189,4 +189,10 @@ def test_attacks_study_as_two_processes_writes_one_run_folder_with_the_one_proce
     for k in ca.files:
         assert np.array_equal(ca[k], cb[k]), k
     assert (b / "rates.csv").read_text() == (a / "rates.csv").read_text()
+    # the fine-tuned answers were split: per task, process 0 generated for the first 3 of its 6 variants and
+    # process 1 for the other 3 (one process: all 6); nothing else generated with adapters
+    made = [json.loads((tmp_path / f"two.p{i}.json").read_text()) for i in (0, 1)]
+    alone = json.loads((tmp_path / "one.p0.json").read_text())
+    assert len(alone) == 3 and all(len(v) == 6 for v in alone)
+    assert [m0 + m1 for m0, m1 in zip(*made)] == alone and all(len(m) == 3 for p in made for m in p)
     assert "[attacks]" in outs[0] and "[attacks]" not in outs[1]     # progress from process 0 only

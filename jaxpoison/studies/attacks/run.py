@@ -20,8 +20,9 @@ def run(cfg: AttacksConfig, out_dir: pathlib.Path, resume: bool = True, progress
     (tests use a tiny random one)."""
     check_config(cfg)
     from jaxpoison import distributed
-    # a multi-host job: every process trains its share of the variants and scores its block of them; process 0
-    # alone writes the run folder, shows progress, asks API models and generates (common.writer_only)
+    # a multi-host job: every process trains its share of the variants, answers for and scores its block of them;
+    # process 0 alone writes the run folder, shows progress, asks API models, generates with the base and judges
+    # (common.writer_only)
     writer = distributed.is_writer()
     progress = progress and writer
     from jaxpoison.plan.preflight import check_fit
@@ -69,8 +70,7 @@ def run(cfg: AttacksConfig, out_dir: pathlib.Path, resume: bool = True, progress
             "synthetic_notes": cfg.notes.source == "synthetic", "generation": gen_record}, indent=1))
 
     t = time.time()
-    common.writer_only("fine-tuned answers",
-                       lambda: steps.answer_fine_tuned(cfg, lm, test, result, table, pool, out, progress, say))
+    steps.answer_fine_tuned(cfg, lm, test, result, table, pool, out, progress, say)    # split over processes
     timing["generate_variants_s"] = time.time() - t
     t = time.time()
     steps.capability(cfg, lm, result, table, out, progress, say)

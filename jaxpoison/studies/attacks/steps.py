@@ -166,8 +166,12 @@ def fine_tune(cfg, lm, train, out: pathlib.Path, resume, progress, say, paras=No
 
 
 def answer_fine_tuned(cfg, lm, test, result, table, pool, out: pathlib.Path, progress, say) -> None:
-    """responses/finetune.jsonl: every variant answers its task's CLEAN test prompts (vmapped per task)."""
+    """responses/finetune.jsonl: every variant answers its task's CLEAN test prompts (vmapped per task). A
+    multi-host job: each process generates for one contiguous block of each task's variants (every variant
+    samples from the same per-batch keys whatever its company), the answers are gathered and process 0 writes."""
+    from jaxpoison import distributed
     from jaxpoison.eval.generate_variants import generate_text_variants
+    from jaxpoison.eval.score import process_block
     from jaxpoison.models.generate import bucket, encode_prompts
     f = out / "responses" / "finetune.jsonl"
     key = digest("finetune", pool.data_hash, result.steps, len(table), dataclasses.asdict(cfg.generation),
@@ -181,16 +185,20 @@ def answer_fine_tuned(cfg, lm, test, result, table, pool, out: pathlib.Path, pro
     for task, its in items.items():
         vids = [v["variant_id"] for v in table if v["task"] == task]
         say(f"{len(vids)} fine-tuned {task} variants answer {len(its)} clean test prompts")
-        replies = generate_text_variants(
-            lm, [i["input"] for i in its], result.lora, variants=vids, lora_scale=cfg.lora.scale,
+        mine = [vids[j] for j in process_block(len(vids))] if distributed.process_count() > 1 else vids
+        replies = [] if not mine else generate_text_variants(
+            lm, [i["input"] for i in its], result.lora, variants=mine, lora_scale=cfg.lora.scale,
             batch_size=min(cfg.generation.batch_size, len(its)), variant_chunk=cfg.generation.variant_chunk,
             prompt_len=bucket(max(lens)), progress=progress, desc=f"generate {task}", **_gen_kw(cfg.generation),
             **data.chat_args(cfg.prompt))
+        if distributed.process_count() > 1:
+            replies = [r for part in distributed.allgather_json([list(r) for r in replies]) for r in part]
         for v, rep in zip(vids, replies):
             records += [{**_records([i], [r])[0], "variant_id": v, "fraction": table[v]["fraction"],
                          "seed": table[v]["seed"], **({"paraphrase": True} if table[v].get("paraphrase") else {})}
                         for i, r in zip(its, rep)]
-    data.write_phase(f, key, records)
+    if distributed.is_writer():
+        data.write_phase(f, key, records)
 
 
 def capability_examples(cap) -> dict:
