@@ -19,9 +19,7 @@ if __name__ == "__main__":
     from jaxpoison.studies.rationale import run
     from jaxpoison.train.mesh import MeshConfig
 
-    # no generated answers (their compile is most of a tiny run; scoring and the report are what is compared)
-    cfg = dataclasses.replace(CFG, mesh=MeshConfig(variant=2, data=4, fsdp=1, model=1),
-                              eval=dataclasses.replace(CFG.eval, gen_questions=0))
+    cfg = dataclasses.replace(CFG, mesh=MeshConfig(variant=2, data=4, fsdp=1, model=1))
     base = init_params(CFG_M, jax.random.PRNGKey(0))
     from jaxpoison.eval import score
     plain, scored = score.score_options, []

@@ -141,8 +141,8 @@ def test_one_process_restarts_from_the_two_process_checkpoint(runs):
 
 
 def test_rationale_study_as_two_processes_writes_one_run_folder_with_the_one_process_results(tmp_path):
-    """The whole seed-000 pipeline (train, score, report) on test_rationale_pipeline's tiny study: process 0 alone
-    writes the run folder, and its scores equal those of one process with 8 devices."""
+    """The whole seed-000 pipeline (train, score, generated answers, report) on the tiny rationale study: process 0
+    alone writes the run folder, and its scores and generated answers equal those of one process with 8 devices."""
     job = HELPERS / "multihost_rationale_job.py"
     one, two = _one(job, tmp_path / "one"), _two(job, tmp_path / "two")
     _ok(one)
@@ -152,6 +152,9 @@ def test_rationale_study_as_two_processes_writes_one_run_folder_with_the_one_pro
     for k in ("sum", "uncond"):
         np.testing.assert_allclose(b[k], a[k], atol=1e-5, rtol=1e-5, err_msg=k)
     assert (tmp_path / "two" / "report.md").exists()
+    # generated answers (split over the processes like the scores): the same records as one process
+    ga, gb = (json.loads((tmp_path / d / "generations.json").read_text()) for d in ("one", "two"))
+    assert gb == ga and len(ga["records"]) > 0
     # scoring split over the processes: process 0 the base and the first 8 variants, process 1 the other 10
     # (19 rows in two contiguous blocks), for the primary and the secondary format alike; one process: all
     calls = [json.loads((tmp_path / f"two.p{i}.json").read_text()) for i in (0, 1)]

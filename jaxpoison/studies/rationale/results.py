@@ -150,14 +150,22 @@ def generated_answers(lm, lora, table: list, test: list, groups: list, n_questio
     """Greedy answers of the base and one variant per cell to the SFT prompt (question + lettered options):
     one record per (variant, question) with the text, the answer read from it and whether it is right.
     ``lora``: the study's stacked adapters (row v = variant v); the base (id -1) answers as a zero row of its
-    generation chunk, so no zero adapter is stacked in front of them."""
+    generation chunk, so no zero adapter is stacked in front of them. A multi-host job: each process generates
+    for one contiguous block of the models (greedy, the same per-batch keys whatever the company), gathered to
+    all."""
+    from jaxpoison import distributed
     from jaxpoison.data.prompts import mcq_prompt
     from jaxpoison.eval.generate_variants import generate_text_variants
+    from jaxpoison.eval.score import process_block
     vids, qs = generation_plan(table, test, groups, n_questions)
     prompts = [mcq_prompt(test[q]) for q in qs]
-    out = generate_text_variants(lm, prompts, lora, variants=vids,
-                                 max_new_tokens=max_new_tokens, batch_size=min(32, len(prompts)),
-                                 progress=progress, desc=f"generate {len(vids)} models x {len(prompts)} questions")
+    multi = distributed.process_count() > 1
+    mine = [vids[j] for j in process_block(len(vids))] if multi else vids
+    out = [] if not mine else generate_text_variants(
+        lm, prompts, lora, variants=mine, max_new_tokens=max_new_tokens, batch_size=min(32, len(prompts)),
+        progress=progress, desc=f"generate {len(mine)} models x {len(prompts)} questions")
+    if multi:
+        out = [r for part in distributed.allgather_json([list(r) for r in out]) for r in part]
     recs = []
     for j, v in enumerate(vids):
         t = table[v] if v >= 0 else None
