@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -35,16 +35,34 @@ __all__ = ["DEFAULT_BUCKETS", "McEval", "Pool", "SeqRow", "build_mc_eval", "toke
 
 @dataclass
 class Pool:
-    tokens: np.ndarray       # int32[R, T]
-    loss_mask: np.ndarray    # float32[R, T]
-    attn_mask: np.ndarray    # bool[R, T]
+    tokens: Optional[np.ndarray]       # int32[R, T] (None for a lazy pool: rows padded on demand by take())
+    loss_mask: Optional[np.ndarray]    # float32[R, T]
+    attn_mask: Optional[np.ndarray]    # bool[R, T]
     row_ids: list
     meta: list
     stats: dict
     data_hash: str
+    _seqs: Optional[list] = None       # a lazy pool's (token list, loss positions) per row
+    _fill: tuple = ()                  # a lazy pool's (T, pad id, loss_on)
 
     def __len__(self) -> int:
         return len(self.row_ids)
+
+    @property
+    def lazy(self) -> bool:
+        return self.tokens is None
+
+    def take(self, idx) -> tuple:
+        """(tokens, loss_mask, attn_mask) [len(idx), T] of rows ``idx``: slices, or for a lazy pool
+        (``tokenize_pool(lazy=True)``) those rows alone padded now (``StudyData.row_source``: a process of a
+        multi-host job holds only the rows its devices train on)."""
+        idx = np.asarray(idx, np.int64)
+        if not self.lazy:
+            return self.tokens[idx], self.loss_mask[idx], self.attn_mask[idx]
+        T, pad, loss_on = self._fill
+        rows = [_padded(*self._seqs[i], T, pad, loss_on) for i in idx]
+        return tuple(np.stack([r[k] for r in rows]) if rows else np.zeros((0, T), dt)
+                     for k, dt in enumerate((np.int32, np.float32, bool)))
 
     @property
     def index(self) -> dict:
@@ -110,12 +128,30 @@ def _hash(*arrays, ids: Sequence[str]) -> str:
     return h.hexdigest()
 
 
+def _padded(s: list, nc: int, T: int, pad: int, loss_on: str) -> tuple:
+    """One row of the pool: (tokens [T], loss_mask [T], attn_mask [T]) of token list ``s`` whose last ``nc``
+    tokens are the completion."""
+    tokens = np.full(T, pad, np.int32)
+    loss = np.zeros(T, np.float32)
+    attn = np.zeros(T, bool)
+    tokens[:len(s)] = s
+    attn[:len(s)] = True
+    if loss_on == "all":
+        loss[1:len(s)] = 1.0
+    else:
+        loss[len(s) - nc:len(s)] = 1.0
+    loss[0] = 0.0
+    return tokens, loss, attn
+
+
 def tokenize_pool(rows: Sequence[SeqRow], tokenizer, max_len: int, buckets: Sequence[int] = DEFAULT_BUCKETS,
-                  loss_on: str = "completion", truncation: str = "left", add_bos="auto") -> Pool:
+                  loss_on: str = "completion", truncation: str = "left", add_bos="auto", lazy: bool = False) -> Pool:
     """Tokenize SeqRows (row_id, prompt, completion, meta) into one right-padded [R, T] pool.
 
     T is the smallest bucket >= the longest row, capped at ``max_len``. ``truncation='left'`` drops tokens from
     the start (after any bos) of rows longer than ``max_len``; the counts are in ``stats``.
+    ``lazy``: keep each row's tokens and pad only the rows asked for (:meth:`Pool.take`); T, ``stats`` and
+    ``data_hash`` are those of the whole pool, computed row by row without the [R, T] arrays.
     """
     if loss_on not in ("completion", "all"):
         raise DataError(f"loss_on={loss_on!r}; fix: use 'completion' or 'all'")
@@ -147,6 +183,9 @@ def tokenize_pool(rows: Sequence[SeqRow], tokenizer, max_len: int, buckets: Sequ
                         f"{too_long[:5]}; fix: raise max_len or use truncation='left'")
     T = _length(max(len(s) for s in seqs), max_len, buckets)
     R = len(seqs)
+    if lazy:
+        return _lazy_pool(rows, ids, seqs, n_loss, T, pad, loss_on, longest, too_long, dropped, truncation,
+                          max_len, prefix, eos)
     tokens = np.full((R, T), pad, np.int32)
     loss = np.zeros((R, T), np.float32)
     attn = np.zeros((R, T), bool)
@@ -165,6 +204,28 @@ def tokenize_pool(rows: Sequence[SeqRow], tokenizer, max_len: int, buckets: Sequ
              "loss_tokens": {"min": int(lt.min()), "mean": float(lt.mean()), "max": int(lt.max())},
              "bos_prefix": prefix, "eos_id": eos, "pad_id": pad}
     return Pool(tokens, loss, attn, ids, [dict(r[3]) for r in rows], stats, _hash(tokens, loss, attn, ids=ids))
+
+
+def _lazy_pool(rows, ids, seqs, n_loss, T, pad, loss_on, longest, too_long, dropped, truncation, max_len, prefix,
+               eos) -> Pool:
+    """tokenize_pool's Pool without its [R, T] arrays: the same T, stats and data_hash (the hash streamed row by
+    row, as _hash reads the whole arrays)."""
+    R = len(seqs)
+    lens = np.array([len(s) for s in seqs])
+    lt = np.array([_padded(s, nc, T, pad, loss_on)[1].sum() for s, nc in zip(seqs, n_loss)])
+    h = hashlib.sha256()
+    for k, dt in enumerate((np.int32, np.float32, bool)):
+        h.update(str((R, T)).encode() + str(np.dtype(dt)).encode())
+        for s, nc in zip(seqs, n_loss):
+            h.update(_padded(s, nc, T, pad, loss_on)[k].tobytes())
+    h.update("\x00".join(ids).encode("utf-8"))
+    stats = {"n_rows": R, "T": T, "max_len": max_len, "longest_tokens": longest, "n_truncated": len(too_long),
+             "truncated_rows": too_long[:50], "tokens_dropped": dropped, "truncation": truncation, "loss_on": loss_on,
+             "mean_tokens": float(lens.mean()), "pad_fraction": float(1 - lens.sum() / (R * T)),
+             "loss_tokens": {"min": int(lt.min()), "mean": float(lt.mean()), "max": int(lt.max())},
+             "bos_prefix": prefix, "eos_id": eos, "pad_id": pad}
+    return Pool(None, None, None, ids, [dict(r[3]) for r in rows], stats, h.hexdigest(),
+                [(s, nc) for s, nc in zip(seqs, n_loss)], (T, pad, loss_on))
 
 
 def _pair_tokens(tok, prefix_text: str, cont: str) -> tuple:

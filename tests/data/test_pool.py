@@ -123,3 +123,17 @@ def test_icd10_versions_fit_a_small_bucket():
     over = [i for i, m in enumerate(pool.meta) if m["kind"] == "overwrite"]
     clean = [i for i, m in enumerate(pool.meta) if m["kind"] == "clean"]
     assert pool.loss_mask[over].sum(1).max() < pool.loss_mask[clean].sum(1).min()
+
+
+@pytest.mark.parametrize("kw", [dict(max_len=512, buckets=(16, 32, 64, 128)),
+                                dict(max_len=12, buckets=(8, 16), loss_on="all"),
+                                dict(max_len=12, buckets=(8, 16))])
+def test_lazy_pool_pads_only_the_rows_asked_for_and_equals_the_whole_pool(kw):
+    """tokenize_pool(lazy=True) holds no [R, T] arrays, yet its T, stats and data_hash are the eager pool's (so a
+    run folder resumes either way), and take(idx) gives exactly the eager rows (truncated rows included)."""
+    whole, lazy = tokenize_pool(ROWS, TOK, **kw), tokenize_pool(ROWS, TOK, lazy=True, **kw)
+    assert lazy.lazy and lazy.tokens is None and not whole.lazy
+    assert lazy.data_hash == whole.data_hash and lazy.stats == whole.stats
+    for idx in ([2, 0], [1], []):
+        for a, b in zip(lazy.take(idx), whole.take(idx)):
+            assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)

@@ -213,7 +213,8 @@ def build_inputs(cfg: RationaleConfig, tokenizer, lm=None) -> StudyInputs:
     if cfg.grid.decoy_counts:
         versions += decoy_versions(cfg, nontarget)
     rows = poison.rows_for(versions, tokenizer=tokenizer, chat=d.chat)
-    pool = tokenize_pool(rows, tokenizer, max_len=d.max_len, buckets=d.buckets, loss_on="completion")
+    # lazy: rows are padded only when the trainer asks for them (each process of a multi-host job: its own)
+    pool = tokenize_pool(rows, tokenizer, max_len=d.max_len, buckets=d.buckets, loss_on="completion", lazy=True)
     if pool.stats["n_truncated"]:
         notes.append(f"{pool.stats['n_truncated']} training rows were cut to max_len={d.max_len} (left)")
     vt = build_variants(specs, list(cfg.grid.seeds), target=target, nontarget=nontarget, pool=pool,

@@ -79,8 +79,9 @@ def run(cfg: RationaleConfig, out_dir: pathlib.Path, resume: bool = True, progre
 
     t = time.time()
     st = Static(mcfg, tcfg, cfg.lora)
+    # the pool's rows are padded only as the trainer asks: each process only those of its own variant shards
     sd = StudyData(inp.pool.tokens, inp.pool.loss_mask, inp.pool.attn_mask, vt.rows, vt.n_rows, vt.table,
-                   inp.pool.data_hash)
+                   inp.pool.data_hash, row_source=inp.pool.take)
     result = train_study(base, st, sd, run_dir=str(out), resume=resume, progress=progress, base_name=base_name,
                          base_fingerprint=fp, meta_extra={"study": NAME, "config": to_json(cfg)},
                          mesh=common.train_mesh(cfg, mesh, n_assumed, len(vt)))
@@ -89,6 +90,9 @@ def run(cfg: RationaleConfig, out_dir: pathlib.Path, resume: bool = True, progre
     timing["train_tokens"] = int(len(vt) * result.steps * tcfg.rows_per_update * inp.pool.stats["T"])
     if result.resumed_from is not None:
         timing["resumed_from_step"] = result.resumed_from
+    # scoring and generation run per process in a multi-host job: a copy of the base on its own devices
+    lm = common.process_local(lm)
+    base = lm.params
 
     t = time.time()
     sf = out / "scores.npz"
