@@ -86,8 +86,10 @@ def _shared(shape: StudyShape) -> int:
 
 
 def rationale_evals(cfg, shape: StudyShape, prompt_len: int = 0) -> list:
-    """Seed 000: option scoring of the base (a zero adapter in front) + every variant; greedy generated answers
-    of the base + one variant per cell when ``eval.gen_questions`` > 0."""
+    """Seed 000: option scoring of every variant, ``eval.variant_chunk`` adapters per call (the base is scored in
+    its own adapter-free pass, a smaller program; ``eval.secondary_formats`` rerun the same shapes: prompts are at
+    the max_len bound either way); greedy generated answers of the base + one variant per cell (the base rides in
+    the chunk) when ``eval.gen_questions`` > 0."""
     e, d = cfg.eval, cfg.data
     V = shape.variants      # the base: its own adapter-free pass (score_options(with_base=True)), a smaller program
     P = _round(prompt_len or d.max_len, 16)
