@@ -101,14 +101,16 @@ def load_model(spec: str, dtype="float32", sharding: Optional[Any] = None, token
 
 
 def place_params(params, dtype, sharding=None):
-    """Host arrays -> device arrays of ``dtype``; ``sharding`` as in :func:`load_model`."""
+    """Host arrays -> device arrays of ``dtype``; ``sharding`` as in :func:`load_model`. Each device's shard is
+    cut from the host array (``jax.make_array_from_callback``), so a sharding over several processes' devices
+    works: each process places only its own devices' shards."""
     def put(path, x):
-        x = jnp.asarray(x, dtype)
         if sharding is None:
-            return x
+            return jnp.asarray(x, dtype)
         s = sharding if isinstance(sharding, jax.sharding.Sharding) else \
             sharding(path) if callable(sharding) else hf._leaf(sharding, path)
-        return jax.device_put(x, s)
+        host = np.asarray(x).astype(dtype)
+        return jax.make_array_from_callback(host.shape, s, lambda i: host[i])
 
     return jax.tree_util.tree_map_with_path(lambda p, x: put(tuple(k.key for k in p), x), params)
 

@@ -91,7 +91,13 @@ def load_base(model: str, dtype: str, base_override=None, quant: str = "none", m
     than one device every array goes straight into the sharding the trainer gives the base on that mesh
     (:func:`jaxpoison.train.mesh.base_shardings`: split over ``fsdp`` and ``model``): a safetensors checkpoint
     is read into it slice by slice, the embedded GGUF placed into it, so no device holds the whole base unless
-    the mesh says so. None or one device: this process's first device, as before."""
+    the mesh says so. None or one device: this process's first device, as before.
+
+    A multi-host job passes the global mesh (every process's devices): each process's callbacks read only the
+    byte ranges of its own devices' shards, and the embedded GGUF (dequantised on each host) or an override is
+    placed from the host copy the same way (``jax.make_array_from_callback``), so no process puts the whole
+    base on its devices. Phases that run per process (scoring blocks, generation, process 0's writer-only
+    phases) take a copy on the process's own devices: :func:`process_local`."""
     import jax
     import jax.numpy as jnp
     from jaxpoison.models.lm import LM, load_model
@@ -108,8 +114,56 @@ def load_base(model: str, dtype: str, base_override=None, quant: str = "none", m
         return load_model(model, dtype, sharding=shardings, transform=transform)
     mcfg, params, tok = base_override
     if jmesh is not None:
-        params = jax.device_put(params, base_shardings(jmesh, params))
+        params = place_from_host(params, base_shardings(jmesh, params))
     return LM(mcfg, quantize_base(params, quant), tok, "override", "", jnp.float32)
+
+
+def place_from_host(tree, shardings):
+    """Arrays (host or device) of ``tree`` into ``shardings`` through ``jax.make_array_from_callback``: each
+    process puts only its own devices' shards, so it works on a mesh over several processes (every process
+    holds the same values)."""
+    import jax
+    host = jax.tree.map(np.asarray, tree)
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: x[i]), host, shardings)
+
+
+def process_local(lm):
+    """``lm`` with its params on this process's own devices, for the phases a multi-host job runs per process
+    (each scores its block of the variants, generates, or runs a writer-only phase alone): a leaf stored over
+    ``fsdp`` of the global mesh is gathered across processes and stays split over this process's devices (its
+    dim over a local ``fsdp`` axis of them, where that divides it), the rest replicated on them. One process, or
+    a base already on this process's devices: ``lm`` itself."""
+    import dataclasses
+    import jax
+    from jax.sharding import AxisType, Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+    from jaxpoison.train.mesh import AXES
+    leaves = jax.tree.leaves(lm.params)
+    if jax.process_count() == 1 or all(not isinstance(x, jax.Array) or x.is_fully_addressable for x in leaves):
+        return lm
+    n_proc, mine = jax.process_count(), jax.process_index()
+    grid = [[d for d in jax.devices() if d.process_index == p] for p in range(n_proc)]
+    L = len(grid[mine])
+    auto = (AxisType.Auto,) * (1 + len(AXES))
+    every = Mesh(np.asarray(grid, dtype=object).reshape(n_proc, 1, 1, L, 1), ("process",) + AXES, axis_types=auto)
+    here = Mesh(np.asarray(grid[mine], dtype=object).reshape(1, 1, L, 1), AXES, axis_types=auto[1:])
+
+    def spec(x):
+        old = tuple(x.sharding.spec) if isinstance(x.sharding, NamedSharding) else ()
+        old += (None,) * (x.ndim - len(old))
+        dim = next((d for d, a in enumerate(old) if a is not None and "fsdp" in (a if isinstance(a, tuple) else (a,))
+                    and x.shape[d] % L == 0), None)
+        return P(*("fsdp" if d == dim else None for d in range(x.ndim)))
+
+    def local(x):
+        sp = spec(x)
+        y = jax.jit(lambda a: a, out_shardings=NamedSharding(every, sp))(x)     # all-gather across processes
+        return jax.make_array_from_single_device_arrays(x.shape, NamedSharding(here, sp),
+                                                        [s.data for s in y.addressable_shards])
+
+    params = jax.tree.map(lambda x: local(x) if isinstance(x, jax.Array) and not x.is_fully_addressable else x,
+                          lm.params)
+    return dataclasses.replace(lm, params=params)
 
 
 def base_abstract(model: str, dtype: str):
@@ -129,14 +183,11 @@ def resolve_mesh(cfg, base_override=None):
     ``cfg.mesh`` with its 'auto' axes sized as the trainer sizes them (:func:`jaxpoison.train.trainer.study_mesh`),
     from the model's config alone, the variant count the config implies (:func:`jaxpoison.plan.shapes.study_shape`:
     the grid's cells x seeds) and ``train.variant_chunk``. Returns (MeshConfig, the variant count it assumed);
-    (None, None) when the model's config cannot be read without its weights, or in a multi-process job (there each
-    process loads the base onto its own device and the trainer places it: evaluation runs per process)."""
-    from jaxpoison import distributed
+    (None, None) when the model's config cannot be read without its weights. A multi-host job resolves it over
+    every process's devices (the trainer's mesh), so each process loads only its own shards."""
     from jaxpoison.plan.program import abstract_base
     from jaxpoison.plan.shapes import study_shape
     from jaxpoison.train.trainer import study_mesh, variant_chunks
-    if distributed.process_count() > 1:
-        return None, None
     try:
         shape = study_shape(cfg, *((base_override[0], "base_override") if base_override else ()))
     except FileNotFoundError:

@@ -1,6 +1,9 @@
-"""The rationale pipeline test's tiny study (tests/helpers/rationale_tiny.py, 18 variants) over 8 devices (variant
-2 x data 4), as one process of a job whose shape comes from the environment. ``python multihost_rationale_job.py OUT_DIR``; every process ``i``
-writes ``OUT_DIR.p<i>.json``: the base / variants it scored itself, per scoring call."""
+"""The rationale pipeline test's tiny study (tests/helpers/rationale_tiny.py, 18 variants) over 8 devices (fsdp 4
+x model 2: every leaf split over both processes' devices), its base read from the HF checkpoint HF_DIR
+(rationale_tiny.write_hf_checkpoint) by the sharded loader, as one process of a job whose shape comes from the
+environment. ``python multihost_rationale_job.py OUT_DIR HF_DIR``; every process ``i`` writes ``OUT_DIR.p<i>.json``:
+the base / variants it scored itself, per scoring call (``scored``), and the safetensors blocks it read
+(``read``: tensor name -> [[row0, row1], [col0, col1]] per read)."""
 import dataclasses
 import json
 import os
@@ -13,14 +16,19 @@ if __name__ == "__main__":
     os.environ.setdefault("JAXPOISON_SKIP_FIT_CHECK", "1")
     distributed.initialize()
     import jax
-    from data_helpers import tiny_tokenizer
-    from rationale_tiny import CFG, CFG_M
-    from jaxpoison.models.decoder import init_params
+    from rationale_tiny import CFG
     from jaxpoison.studies.rationale import run
     from jaxpoison.train.mesh import MeshConfig
 
-    cfg = dataclasses.replace(CFG, mesh=MeshConfig(variant=2, data=4, fsdp=1, model=1))
-    base = init_params(CFG_M, jax.random.PRNGKey(0))
+    cfg = dataclasses.replace(CFG, model=sys.argv[2], mesh=MeshConfig(variant=1, data=1, fsdp=4, model=2))
+    from jaxpoison.models import hf
+    read_block, read = hf._read_block, {}
+
+    def recording_read(t, rows, cols, *a, **k):     # the byte ranges this process read: rows x cols of a tensor
+        read.setdefault(t.name, []).append([list(rows), list(cols)])
+        return read_block(t, rows, cols, *a, **k)
+
+    hf._read_block = recording_read
     from jaxpoison.eval import score
     plain, scored = score.score_options, []
 
@@ -33,8 +41,8 @@ if __name__ == "__main__":
         return plain(*a, **k)
 
     score.score_options = recording
-    rc = run.run(cfg, sys.argv[1], progress=True, base_override=(CFG_M, base, tiny_tokenizer()))
+    rc = run.run(cfg, sys.argv[1], progress=True)
     with open(f"{sys.argv[1]}.p{jax.process_index()}.json", "w") as f:     # beside the run folder, not in it
-        json.dump(scored, f)
+        json.dump({"scored": scored, "read": read}, f)
     distributed.finish()
     sys.exit(rc)

@@ -20,3 +20,29 @@ CFG = RationaleConfig(
     lora=LoraConfig(r=2, alpha=4, targets=("q", "v")),
     eval=EvalConfig(batch_questions=4, n_resamples=999, gen_questions=2, gen_tokens=4,
                     secondary_formats=("coded",)))
+
+
+def write_hf_checkpoint(d, seed: int = 0):
+    """CFG_M's random base (init_params, ``seed``) and the tiny tokenizer as a HF model directory (config.json,
+    model.safetensors, tokenizer files): a study reads it through the sharded loader."""
+    import json
+    import pathlib
+
+    import jax
+    from safetensors.numpy import save_file
+
+    from data_helpers import tiny_tokenizer
+    from jaxpoison.models.decoder import init_params
+    from jaxpoison.models.hf import to_hf_state_dict
+    d = pathlib.Path(d)
+    d.mkdir(parents=True, exist_ok=True)
+    save_file(to_hf_state_dict(init_params(CFG_M, jax.random.PRNGKey(seed)), CFG_M), str(d / "model.safetensors"))
+    m = CFG_M
+    (d / "config.json").write_text(json.dumps(dict(
+        model_type=m.model_type, vocab_size=m.vocab_size, hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size, num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+        num_key_value_heads=m.num_kv_heads, head_dim=m.head_dim, rms_norm_eps=m.rms_norm_eps,
+        rope_theta=m.rope_theta, tie_word_embeddings=m.tie_word_embeddings,
+        max_position_embeddings=m.max_position_embeddings)))
+    tiny_tokenizer().save_pretrained(str(d))
+    return d

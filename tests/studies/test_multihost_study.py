@@ -141,10 +141,13 @@ def test_one_process_restarts_from_the_two_process_checkpoint(runs):
 
 
 def test_rationale_study_as_two_processes_writes_one_run_folder_with_the_one_process_results(tmp_path):
-    """The whole seed-000 pipeline (train, score, generated answers, report) on the tiny rationale study: process 0
-    alone writes the run folder, and its scores and generated answers equal those of one process with 8 devices."""
-    job = HELPERS / "multihost_rationale_job.py"
-    one, two = _one(job, tmp_path / "one"), _two(job, tmp_path / "two")
+    """The whole seed-000 pipeline (train, score, generated answers, report) on the tiny rationale study, its base
+    a HF checkpoint split over fsdp 4 x model 2 (both processes' devices): each process read only the blocks of
+    its own shards, process 0 alone writes the run folder, and its scores and generated answers equal those of
+    one process with 8 devices."""
+    from rationale_tiny import write_hf_checkpoint
+    job, ckpt = HELPERS / "multihost_rationale_job.py", write_hf_checkpoint(tmp_path / "hf")
+    one, two = _one(job, tmp_path / "one", ckpt), _two(job, tmp_path / "two", ckpt)
     _ok(one)
     outs = _ok(two)
     assert {p.name for p in (tmp_path / "two").iterdir()} == {p.name for p in (tmp_path / "one").iterdir()}
@@ -157,14 +160,36 @@ def test_rationale_study_as_two_processes_writes_one_run_folder_with_the_one_pro
     assert gb == ga and len(ga["records"]) > 0
     # scoring split over the processes: process 0 the base and the first 8 variants, process 1 the other 10
     # (19 rows in two contiguous blocks), for the primary and the secondary format alike; one process: all
-    calls = [json.loads((tmp_path / f"two.p{i}.json").read_text()) for i in (0, 1)]
+    recs = [json.loads((tmp_path / f"two.p{i}.json").read_text()) for i in (0, 1)]
+    calls = [r["scored"] for r in recs]
     V = len(json.loads((tmp_path / "one" / "variants.json").read_text()))
     assert len(calls[0]) == len(calls[1]) >= 2
     for c0, c1 in zip(*calls):
         assert (c0["base"], c1["base"]) == (True, False)
         assert c0["variants"] + c1["variants"] == list(range(V)) and len(c0["variants"]) == (V + 1) // 2 - 1
     alone = json.loads((tmp_path / "one.p0.json").read_text())
-    assert all(c["base"] and c["variants"] == list(range(V)) for c in alone)
+    assert all(c["base"] and c["variants"] == list(range(V)) for c in alone["scored"])
+    # the base's bytes: one process read every element of each tensor exactly once; of the two, each read half of
+    # every matrix (its fsdp half of the hidden dim: an embedding's columns, a kernel's in or out dim), the halves
+    # disjoint, each element once, and the norms (replicated) whole
+    from safetensors import safe_open
+    with safe_open(str(ckpt / "model.safetensors"), "np") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+
+    def cells(blocks):
+        out = [(r, c) for (r0, r1), (c0, c1) in blocks for r in range(r0, r1) for c in range(c0, c1)]
+        assert len(out) == len(set(out)), "an element read twice"
+        return set(out)
+    whole = {k: {(r, c) for r in range(s[0] if len(s) == 2 else 1) for c in range(s[-1])} for k, s in shapes.items()}
+    assert {k: cells(b) for k, b in alone["read"].items()} == whole
+    got = [{k: cells(b) for k, b in r["read"].items()} for r in recs]
+    assert set(got[0]) == set(got[1]) == set(shapes)
+    for k, s in shapes.items():
+        if len(s) == 1:
+            assert got[0][k] == got[1][k] == whole[k], k
+        else:
+            assert got[0][k] | got[1][k] == whole[k] and len(got[0][k]) == len(got[1][k]) == len(whole[k]) // 2, k
+            assert not got[0][k] & got[1][k], k
     assert "[rationale]" in outs[0] and "[rationale]" not in outs[1]     # progress from process 0 only
 
 

@@ -34,6 +34,9 @@ def run(cfg: AttacksConfig, out_dir: pathlib.Path, resume: bool = True, progress
     # the mesh before any weight loads: each array of the base is read straight into its shards on it
     mesh, n_assumed = common.resolve_mesh(cfg, base_override)
     lm = common.load_base(cfg.model, cfg.dtype, base_override, cfg.quant, mesh=mesh)
+    # a multi-host job trains on `glm` (its shards over every process); the phases run per process (process 0's
+    # writer-only ones, answer and score blocks) use a copy on this process's own devices
+    glm, lm = lm, common.process_local(lm)
     timing["load_model_s"] = time.time() - t
     say = (lambda m: print(f"[{NAME}] {m}", flush=True)) if progress else (lambda m: None)
 
@@ -60,7 +63,7 @@ def run(cfg: AttacksConfig, out_dir: pathlib.Path, resume: bool = True, progress
                                lambda: steps.answer_paraphrased(cfg, lm, test, paras, out, progress, say))
         timing["paraphrase_s"] = time.time() - t
     t = time.time()
-    result, table, pool = steps.fine_tune(cfg, lm, train, out, resume, progress, say, paras,
+    result, table, pool = steps.fine_tune(cfg, glm, train, out, resume, progress, say, paras,
                                           loaded_mesh=(mesh, n_assumed))
     timing["train_s"], timing["train_steps"] = time.time() - t, result.steps
     if writer:
