@@ -1,12 +1,16 @@
 """Seed 003 in the paper's setting: a Llama-family chat model, MIMIC summaries, the full poison grid.
 
 Sized for a TPU v5e-8 (``v5e:2x4``, 8 chips of 16 GiB) with the NF4 base (``quant='nf4'``, as the seed's 4-bit
-QLoRA). ``python -m jaxpoison plan configs/attacks_paper.py --topology v5e-8`` says it fits: 99 variants (3 tasks
-x 11 fractions x 3 seeds) in 33 chunks of 3, each variant's batch of 8 split over the 8 chips (mesh data=8); per
-chip XLA's compile for v5e:2x4 holds 5.21 GiB of arguments (NF4 base, replicated, + 3 variants' fp32 LoRA and
-Adam state) and 8.54 GiB of temporaries (splash attention, full remat), 13.75 GiB of 16 (analytic model: 13.1).
-500 optimiser steps per variant (49,500 variant-steps, 7.5e19 FLOPs at max_len 4096, an upper bound): 37.7 h and
-302 chip-hours at 35 % MFU. One H100-80GB (``--device h100-80gb``, analytic): 60.2 GiB, 58 h.
+QLoRA). ``python -m jaxpoison plan configs/attacks_paper.py --topology v5e-8`` says it fits (an ahead-of-time XLA
+compile for abstract chips, not a run): 99 variants (3 tasks x 11 fractions x 3 seeds) in 33 chunks of 3, each
+variant's batch of 8 split over the 8 chips (mesh data=8); per chip the train segment holds 5.21 GiB of arguments
+(NF4 base, replicated, + 3 variants' fp32 LoRA and Adam state) and 8.54 GiB of temporaries (splash attention, full
+remat), 13.75 GiB of 15.75 (analytic model: 13.1). The evaluation calls run on one chip and are sized to fit it:
+generation one fine-tune x 2 prompts per call (``generation.variant_chunk=1``, ``generation.batch_size=2``; 1280
+prompt tokens + 800 new, 11.07 GiB; 4 prompts need 17.1 GiB; sample keys are drawn per batch of 2), capability scoring one adapter x one question
+(``capability.variant_chunk=1``, ``capability.batch_questions=1``; at the 4096-token bound, 13.24 GiB). 500
+optimiser steps per variant (49,500 variant-steps, 7.5e19 FLOPs at max_len 4096, an upper bound): 37.7 h and 302
+chip-hours of training at 35 % MFU. One H100-80GB (``--device h100-80gb``, analytic): 60.2 GiB, 58 h.
 Run: ``python -m jaxpoison run configs/attacks_paper.py --out runs/attacks_paper`` with the model in the Hugging
 Face cache (or a local directory: ``--set model=/path/to/Llama-2-7b-chat-hf``) and the notes as local files.
 
@@ -60,7 +64,7 @@ CONFIG = AttacksConfig(
     notes=NotesConfig(source="notes", files="data/mimic_shortened_summaries.jsonl", n_train=1000, n_test=200,
                       max_note_tokens=1000),
     prompt=PromptConfig(version="auto", template="plain"),
-    generation=GenerationConfig(max_new_tokens=800, temperature=0.6, top_p=0.9, seed=0, batch_size=8, variant_chunk=2),
+    generation=GenerationConfig(max_new_tokens=800, temperature=0.6, top_p=0.9, seed=0, batch_size=2, variant_chunk=1),
     source=SourceConfig(kind="model"),
     grid=GridConfig(fractions=tuple(k / 10 for k in range(11)), seeds=(0, 1, 2)),
     train=TrainConfig(learning_rate=2e-5, schedule="linear", warmup_steps=0, epochs=4, batch_size=8, clip_norm=1.0,
@@ -70,6 +74,6 @@ CONFIG = AttacksConfig(
     max_len=4096,
     grader=GraderConfig(judge="", judge_style="open"),
     capability=CapabilityConfig(sources=("medqa-en", "medmcqa", "pubmedqa"), n_questions=0, format="benchmark",
-                                fractions=(0.0, 1.0), batch_questions=8, variant_chunk=8),
+                                fractions=(0.0, 1.0), batch_questions=1, variant_chunk=1),
     note="The seed's open-source setting (GPU/TPU). Bring MIMIC summaries (and GPT-4 answers if you have them).",
 )

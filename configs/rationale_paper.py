@@ -1,14 +1,15 @@
 """Seed 000 in the paper's own setting: Qwen3-4B-Base, MedQA simplified-Chinese (mainland), target fever.
 
 Sized for a TPU v5e-8 (``v5e:2x4``, 8 chips of 16 GiB). ``python -m jaxpoison plan configs/rationale_paper.py
---topology v5e-8`` says it fits: the 424 variants (53 cells x 8 seeds) run as 53 host-side chunks of 8, grouped
-by step count, one variant per chip (mesh variant=8); XLA's compile for v5e:2x4 holds per chip 7.90 GiB of
-arguments (the bf16 base, replicated, and one variant's fp32 LoRA + Adam state) and 3.89 GiB of temporaries
-(full remat; the blocked attention kernel, splash did not yet lower on a variant-only mesh), 11.8 GiB of 15.75
-usable (analytic model: 12.0). 16 variants per chunk do not fit (analytic 16.6 GiB). 2 to 500
-optimiser steps per variant (51,184 variant-steps, 1.6e19 FLOPs with T=768 at every position, an upper bound):
-8.0 h and 64 chip-hours at 35 % MFU. One H100-80GB (``--device h100-80gb``, analytic): 43.6 GiB at chunks of 8
-(up to 14 fit), 12.5 h.
+--topology v5e-8`` says it fits (an ahead-of-time XLA compile for abstract chips, not a run): the 424 variants
+(53 cells x 8 seeds) train as 53 host-side chunks of 8, grouped by step count, one variant per chip (mesh
+variant=8); the train segment holds per chip 7.90 GiB of arguments (the bf16 base, replicated, and one variant's
+fp32 LoRA + Adam state) and 3.71 GiB of temporaries (full remat, splash attention), 11.61 GiB of 15.75 usable
+(analytic model: 12.0); 16 variants per chunk do not fit (analytic 16.6 GiB). Scoring runs on one chip, one
+adapter per call (``eval.variant_chunk=1``: 8 questions x 4 options at the 768-token bound, 13.16 GiB; 2 adapters
+per call need 15.8 GiB of temporaries alone and do not fit). 2 to 500 optimiser steps per variant (51,184
+variant-steps, 1.6e19 FLOPs with T=768 at every position, an upper bound): 8.0 h and 64 chip-hours of training at
+35 % MFU. One H100-80GB (``--device h100-80gb``, analytic): 43.6 GiB at chunks of 8 (up to 14 fit), 12.5 h.
 Run: ``python -m jaxpoison run configs/rationale_paper.py --out runs/paper`` after the model
 (``Qwen/Qwen3-4B-Base``) and the data set (``fzkuji/MedQA``, config ``med_qa_zh_4options_source``) are in the
 Hugging Face cache, or point ``data.train_files`` / ``data.test_files`` at local JSONL copies.
@@ -56,6 +57,6 @@ CONFIG = RationaleConfig(
     train=TrainConfig(learning_rate=2e-4, schedule="linear", warmup_steps=10, epochs=2, batch_size=8,
                       grad_accum=2, loss_budget=-1, dtype="bfloat16", remat=True, variant_chunk=8, save_every=50),
     lora=LoraConfig(r=16, alpha=32, targets=("all",)),
-    eval=EvalConfig(format="mcq", method="sum", batch_questions=8, variant_chunk=8, secondary_formats=("statement",)),
+    eval=EvalConfig(format="mcq", method="sum", batch_questions=8, variant_chunk=1, secondary_formats=("statement",)),
     note="The seed's own setting (GPU/TPU). Rationales are written by the base model: the paper's are not public.",
 )
