@@ -40,24 +40,45 @@ class Evaluator:
     paired: Optional[Callable] = None
 
 
-def load_checked_base(model: str, dtype: str, fingerprint: str, base_override, quant: str = "none"):
-    """(cfg, params, tokenizer, jnp dtype) of a run's base model, checked against its fingerprint and quantised
-    as the run's config says (``quant``, :func:`jaxpoison.models.quant.quantize_base`)."""
-    import jax.numpy as jnp
-    from jaxpoison.models.quant import quantize_base
+def eval_mesh(model: str, dtype: str, base_override=None, devices=None):
+    """The mesh a post-hoc evaluator loads the base into, worked out before any weight loads: ``variant``, ``data``
+    and ``model`` 1 (an evaluator scores adapters a chunk at a time), ``fsdp`` 'auto'
+    (:func:`jaxpoison.train.mesh.resolve` over this process's devices): on accelerators the base is split over all
+    of them (sized first by what it needs to fit one chip), on CPU one device. The float base's bytes decide (a
+    quantised base takes less)."""
+    import jax
+    from jaxpoison.train.base_load import base_abstract
+    from jaxpoison.train.mesh import AUTO, MeshConfig, resolve
     if base_override is not None:
-        cfg, params, tok = base_override[:3]
-        return cfg, quantize_base(params, quant), tok, jnp.float32
-    if model in ("", "override"):
+        leaves = jax.tree.leaves(base_override[1])
+    else:
+        try:
+            leaves = jax.tree.leaves(base_abstract(model, dtype))
+        except FileNotFoundError:
+            return None         # the load itself says what is missing
+    nbytes = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves)
+    return resolve(MeshConfig(variant=1, data=1, fsdp=AUTO, model=1), n_variants=1, batch_size=1,
+                   base_bytes=nbytes, devices=jax.local_devices() if devices is None else devices)
+
+
+def load_checked_base(model: str, dtype: str, fingerprint: str, base_override, quant: str = "none", mesh=None):
+    """(cfg, params, tokenizer, jnp dtype) of a run's base model, checked against its fingerprint and quantised
+    as the run's config says (``quant``, :func:`jaxpoison.models.quant.quantize_base`).
+
+    Mesh first, as a study loads (:func:`jaxpoison.train.base_load.load_base`): ``mesh`` (a resolved
+    :class:`jaxpoison.train.mesh.MeshConfig`, default :func:`eval_mesh`) is decided before any weight loads and a
+    safetensors checkpoint is read straight into the base's shards on it (one device: that device)."""
+    from jaxpoison.train.base_load import load_base
+    if base_override is None and model in ("", "override"):
         raise EvaluatorError("the run was trained on a base passed in from Python (tests), which the command line "
                              "cannot reload; call jaxpoison.analysis.run.analyze(..., base_override=(cfg, params, "
                              "tokenizer))")
-    from jaxpoison.models.lm import load_model
-    lm = load_model(model, dtype)
-    if fingerprint and lm.fingerprint != fingerprint:
+    mesh = eval_mesh(model, dtype, base_override) if mesh is None else mesh
+    lm = load_base(model, dtype, None if base_override is None else tuple(base_override[:3]), quant, mesh=mesh)
+    if base_override is None and fingerprint and lm.fingerprint != fingerprint:
         raise EvaluatorError(f"the base model {model!r} found here (fingerprint {lm.fingerprint[:12]}) is not the one "
                              f"the run trained on ({fingerprint[:12]}); the adapters would be scored on another model")
-    return lm.cfg, quantize_base(lm.params, quant), lm.tokenizer, lm.dtype
+    return lm.cfg, lm.params, lm.tokenizer, lm.dtype
 
 
 def mc_evaluator(mcfg, params, mc, is_target, method: str, dtype, batch_questions: int,
