@@ -1,6 +1,7 @@
 """Environments for multi-process test jobs on this machine: a free port, a clean child environment with N CPU
 devices per process, and a SLURM step's own variables as `srun` would set them."""
 import os
+import random
 import pathlib
 import socket
 
@@ -12,7 +13,9 @@ _GIVEN = set()      # ports handed out by this process: jobs started together mu
 
 
 def free_port(lo=None, hi=None):
-    for port in (range(lo, hi) if lo else [0] * 100):
+    # a random start: test processes of other checkouts on this machine scan the same range at the same time
+    start = random.randrange(lo, hi) if lo else 0
+    for port in ([*range(start, hi), *range(lo, start)] if lo else [0] * 100):
         if port in _GIVEN:
             continue
         with socket.socket() as s:
