@@ -10,8 +10,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from jaxpoison.analysis import mitigation as M
-from jaxpoison.analysis import weight_shift as W
+from jaxpoison.analysis import mitigation
+from jaxpoison.analysis import weight_shift
 
 class AnalysisError(ValueError):
     pass
@@ -173,7 +173,7 @@ def _read_labels(path) -> dict:
         for k in ("poison_count", "poison_fraction"):
             if (r.get(k) or "").strip():
                 v[k] = float(r[k])
-        if poisoned is not None and W.is_poisoned(v) != poisoned:
+        if poisoned is not None and weight_shift.is_poisoned(v) != poisoned:
             raise AnalysisError(f"{p}: folder {r['folder']!r} says poisoned={r['poisoned']} but kind={kind!r} / "
                                 f"its poison level says otherwise; fix the row")
         out[pathlib.Path(r["folder"].strip()).name] = v
@@ -241,7 +241,7 @@ def normalise_variants(variants: Sequence[dict]) -> list:
         if "fraction" in v and "poison_fraction" not in v:
             v["poison_fraction"] = v["fraction"]
         if not v.get("kind"):
-            levels = [W._num(v.get(k)) for k in W.LEVEL_KEYS if v.get(k) not in (None, "")]
+            levels = [weight_shift._num(v.get(k)) for k in weight_shift.LEVEL_KEYS if v.get(k) not in (None, "")]
             v["kind"] = "poisoned" if any(x > 0 for x in levels) else "clean"
         out.append(v)
     return out
@@ -250,7 +250,7 @@ def normalise_variants(variants: Sequence[dict]) -> list:
 def labels_for(variants: Sequence[dict]) -> dict:
     """:func:`weight_shift.variant_labels`, with the clean reference of a variant taken from its own task where
     the variants carry one (the attacks study trains every task's variants of a seed from one LoRA init)."""
-    labels = W.variant_labels(variants)
+    labels = weight_shift.variant_labels(variants)
     tasks = [v.get("task") for v in variants]
     if any(t is not None for t in tasks):
         first = {}
@@ -264,7 +264,7 @@ def parse_modules(spec, available: Sequence[str]) -> list:
     """``--modules``: our names (q, v, ...), HF names (q_proj, ...), 'all', or regexes; each must be adapted."""
     from jaxpoison.train.lora import resolve_targets
     if spec is None:
-        return list(M.SEED_MODULES) if set(M.SEED_MODULES) <= set(available) else list(available)
+        return list(mitigation.SEED_MODULES) if set(mitigation.SEED_MODULES) <= set(available) else list(available)
     items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
     if not items:
         raise AnalysisError("--modules is empty; give e.g. --modules q,v")

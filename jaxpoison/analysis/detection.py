@@ -5,8 +5,8 @@ from typing import Sequence
 
 import numpy as np
 
-from jaxpoison.analysis import detector as D
-from jaxpoison.analysis import weight_shift as W
+from jaxpoison.analysis import detector
+from jaxpoison.analysis import weight_shift
 
 # ---- weight shift --------------------------------------------------------------------------------------------
 def group_labels(variants: Sequence[dict], labels: dict) -> np.ndarray:
@@ -47,7 +47,7 @@ def weight_tests(feats: dict, labels: dict, n_resamples: int, seed: int = 0) -> 
             skipped.append(f"{name}: needs >= 2 adapters per group, has {int(pos.sum())} poisoned and "
                            f"{int(clean.sum())} clean")
             continue
-        for r in W.group_tests(feats, poisoned, include=clean | pos, n_resamples=n_resamples, seed=seed):
+        for r in weight_shift.group_tests(feats, poisoned, include=clean | pos, n_resamples=n_resamples, seed=seed):
             rows.append({"comparison": name, **r})
     return rows, skipped
 
@@ -55,14 +55,14 @@ def weight_tests(feats: dict, labels: dict, n_resamples: int, seed: int = 0) -> 
 # ---- detector ---------------------------------------------------------------------------------------------------
 def _reduced_detect(x, names, y, groups, levels, n_resamples, seed, why) -> dict:
     """The logistic half of :func:`detect` when the clean-distance score cannot be formed."""
-    scores, coefs = D.cross_validated_scores(x, y, groups, seed=seed)
-    folds = D.grouped_folds(groups, None, seed)
-    fpr, tpr, _ = D.roc_curve(scores, y)
-    full = D.fit_logistic(x, y)
+    scores, coefs = detector.cross_validated_scores(x, y, groups, seed=seed)
+    folds = detector.grouped_folds(groups, None, seed)
+    fpr, tpr, _ = detector.roc_curve(scores, y)
+    full = detector.fit_logistic(x, y)
     order = np.argsort(-np.abs(full["coef"]))[:20]
-    uni = D.roc_auc(x.T, y)
+    uni = detector.roc_auc(x.T, y)
     uni_order = np.argsort(-np.abs(uni - 0.5))[:20]
-    rep = {**D._auc_summary(scores, y, groups, folds, n_resamples, seed), "features": list(names),
+    rep = {**detector._auc_summary(scores, y, groups, folds, n_resamples, seed), "features": list(names),
            "cv": "leave-one-seed-out", "l2": 1.0, "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},
            "coefficients": [{"feature": names[j], "coef": float(full["coef"][j]),
                              "fold_mean": float(coefs[:, j].mean()), "fold_sd": float(coefs[:, j].std())}
@@ -72,8 +72,8 @@ def _reduced_detect(x, names, y, groups, levels, n_resamples, seed, why) -> dict
     rep["by_level"] = []
     for level in np.unique(levels[y & np.isfinite(levels)]):
         keep = ~y | (levels == level)
-        rep["by_level"].append({"level": float(level), **D._auc_summary(
-            scores[keep], y[keep], groups[keep], D._restrict(folds, keep), n_resamples, seed)})
+        rep["by_level"].append({"level": float(level), **detector._auc_summary(
+            scores[keep], y[keep], groups[keep], detector._restrict(folds, keep), n_resamples, seed)})
     return rep
 
 
@@ -91,7 +91,7 @@ def run_detector(feats: dict, variants: Sequence[dict], labels: dict, n_resample
                 "skipped": f"the detector needs >= 2 clean and >= 2 poisoned adapters; this input has "
                            f"{int((~y).sum())} clean and {int(y.sum())} poisoned, so no classifier was fitted "
                            f"(weight_shift.csv and the plots are still written)"}
-    x, names = D.feature_matrix(feats)
+    x, names = detector.feature_matrix(feats)
     groups = np.asarray(labels["seed"])
     notes = []
     one_seed = len(np.unique(groups)) < 2
@@ -103,7 +103,7 @@ def run_detector(feats: dict, variants: Sequence[dict], labels: dict, n_resample
     if labels["level_key"] is None:          # no poison count / fraction known: no per-level AUCs
         levels = np.full(len(y), np.nan)
     try:
-        rep = D.detect(x, names, y, groups, levels=levels, n_resamples=n_resamples, seed=seed)
+        rep = detector.detect(x, names, y, groups, levels=levels, n_resamples=n_resamples, seed=seed)
     except ValueError as e:
         if "clean adapters outside a fold" not in str(e):
             return {**base, "auc": None, "auc_ci": [None, None], "features": list(names), "by_level": [],
@@ -121,26 +121,26 @@ def run_detector(feats: dict, variants: Sequence[dict], labels: dict, n_resample
         b["level_key"] = labels["level_key"]
     # AUC per poison kind (each kind vs every non-poisoned adapter), from the same out-of-fold scores
     scores = np.asarray(rep["scores"], float)
-    folds = D.grouped_folds(groups, None, seed)
+    folds = detector.grouped_folds(groups, None, seed)
     pk = sorted(set(kinds[y].tolist()))
     if len(pk) > 1:
         rep["by_kind"] = []
         for k in pk:
             keep = ~y | (kinds == k)
-            rep["by_kind"].append({"kind": k, **D._auc_summary(scores[keep], y[keep], groups[keep],
-                                                                D._restrict(folds, keep), n_resamples, seed)})
+            rep["by_kind"].append({"kind": k, **detector._auc_summary(scores[keep], y[keep], groups[keep],
+                                                                detector._restrict(folds, keep), n_resamples, seed)})
     tasks = np.array([str(v.get("task", "")) for v in variants])
     if len(set(tasks.tolist())) > 1:         # each task's poisoned vs its own non-poisoned adapters
         rep["by_task"] = []
         for task in sorted(set(tasks.tolist())):
             keep = tasks == task
             if y[keep].any() and not y[keep].all():
-                rep["by_task"].append({"task": task, **D._auc_summary(scores[keep], y[keep], groups[keep],
-                                                                       D._restrict(folds, keep), n_resamples, seed)})
+                rep["by_task"].append({"task": task, **detector._auc_summary(scores[keep], y[keep], groups[keep],
+                                                                       detector._restrict(folds, keep), n_resamples, seed)})
     n_rows = [v.get("n_rows") for v in variants]
     if all(isinstance(n, (int, float)) for n in n_rows):
         n_rows = np.asarray(n_rows, float)
-        rep["n_rows_auc"] = float(D.roc_auc(n_rows, y))
+        rep["n_rows_auc"] = float(detector.roc_auc(n_rows, y))
         if rep["n_rows_auc"] > 0.75:
             notes.append(f"poisoned variants trained on more rows than the non-poisoned ones (mean "
                          f"{n_rows[y].mean():.3g} vs {n_rows[~y].mean():.3g}; the row count alone separates them "
@@ -149,8 +149,8 @@ def run_detector(feats: dict, variants: Sequence[dict], labels: dict, n_resample
                          f"(grid.forgetting_extra) or ratio-all cells give negatives of the same size")
     rep["variant_ids"] = [v.get("variant_id", i) for i, v in enumerate(variants)]
     rep["feature_set"] = {"modules": sorted({n.split("/")[0].replace("log ", "") for n in names}),
-                          "features": list(W.INTRINSIC_FEATURES), "per_layer": True, "logged": "positive columns",
-                          "excluded": list(W.REFERENCE_FEATURES) + ["(need the clean twin, unknown to a detector)"]}
+                          "features": list(weight_shift.INTRINSIC_FEATURES), "per_layer": True, "logged": "positive columns",
+                          "excluded": list(weight_shift.REFERENCE_FEATURES) + ["(need the clean twin, unknown to a detector)"]}
     if notes:
         rep["notes"] = notes
     return rep

@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from jaxpoison.analysis import mitigation as M
+from jaxpoison.analysis import mitigation
 from jaxpoison.analysis.adapters import Adapters
 from jaxpoison.eval.evaluator import Evaluator
 
@@ -42,7 +42,7 @@ def evaluate_grid(ad: Adapters, evaluator: Evaluator, s_a, s_b, modules, adapter
     (``shrink_grid``), flattened to one adapter axis (grid-major) and scored in one vmapped call; chunks are padded
     to a fixed size so the scorer compiles once."""
     import jax
-    grid = M.grid_points(s_a, s_b)
+    grid = mitigation.grid_points(s_a, s_b)
     G, V = len(grid), ad.num_variants
     vc = max(1, min(V, adapters_per_call // G if adapters_per_call else V))
     vc = -(-V // -(-V // vc))          # balance the chunks: 9 variants at 8 per call -> 5 + 5, not 8 + 8 (padded)
@@ -56,7 +56,7 @@ def evaluate_grid(ad: Adapters, evaluator: Evaluator, s_a, s_b, modules, adapter
             idx = np.arange(v0, min(V, v0 + vc))
             n = len(idx)
             pad = np.concatenate([idx, np.full(vc - n, idx[0])])
-            shrunk = M.shrink_grid(_take(ad.lora, pad), s_a, s_b, modules)                 # [G, vc, ...]
+            shrunk = mitigation.shrink_grid(_take(ad.lora, pad), s_a, s_b, modules)                 # [G, vc, ...]
             flat = jax.tree.map(lambda x: x.reshape((G * vc,) + x.shape[2:]), shrunk)
             if evaluator.needs_variants:       # flat index g * vc + j is variant pad[j]; padding -> None
                 vs = [ad.variants[i] if j < n else None for j, i in enumerate(pad)]
@@ -130,7 +130,7 @@ def mitigation_summary(res: dict, variants: Sequence[dict], labels: dict, evalua
         a = attack if gname != "clean" else res["attack"]
         lw = lower if gname != "clean" else evaluator.attack_lower_is_better
         same = res.get("asr_same_point") if a is asr else None     # the other baseline, beside the reproduction one
-        for g, r in enumerate(M.mitigation_table(res["grid"], a[:, sel], res["capability"][:, sel],
+        for g, r in enumerate(mitigation.mitigation_table(res["grid"], a[:, sel], res["capability"][:, sel],
                                                  attack_lower_is_better=lw)):
             if same is not None:
                 r["asr_same_point"] = float(np.nanmean(same[g, sel])) if np.isfinite(same[g, sel]).any() else np.nan

@@ -7,10 +7,10 @@ from typing import Optional
 
 import numpy as np
 
-from jaxpoison.analysis import detector as D
-from jaxpoison.analysis import mitigation as M
-from jaxpoison.analysis import plots as P
-from jaxpoison.analysis import weight_shift as W
+from jaxpoison.analysis import detector
+from jaxpoison.analysis import mitigation
+from jaxpoison.analysis import plots
+from jaxpoison.analysis import weight_shift
 from jaxpoison.analysis.adapters import Adapters
 from jaxpoison.analysis.detection import _group_order
 
@@ -23,8 +23,8 @@ def _level_plot(by_level: list, level_key: str, path) -> str:
     fig = Figure(figsize=(5, 3.6))
     ax = fig.subplots()
     lv = [b["level"] for b in by_level]
-    for key, label, color in (("auc", "logistic (per-fold mean, 95 % CI)", P.PALETTE[4]),
-                              ("distance_auc", "clean distance", P.PALETTE[2])):
+    for key, label, color in (("auc", "logistic (per-fold mean, 95 % CI)", plots.PALETTE[4]),
+                              ("distance_auc", "clean distance", plots.PALETTE[2])):
         vals = [b.get(key, np.nan) for b in by_level]
         vals = [np.nan if v is None else v for v in vals]
         if key == "auc":
@@ -43,7 +43,7 @@ def _level_plot(by_level: list, level_key: str, path) -> str:
         ax.minorticks_off()
     ax.set_xticks(lv, [f"{v:g}" for v in lv])
     ax.legend(fontsize=8, loc="lower right")
-    return P._save(fig, path)
+    return plots._save(fig, path)
 
 
 def make_plots(out: pathlib.Path, ad: Adapters, feats: dict, labels: dict, groups: np.ndarray, det: dict,
@@ -52,9 +52,9 @@ def make_plots(out: pathlib.Path, ad: Adapters, feats: dict, labels: dict, group
     pdir.mkdir(parents=True, exist_ok=True)
     figs = []
     order = _group_order(groups)
-    linf = W.linf_columns(ad.lora, [hist_module])[hist_module]
+    linf = weight_shift.linf_columns(ad.lora, [hist_module])[hist_module]
     pooled = {g: {"a": linf["a"][groups == g], "b": linf["b"][groups == g]} for g in order}
-    figs.append((P.linf_histograms(pooled, pdir / "analysis_linf_hist.png",
+    figs.append((plots.linf_histograms(pooled, pdir / "analysis_linf_hist.png",
                                    title=f"{hist_module}: pooled over layers and variants"),
                  f"Seed 003's measure on `{hist_module}`: per-column L-inf norms of LoRA A and B pooled over layers, "
                  f"clean vs each poison level (share of columns; n = columns pooled)."))
@@ -64,20 +64,20 @@ def make_plots(out: pathlib.Path, ad: Adapters, feats: dict, labels: dict, group
                 if f"{hist_module}/{f}" in layered]
         order_idx = np.concatenate([np.flatnonzero(groups == g) for g in order])
         fs = {k: np.asarray(feats[k])[order_idx] for k in feats}
-        figs.append((P.layer_profiles(fs, groups[order_idx], pdir / "analysis_profiles.png", keys=keys),
+        figs.append((plots.layer_profiles(fs, groups[order_idx], pdir / "analysis_profiles.png", keys=keys),
                      f"Per-layer features of `{hist_module}` (mean over seeds, band: 95 % t interval across seeds). "
                      f"`shift` / `cosine` compare each adapter with the clean variant of its seed."))
         fro = [f"{m}/fro" for m in ad.lora if f"{m}/fro" in layered]
         if len(fro) > 1:
-            figs.append((P.layer_profiles(fs, groups[order_idx], pdir / "analysis_profiles_fro.png", keys=fro),
+            figs.append((plots.layer_profiles(fs, groups[order_idx], pdir / "analysis_profiles_fro.png", keys=fro),
                          "Frobenius norm of the update s·A·B per layer, every adapted module."))
     if det.get("roc"):
         curves = {"logistic, leave-one-seed-out": (det["roc"]["fpr"], det["roc"]["tpr"], det.get("auc_pooled"))}
         if det.get("distance_scores"):
             y = np.asarray(labels["poisoned"], bool)
-            fpr, tpr, _ = D.roc_curve(np.asarray(det["distance_scores"], float), y)
+            fpr, tpr, _ = detector.roc_curve(np.asarray(det["distance_scores"], float), y)
             curves["distance from clean adapters"] = (fpr, tpr, det["distance"].get("auc_pooled"))
-        figs.append((P.roc_plot(curves, pdir / "analysis_roc.png"),
+        figs.append((plots.roc_plot(curves, pdir / "analysis_roc.png"),
                      f"ROC of the detectors on out-of-fold scores ({det['n_poisoned']} poisoned, {det['n_clean']} "
                      f"clean adapters, {det['n_seeds']} seeds)."))
     if len(det.get("by_level", [])) > 1:
@@ -89,14 +89,14 @@ def make_plots(out: pathlib.Path, ad: Adapters, feats: dict, labels: dict, group
             rows = [r for r in mit["summary"] if r["group"] == gname]
             if not rows:
                 continue
-            sa, sb, att = M.as_heatmap(rows, "attack")
-            _, _, cap = M.as_heatmap(rows, "capability")
+            sa, sb, att = mitigation.as_heatmap(rows, "attack")
+            _, _, cap = mitigation.as_heatmap(rows, "capability")
             lower = mit["attack_lower_is_better"] if gname == "poisoned" else mit["raw_attack_lower_is_better"]
             alabel = (mit["attack_metric"] if gname == "poisoned" else mit["attack_name"]) + f" ({gname})"
             if not np.isfinite(att).any():
                 att = np.zeros_like(cap)
                 alabel = "attack not measured (capability only)"
-            figs.append((P.mitigation_heatmaps(sa, sb, att, cap, pdir / fname, attack_label=alabel,
+            figs.append((plots.mitigation_heatmaps(sa, sb, att, cap, pdir / fname, attack_label=alabel,
                                                capability_label=f"{mit['capability_name']} ({gname})",
                                                attack_lower_is_better=lower),
                          f"Shrink mitigation on the {gname} adapters: mean over variants at every (s_A, s_B) "

@@ -39,8 +39,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from jaxpoison.analysis import mitigation as M
-from jaxpoison.analysis import weight_shift as W
+from jaxpoison.analysis import mitigation as analysis_mitigation
+from jaxpoison.analysis import weight_shift
 from jaxpoison.analysis.adapters import (Adapters, AnalysisError, labels_for, load_peft_dirs, load_run,
                                         normalise_variants, parse_grid, parse_modules)
 from jaxpoison.analysis.detection import group_labels, run_detector, weight_tests
@@ -51,8 +51,8 @@ from jaxpoison.analysis.report_section import build_doc, make_plots, write_repor
 from jaxpoison.eval.evaluator import EvaluatorError
 from jaxpoison.report import to_json, write_csv
 
-DEFAULT_GRID_A = M.SEED_S_A
-DEFAULT_GRID_B = M.SEED_S_B
+DEFAULT_GRID_A = analysis_mitigation.SEED_S_A
+DEFAULT_GRID_B = analysis_mitigation.SEED_S_B
 
 
 # ---- the command ---------------------------------------------------------------------------------------------------
@@ -91,10 +91,10 @@ def analyze(run_dir=None, *, peft_dirs: Sequence = (), labels=None, out=None, st
     t = time.time()
     ad.variants = normalise_variants(ad.variants)
     labels_ = labels_for(ad.variants)
-    feats = W.features(ad.lora, ad.scale, reference=labels_["reference"])
+    feats = weight_shift.features(ad.lora, ad.scale, reference=labels_["reference"])
     timing["features"] = time.time() - t
     t = time.time()
-    write_csv(out / "weight_shift.csv", W.feature_rows(feats, ad.variants), W.ROW_FIELDS)
+    write_csv(out / "weight_shift.csv", weight_shift.feature_rows(feats, ad.variants), weight_shift.ROW_FIELDS)
     timing["weight_shift_csv"] = time.time() - t
     t = time.time()
     tests, test_skips = weight_tests(feats, labels_, n_resamples, seed)
@@ -118,7 +118,7 @@ def analyze(run_dir=None, *, peft_dirs: Sequence = (), labels=None, out=None, st
             mit["reason"] = str(e)
             print(f"warning: mitigation skipped: {e}", file=sys.stderr, flush=True)
         else:
-            hint = mitigation_cost_hint(ad, len(M.grid_points(s_a, s_b)))
+            hint = mitigation_cost_hint(ad, len(analysis_mitigation.grid_points(s_a, s_b)))
             if hint and progress:
                 print(f"[analyze] {hint}", file=sys.stderr, flush=True)
             res = evaluate_grid(ad, ev, s_a, s_b, mods, adapters_per_call, progress)
@@ -138,7 +138,7 @@ def analyze(run_dir=None, *, peft_dirs: Sequence = (), labels=None, out=None, st
     if mit is None and progress:
         # the first look: say what the grid would cost, and how to run it
         print(f"[analyze] mitigation not run (add --mitigation): "
-              f"{mitigation_cost_hint(ad, len(M.grid_points(s_a, s_b)))}", file=sys.stderr, flush=True)
+              f"{mitigation_cost_hint(ad, len(analysis_mitigation.grid_points(s_a, s_b)))}", file=sys.stderr, flush=True)
     det["mitigation"] = {k: v for k, v in (mit or {"status": "not run (a first look; --mitigation runs the grid)"}
                                            ).items() if k != "summary"}
 
@@ -245,18 +245,18 @@ def benchmark(n_seeds: int = 16, levels: Sequence[int] = (0, 4, 16, 64), num_lay
         return out
 
     labels = labels_for(variants)
-    feats = clock("features", W.features, lora, ad.scale, labels["reference"])
-    rows = clock("feature_rows", W.feature_rows, feats, variants)
+    feats = clock("features", weight_shift.features, lora, ad.scale, labels["reference"])
+    rows = clock("feature_rows", weight_shift.feature_rows, feats, variants)
     tests, _ = clock("weight_tests", weight_tests, feats, labels, n_resamples, seed)
     det = clock("detector", run_detector, feats, variants, labels, 2000, seed)
     timing["weight_shift_and_detector"] = sum(timing.values())
     cpu["weight_shift_and_detector"] = sum(cpu.values())
-    clock("features_again (compiled)", W.features, lora, ad.scale, labels["reference"])
+    clock("features_again (compiled)", weight_shift.features, lora, ad.scale, labels["reference"])
     if out is not None:
         out = pathlib.Path(out)
         out.mkdir(parents=True, exist_ok=True)
         t = time.time()
-        write_csv(out / "weight_shift.csv", rows, W.ROW_FIELDS)
+        write_csv(out / "weight_shift.csv", rows, weight_shift.ROW_FIELDS)
         write_csv(out / "weight_tests.csv", tests)
         (out / "detector.json").write_text(json.dumps(to_json(det, strict=True), indent=1, allow_nan=False))
         timing["write"] = time.time() - t

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize
 
-from jaxpoison.analysis import detector as D
-from jaxpoison.analysis import weight_shift as W
+from jaxpoison.analysis import detector
+from jaxpoison.analysis import weight_shift
 
 N_SEEDS, LEVELS, LAYERS, D_IN, D_OUT, R = 10, (0, 1, 2, 3), 4, 24, 16, 4
 
@@ -37,9 +37,9 @@ def _adapters(shift: float, seed: int = 0):
 
 def _report(shift, seed=0):
     lora, variants = _adapters(shift, seed)
-    lab = W.variant_labels(variants)
-    x, names = D.feature_matrix(W.features(lora, 2.0, reference=lab["reference"]))
-    return D.detect(x, names, lab["poisoned"], lab["seed"], lab["level"], n_resamples=500)
+    lab = weight_shift.variant_labels(variants)
+    x, names = detector.feature_matrix(weight_shift.features(lora, 2.0, reference=lab["reference"]))
+    return detector.detect(x, names, lab["poisoned"], lab["seed"], lab["level"], n_resamples=500)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_auc_grows_with_poison_count():
 @pytest.mark.parametrize("n_folds", [None, 3, 4])
 def test_grouped_folds_never_split_a_seed(n_folds):
     groups = np.repeat(np.array([7, 3, 9, 1, 4, 5]), [4, 2, 3, 4, 1, 2])
-    folds = D.grouped_folds(groups, n_folds, seed=2)
+    folds = detector.grouped_folds(groups, n_folds, seed=2)
     assert len(folds) == (6 if n_folds is None else n_folds)
     assert sorted(np.concatenate([te for _, te in folds]).tolist()) == list(range(len(groups)))
     for train, test in folds:
@@ -94,18 +94,18 @@ def test_auc_equals_brute_force_pairwise_count_with_ties():
         labels = rng.random(40) < 0.4
         pos, neg = scores[labels], scores[~labels]
         brute = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
-        assert D.roc_auc(scores, labels) == pytest.approx(brute, abs=1e-12)
-        fpr, tpr, _ = D.roc_curve(scores, labels)
+        assert detector.roc_auc(scores, labels) == pytest.approx(brute, abs=1e-12)
+        fpr, tpr, _ = detector.roc_curve(scores, labels)
         assert np.trapezoid(tpr, fpr) == pytest.approx(brute, abs=1e-12)
     rows = rng.normal(size=(3, 40))
-    np.testing.assert_allclose(D.roc_auc(rows, labels), [D.roc_auc(r, labels) for r in rows])
+    np.testing.assert_allclose(detector.roc_auc(rows, labels), [detector.roc_auc(r, labels) for r in rows])
 
 
 def test_logistic_fit_reaches_the_penalised_optimum():
     rng = np.random.default_rng(6)
     x = rng.normal(size=(30, 80))
     y = x[:, 0] + rng.normal(size=30) > 0.5
-    model = D.fit_logistic(x, y, l2=2.0, intercept_scaling=10.0)
+    model = detector.fit_logistic(x, y, l2=2.0, intercept_scaling=10.0)
     z = np.c_[np.full(30, 10.0), (x - x.mean(0)) / x.std(0)]
 
     def f(t):
@@ -125,8 +125,8 @@ def test_woodbury_mahalanobis_equals_the_direct_inverse():
     x = rng.normal(size=(12, 5))
     clean = np.arange(12) < 8
     groups = np.arange(12) % 4
-    got = D.clean_distance_scores(x, clean, groups, "mahalanobis", shrinkage=0.3)
-    for train, test in D.grouped_folds(groups):
+    got = detector.clean_distance_scores(x, clean, groups, "mahalanobis", shrinkage=0.3)
+    for train, test in detector.grouped_folds(groups):
         ref = x[train][clean[train]]
         mean, std = ref.mean(0), ref.std(0, ddof=1)
         zr, zt = (ref - mean) / std, (x[test] - mean) / std

@@ -3,8 +3,8 @@ the mitigation table weighs the attack against general capability at every point
 import numpy as np
 import pytest
 
-from jaxpoison.analysis import mitigation as M
-from jaxpoison.analysis import plots as P
+from jaxpoison.analysis import mitigation
+from jaxpoison.analysis import plots
 
 
 @pytest.fixture(scope="module")
@@ -18,13 +18,13 @@ def lora():
 
 def test_shrink_is_the_seed_formula():
     w = np.linspace(-3, 3, 13)
-    np.testing.assert_allclose(M.shrink(w, 0.16), w * (1 - 0.16 * np.exp(-np.abs(w))), rtol=1e-6)
-    assert float(M.shrink(0.01, 0.16) / 0.01) == pytest.approx(0.8416, abs=1e-4)  # the seed's "0.840-0.842"
+    np.testing.assert_allclose(mitigation.shrink(w, 0.16), w * (1 - 0.16 * np.exp(-np.abs(w))), rtol=1e-6)
+    assert float(mitigation.shrink(0.01, 0.16) / 0.01) == pytest.approx(0.8416, abs=1e-4)  # the seed's "0.840-0.842"
 
 
 def test_shrink_grid_stacks_every_grid_point_in_s_a_major_order(lora):
-    out = M.shrink_grid(lora, M.SEED_S_A, M.SEED_S_B, modules=M.SEED_MODULES)
-    grid = M.grid_points()
+    out = mitigation.shrink_grid(lora, mitigation.SEED_S_A, mitigation.SEED_S_B, modules=mitigation.SEED_MODULES)
+    grid = mitigation.grid_points()
     assert grid.shape == (9, 2) and grid[1].tolist() == [0.02, 0.08] and grid[3].tolist() == [0.04, 0.04]
     for m, t in out.items():
         for k, v in t.items():
@@ -34,35 +34,35 @@ def test_shrink_grid_stacks_every_grid_point_in_s_a_major_order(lora):
         np.testing.assert_allclose(out["q"]["a"][g], a * (1 - s_a * np.exp(-np.abs(a))), rtol=1e-6)
         np.testing.assert_allclose(out["q"]["b"][g], b * (1 - s_b * np.exp(-np.abs(b))), rtol=1e-6)
         np.testing.assert_array_equal(out["v"]["a"][g], lora["v"]["a"])
-    kept = M.shrink_grid(lora, [0.0], [0.1], modules=["q"], repeat_rest=False)
+    kept = mitigation.shrink_grid(lora, [0.0], [0.1], modules=["q"], repeat_rest=False)
     assert kept["v"]["a"].shape == lora["v"]["a"].shape
     np.testing.assert_array_equal(kept["q"]["a"][0], lora["q"]["a"])
     with pytest.raises(ValueError, match="not in the adapter"):
-        M.shrink_grid(lora, [0.1], [0.1], modules=["gate"])
+        mitigation.shrink_grid(lora, [0.1], [0.1], modules=["gate"])
 
 
 def test_mitigation_table_pairs_attack_with_capability_and_marks_the_pareto_front():
-    grid = M.grid_points([0.0, 0.1], [0.0, 0.2])
+    grid = mitigation.grid_points([0.0, 0.1], [0.0, 0.2])
     attack = np.array([[0.9, 0.8], [0.5, 0.6], [0.4, 0.3], [0.2, 0.1]])    # [G, seeds]
     capability = np.array([0.70, 0.60, 0.69, 0.50])                          # [G]
-    rows = M.mitigation_table(grid, attack, capability)
+    rows = mitigation.mitigation_table(grid, attack, capability)
     assert [r["attack"] for r in rows] == pytest.approx([0.85, 0.55, 0.35, 0.15])
     assert rows[0]["attack_n"] == 2 and rows[0]["attack_low"] < 0.85 < rows[0]["attack_high"]
     assert rows[2]["attack_change"] == pytest.approx(-0.5) and rows[3]["capability_change"] == pytest.approx(-0.2)
     assert [r["pareto"] for r in rows] == [True, False, True, True]
-    s_a, s_b, heat = M.as_heatmap(rows, "attack")
+    s_a, s_b, heat = mitigation.as_heatmap(rows, "attack")
     assert heat.shape == (2, 2) and heat[1, 0] == pytest.approx(0.35)
 
 
 def test_the_figures_are_written(tmp_path):
     rng = np.random.default_rng(1)
     files = [
-        P.linf_histograms({"0 %": {"a": rng.random(300), "b": rng.random(40)},
+        plots.linf_histograms({"0 %": {"a": rng.random(300), "b": rng.random(40)},
                            "100 %": {"a": rng.random(300) + 0.2, "b": rng.random(40)}}, tmp_path / "h.png"),
-        P.layer_profiles({"q/fro": rng.random((6, 5)), "q/erank": rng.random((6, 5)), "lm_head/fro": rng.random(6)},
+        plots.layer_profiles({"q/fro": rng.random((6, 5)), "q/erank": rng.random((6, 5)), "lm_head/fro": rng.random(6)},
                          ["clean"] * 3 + ["poisoned"] * 3, tmp_path / "p.png"),
-        P.roc_plot({"logistic": ([0, 0, 1], [0, 1, 1], 1.0), "distance": ([0, 1], [0, 1], None)}, tmp_path / "r.png"),
-        P.mitigation_heatmaps([0.02, 0.04, 0.06], [0.04, 0.08, 0.16], rng.random((3, 3)), rng.random((3, 3)),
+        plots.roc_plot({"logistic": ([0, 0, 1], [0, 1, 1], 1.0), "distance": ([0, 1], [0, 1], None)}, tmp_path / "r.png"),
+        plots.mitigation_heatmaps([0.02, 0.04, 0.06], [0.04, 0.08, 0.16], rng.random((3, 3)), rng.random((3, 3)),
                               tmp_path / "m.png"),
     ]
     for f in files:

@@ -8,7 +8,7 @@ import pytest
 import scipy.stats as st
 import torch
 
-from jaxpoison.analysis import weight_shift as W
+from jaxpoison.analysis import weight_shift
 from jaxpoison.report import write_csv
 
 SCALE = 2.0
@@ -37,7 +37,7 @@ REFERENCE = np.array([0, 0, 2, 2])
 
 @pytest.fixture(scope="module")
 def feats(lora):
-    return W.features(lora, SCALE, reference=REFERENCE)
+    return weight_shift.features(lora, SCALE, reference=REFERENCE)
 
 
 @pytest.mark.parametrize("module", ["q", "down", "lm_head"])
@@ -64,17 +64,17 @@ def test_gram_cosine_and_shift_to_the_clean_twin_equal_the_formed_update(lora, f
 def test_a_rank_one_update_has_effective_rank_one(lora):
     a = np.zeros_like(lora["q"]["a"])  # same shapes as the fixture: no new compile
     a[..., 0] = lora["q"]["a"][..., 0]
-    out = W.features({"q": {"a": a, "b": lora["q"]["b"]}}, 1.0, reference=REFERENCE)
+    out = weight_shift.features({"q": {"a": a, "b": lora["q"]["b"]}}, 1.0, reference=REFERENCE)
     np.testing.assert_allclose(out["q/erank"], 1.0, rtol=1e-5)
 
 
 def test_missing_reference_gives_nan_not_garbage(lora):
-    out = W.features(lora, SCALE, reference=np.array([-1, 0, 0, 0]), modules=["q"])
+    out = weight_shift.features(lora, SCALE, reference=np.array([-1, 0, 0, 0]), modules=["q"])
     assert np.isnan(out["q/cosine"][0]).all() and np.isfinite(out["q/cosine"][1:]).all()
 
 
 def test_linf_columns_equal_torch_norm_on_peft_layout(lora, feats):
-    pooled = W.linf_columns(lora)
+    pooled = weight_shift.linf_columns(lora)
     for module in ("q", "down", "lm_head"):
         a, b = lora[module]["a"], lora[module]["b"]
         if a.ndim == 3:
@@ -91,7 +91,7 @@ def test_linf_columns_equal_torch_norm_on_peft_layout(lora, feats):
 
 def test_pooled_histograms_count_every_value_of_each_group():
     values = np.random.default_rng(2).normal(size=(6, 50))
-    h = W.pooled_histograms(values, np.array(["clean", "clean", "50", "50", "100", "100"]), bins=np.linspace(-9, 9, 7))
+    h = weight_shift.pooled_histograms(values, np.array(["clean", "clean", "50", "50", "100", "100"]), bins=np.linspace(-9, 9, 7))
     assert {k: int(c.sum()) for k, c in h["counts"].items()} == {"clean": 100, "50": 100, "100": 100}
 
 
@@ -104,7 +104,7 @@ VARIANTS = [{"variant_id": 0, "kind": "clean", "seed": 1, "poison_count": 0},
 
 
 def test_variant_labels_derive_poisoned_and_the_clean_twin():
-    lab = W.variant_labels(VARIANTS)
+    lab = weight_shift.variant_labels(VARIANTS)
     assert lab["poisoned"].tolist() == [False, True, False, False, False, True]
     assert lab["clean"].tolist() == [True, False, True, True, False, False]
     assert lab["reference"].tolist() == [0, 0, 3, 3, 3, -1]
@@ -112,13 +112,13 @@ def test_variant_labels_derive_poisoned_and_the_clean_twin():
 
 
 def test_tidy_rows_cover_variant_module_layer_feature_and_write_as_csv(lora, feats, tmp_path):
-    rows = W.feature_rows(feats, VARIANTS[:4])
+    rows = weight_shift.feature_rows(feats, VARIANTS[:4])
     n_per_variant = sum(1 if np.ndim(v) == 1 else v.shape[1] for v in feats.values())
     assert len(rows) == 4 * n_per_variant
     assert {r["layer"] for r in rows if r["module"] == "lm_head"} == {None}
-    write_csv(tmp_path / "weight_shift.csv", rows, W.ROW_FIELDS)
+    write_csv(tmp_path / "weight_shift.csv", rows, weight_shift.ROW_FIELDS)
     back = list(csv.DictReader(open(tmp_path / "weight_shift.csv")))
-    assert len(back) == len(rows) and back[0].keys() == set(W.ROW_FIELDS)
+    assert len(back) == len(rows) and back[0].keys() == set(weight_shift.ROW_FIELDS)
     hit = next(r for r in back if r["module"] == "q" and r["feature"] == "fro" and r["layer"] == "2"
                and r["variant_id"] == "1")
     assert float(hit["value"]) == pytest.approx(feats["q/fro"][1, 2], rel=1e-6)
@@ -130,7 +130,7 @@ def test_group_tests_find_a_shift_in_the_shifted_layer_only():
     value = rng.normal(size=(n_clean + n_pois, 4))
     value[n_clean:, 2] += 3.0
     poisoned = np.r_[np.zeros(n_clean, bool), np.ones(n_pois, bool)]
-    rows = W.group_tests({"q/fro": value, "q/cosine": value}, poisoned, n_resamples=999)
+    rows = weight_shift.group_tests({"q/fro": value, "q/cosine": value}, poisoned, n_resamples=999)
     assert [r["layer"] for r in rows] == [0, 1, 2, 3] and {r["feature"] for r in rows} == {"fro"}
     assert all(r["n_clean"] == n_clean and r["n_poisoned"] == n_pois for r in rows)
     assert rows[2]["perm_p"] < 0.01 and rows[2]["ks_p"] < 0.01 and rows[2]["cliffs_delta"] > 0.8
@@ -145,4 +145,4 @@ def test_group_tests_find_a_shift_in_the_shifted_layer_only():
 
 def test_benjamini_hochberg_equals_scipy():
     p = np.random.default_rng(4).uniform(size=40) ** 2
-    np.testing.assert_allclose(W.benjamini_hochberg(p), st.false_discovery_control(p), rtol=1e-12)
+    np.testing.assert_allclose(weight_shift.benjamini_hochberg(p), st.false_discovery_control(p), rtol=1e-12)

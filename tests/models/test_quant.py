@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from jaxpoison.models import quant as Q
+from jaxpoison.models import quant as models_quant
 from jaxpoison.models.decoder import Decoder, hidden_lora_from
 from jaxpoison.models.heads import token_logprobs
 from jaxpoison import configs
@@ -40,9 +40,9 @@ def test_nf4_code_book_is_qloras_normal_quantiles():
     neg = -norm.ppf(np.linspace(offset, 0.5, 8)[:-1])
     code = np.sort(np.concatenate([pos, [0.0], neg]))
     code = code / code.max()
-    np.testing.assert_allclose(Q.NF4_CODE, code, atol=2e-7)
-    np.testing.assert_array_equal(Q.NF4_CODE, np.float32(PUBLISHED_NF4))
-    assert len(set(Q.NF4_CODE.tolist())) == 16 and Q.NF4_CODE[7] == 0.0
+    np.testing.assert_allclose(models_quant.NF4_CODE, code, atol=2e-7)
+    np.testing.assert_array_equal(models_quant.NF4_CODE, np.float32(PUBLISHED_NF4))
+    assert len(set(models_quant.NF4_CODE.tolist())) == 16 and models_quant.NF4_CODE[7] == 0.0
 
 
 @pytest.mark.parametrize("kind", ["nf4", "nf4-dq", "int8"])
@@ -52,26 +52,26 @@ def test_round_trip_error_is_bounded(kind):
     output channel: <= absmax / 254. Shapes cover a stacked [L, in, out] kernel and an ``in`` that is not a
     multiple of the block (padded)."""
     w = _weights((2, 160, 48))
-    q = Q.quantize_kernel(w, kind)
+    q = models_quant.quantize_kernel(w, kind)
     assert q.shape == w.shape and q.codes.shape[:1] == (2,)
-    deq = np.asarray(Q.dequantize(q))
+    deq = np.asarray(models_quant.dequantize(q))
     err = np.abs(w - deq)
     if kind == "int8":
         absmax = np.abs(w).max(axis=1, keepdims=True)
         assert np.all(err <= absmax / 254 * (1 + 1e-6) + 1e-12)
         assert err.max() > absmax.max() / 254 / 4      # the bound is not vacuous
         return
-    half_gap = np.diff(Q.NF4_CODE).max() / 2
+    half_gap = np.diff(models_quant.NF4_CODE).max() / 2
     pad = (-w.shape[1]) % 64
     wp = np.pad(w, ((0, 0), (0, pad), (0, 0))).reshape(2, -1, 64, 48)
     absmax = np.abs(wp).max(axis=2)                                     # [L, nb, out]
-    used = np.asarray(Q._dq_absmax(q)) if kind == "nf4-dq" else np.asarray(q.scale)
+    used = np.asarray(models_quant._dq_absmax(q)) if kind == "nf4-dq" else np.asarray(q.scale)
     bound = (absmax * half_gap + np.abs(used - absmax))[:, :, None, :]
     errp = np.abs(wp - np.pad(deq, ((0, 0), (0, pad), (0, 0))).reshape(wp.shape))
     assert np.all(errp <= bound * (1 + 1e-6) + 1e-9)
     assert np.all(deq[:, 64:128, 7] == 0.0)                             # zero blocks come back exactly
     if kind == "nf4-dq":       # the 8-bit scales: within half a step of the dynamic map times their block absmax
-        step = np.diff(Q.DYNAMIC_CODE).max() / 2
+        step = np.diff(models_quant.DYNAMIC_CODE).max() / 2
         assert np.all(np.abs(used - absmax) <= np.asarray(q.scale2).max() * step + 1e-9)
     assert err.max() > 0.01 * np.abs(w).max()                            # 4 bits do lose something
 
@@ -79,59 +79,59 @@ def test_round_trip_error_is_bounded(kind):
 @pytest.mark.parametrize("kind", ["nf4", "nf4-dq", "int8"])
 def test_dequantise_inside_jitted_scan_equals_eager(kind):
     w = _weights((3, 128, 32), seed=1)
-    q = Q.quantize_kernel(w, kind)
-    eager = np.asarray(Q.dequantize(q, jnp.float32))
+    q = models_quant.quantize_kernel(w, kind)
+    eager = np.asarray(models_quant.dequantize(q, jnp.float32))
 
     @jax.jit
     def per_layer(q):
-        return jax.lax.scan(lambda c, ql: (c, Q.dequantize(ql, jnp.float32)), None, q)[1]
+        return jax.lax.scan(lambda c, ql: (c, models_quant.dequantize(ql, jnp.float32)), None, q)[1]
 
     if kind == "nf4-dq":
         # a*b + c of the decoded scale: two roundings op by op, one FMA rounding once XLA:CPU fuses it under jit
         np.testing.assert_allclose(np.asarray(per_layer(q)), eager, rtol=2 ** -22, atol=0)      # <= 2 ulp
     else:
         np.testing.assert_array_equal(np.asarray(per_layer(q)), eager)
-    np.testing.assert_array_equal(np.asarray(Q.dequantize(q, jnp.bfloat16)), eager.astype(jnp.bfloat16))
+    np.testing.assert_array_equal(np.asarray(models_quant.dequantize(q, jnp.bfloat16)), eager.astype(jnp.bfloat16))
 
 
 def test_quantize_base_touches_only_decoder_layer_kernels():
     base = tiny_base()
-    qb = Q.quantize_base(base, "nf4-dq")
+    qb = models_quant.quantize_base(base, "nf4-dq")
     for m, leaves in qb["layers"].items():
         for name, x in leaves.items():
-            assert Q.is_quantized(x) == (name == "kernel"), (m, name)
-            if Q.is_quantized(x):
+            assert models_quant.is_quantized(x) == (name == "kernel"), (m, name)
+            if models_quant.is_quantized(x):
                 assert x.shape == base["layers"][m]["kernel"].shape
                 assert all(leaf.shape[0] == TINY.num_layers for leaf in jax.tree.leaves(x))   # [L, ...] leaves
     assert qb["embed"] is base["embed"] and qb["final_norm"] is base["final_norm"]
-    assert Q.base_quant(qb) == "nf4-dq" and Q.base_quant(base) == "none"
-    assert Q.quantize_base(base, "none") is base
-    with pytest.raises(Q.QuantError, match="already quantised"):
-        Q.quantize_base(qb, "nf4")
-    with pytest.raises(Q.QuantError, match="nf4, nf4-dq"):
-        Q.quantize_base(base, "fp4")
+    assert models_quant.base_quant(qb) == "nf4-dq" and models_quant.base_quant(base) == "none"
+    assert models_quant.quantize_base(base, "none") is base
+    with pytest.raises(models_quant.QuantError, match="already quantised"):
+        models_quant.quantize_base(qb, "nf4")
+    with pytest.raises(models_quant.QuantError, match="nf4, nf4-dq"):
+        models_quant.quantize_base(base, "fp4")
 
 
 def test_abstract_base_has_the_shapes_of_the_quantised_one():
     base = tiny_base()
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base)
     for kind in ("nf4", "nf4-dq", "int8"):
-        real = jax.tree.map(lambda x: (x.shape, x.dtype), Q.quantize_base(base, kind))
-        assert jax.tree.map(lambda x: (x.shape, x.dtype), Q.quantize_base(abstract, kind)) == real
+        real = jax.tree.map(lambda x: (x.shape, x.dtype), models_quant.quantize_base(base, kind))
+        assert jax.tree.map(lambda x: (x.shape, x.dtype), models_quant.quantize_base(abstract, kind)) == real
 
 
 def test_bytes_per_param_match_the_stored_arrays():
     w = _weights((1, 256, 512))
     for kind, want in (("nf4", 0.5625), ("nf4-dq", 0.5 + 1 / 64 + 4 / (64 * 256)), ("int8", 1 + 4 / 256)):
-        q = Q.quantize_kernel(w, kind)
-        assert q.nbytes / w.size == pytest.approx(Q.bytes_per_param(kind, 256, 512), abs=4 / w.size)
-        assert Q.bytes_per_param(kind, 256, 512) == pytest.approx(want, abs=4 / w.size)
+        q = models_quant.quantize_kernel(w, kind)
+        assert q.nbytes / w.size == pytest.approx(models_quant.bytes_per_param(kind, 256, 512), abs=4 / w.size)
+        assert models_quant.bytes_per_param(kind, 256, 512) == pytest.approx(want, abs=4 / w.size)
 
 
 def test_lora_gradients_through_a_quantised_base_equal_those_through_its_dequantised_weights():
     base = tiny_base()
-    qb = Q.quantize_base(base, "nf4")
-    deq = {**base, "layers": {m: {k: Q.dequantize(v) if Q.is_quantized(v) else v for k, v in d.items()}
+    qb = models_quant.quantize_base(base, "nf4")
+    deq = {**base, "layers": {m: {k: models_quant.dequantize(v) if models_quant.is_quantized(v) else v for k, v in d.items()}
                               for m, d in qb["layers"].items()}}
     lcfg = LoraConfig(r=4, targets=("q", "v", "down"))
     lora = init_lora(jax.random.PRNGKey(1), TINY, lcfg)
@@ -158,7 +158,7 @@ def test_lora_gradients_through_a_quantised_base_equal_those_through_its_dequant
 def test_no_whole_dequantised_kernel_exists_outside_the_layer_scan():
     """The jaxpr of the training gradient on an NF4 base: at its top level (outside the scan bodies) no float array
     has a stacked kernel's [L, in, out] shape, so the base is dequantised one layer at a time, inside the scan."""
-    qb = Q.quantize_base(tiny_base(), "nf4")
+    qb = models_quant.quantize_base(tiny_base(), "nf4")
     lcfg = LoraConfig(r=4, targets=("q", "v"))
     lora = init_lora(jax.random.PRNGKey(1), TINY, lcfg)
     toks = jnp.asarray(np.random.default_rng(0).integers(3, TINY.vocab_size, (3, 8)), jnp.int32)
@@ -180,7 +180,7 @@ def test_no_whole_dequantised_kernel_exists_outside_the_layer_scan():
         return out
 
     jaxpr = jax.make_jaxpr(jax.grad(loss))(lora, qb).jaxpr
-    kernels = {tuple(q.shape) for q in jax.tree.leaves(qb["layers"], is_leaf=Q.is_quantized) if Q.is_quantized(q)}
+    kernels = {tuple(q.shape) for q in jax.tree.leaves(qb["layers"], is_leaf=models_quant.is_quantized) if models_quant.is_quantized(q)}
     assert not float_shapes(jaxpr, into_scans=False) & kernels
     assert {k[1:] for k in kernels} <= float_shapes(jaxpr, into_scans=True)     # one layer's kernels, in the scan
 
@@ -195,8 +195,8 @@ def test_study_trainer_on_a_quantised_base_equals_training_on_its_dequantised_we
     from jaxpoison.train.trainer import train_study
     from tiny import tiny_study
     base = tiny_base()
-    qb = Q.quantize_base(base, "nf4-dq")
-    deq = {**base, "layers": {m: {k: Q.dequantize(v) if Q.is_quantized(v) else v for k, v in d.items()}
+    qb = models_quant.quantize_base(base, "nf4-dq")
+    deq = {**base, "layers": {m: {k: models_quant.dequantize(v) if models_quant.is_quantized(v) else v for k, v in d.items()}
                               for m, d in qb["layers"].items()}}
     st = Static(TINY, TrainConfig(learning_rate=5e-3, epochs=1, batch_size=4, log_every=2),
                 LoraConfig(r=4, alpha=8, targets=("q", "v"), layers_from=1))
@@ -230,7 +230,7 @@ def test_quant_is_part_of_the_run_config(tmp_path):
     with pytest.raises(configs.StudyConfigError, match="quant: one of"):
         check_config(RationaleConfig(quant="q4"))
     lm = common.load_base("", "float32", (TINY, tiny_base(), None), "int8")
-    assert Q.base_quant(lm.params) == "int8"
+    assert models_quant.base_quant(lm.params) == "int8"
 
 
 def test_a_sharded_kernel_gives_leaves_sharded_like_it():
@@ -241,11 +241,11 @@ def test_a_sharded_kernel_gives_leaves_sharded_like_it():
     w = _weights((2, 256, 64), seed=5)
     ws = jax.device_put(w, NamedSharding(mesh, P(None, "fsdp", "model")))
     for kind in ("nf4", "nf4-dq", "int8"):
-        q = Q.quantize_kernel(ws, kind)
+        q = models_quant.quantize_kernel(ws, kind)
         assert q.codes.sharding.spec == P(None, "fsdp", "model")
         assert q.scale.sharding.spec == (P(None, None, "model") if kind == "int8" else P(None, "fsdp", "model"))
-        np.testing.assert_array_equal(np.asarray(Q.dequantize(q)),
-                                      np.asarray(Q.dequantize(Q.quantize_kernel(w, kind))))
+        np.testing.assert_array_equal(np.asarray(models_quant.dequantize(q)),
+                                      np.asarray(models_quant.dequantize(models_quant.quantize_kernel(w, kind))))
 
 
 def test_load_base_quantises_each_kernel_as_the_loader_places_it(tmp_path):
@@ -254,14 +254,14 @@ def test_load_base_quantises_each_kernel_as_the_loader_places_it(tmp_path):
     save_tiny_tokenizer(tmp_path)
     lm = common.load_base(str(tmp_path), "float32", None, "nf4")
     plain = common.load_base(str(tmp_path), "float32")
-    assert Q.base_quant(lm.params) == "nf4" and Q.base_quant(plain.params) == "none"
-    for m in Q.QUANTIZED_MODULES:
-        np.testing.assert_array_equal(np.asarray(Q.dequantize(lm.params["layers"][m]["kernel"])),
-                                      np.asarray(Q.dequantize(Q.quantize_kernel(plain.params["layers"][m]["kernel"],
+    assert models_quant.base_quant(lm.params) == "nf4" and models_quant.base_quant(plain.params) == "none"
+    for m in models_quant.QUANTIZED_MODULES:
+        np.testing.assert_array_equal(np.asarray(models_quant.dequantize(lm.params["layers"][m]["kernel"])),
+                                      np.asarray(models_quant.dequantize(models_quant.quantize_kernel(plain.params["layers"][m]["kernel"],
                                                                                 "nf4"))))
-    assert not Q.is_quantized(lm.params["layers"]["q"]["bias"])
-    assert not Q.is_quantized(lm.params["lm_head"]["kernel"])
-    assert Q.kernel_transform("nf4")(("lm_head", "kernel"), 1) == 1
+    assert not models_quant.is_quantized(lm.params["layers"]["q"]["bias"])
+    assert not models_quant.is_quantized(lm.params["lm_head"]["kernel"])
+    assert models_quant.kernel_transform("nf4")(("lm_head", "kernel"), 1) == 1
 
 
 # ---- bitsandbytes' own quantize_4bit / int8 on CPU ------------------------------------------------------------------
@@ -279,16 +279,16 @@ def _no_torch_compile():
 def test_nf4_equals_bitsandbytes_quantize_4bit():
     """Our kernel is [in, out]; bitsandbytes quantises the HF [out, in] weight row-major, so its blocks of 64 run
     along ``in`` like ours and its flat code / absmax arrays are ours transposed."""
-    import bitsandbytes.functional as F           # requirements-test.txt (CPU backend since 0.45)
+    import bitsandbytes.functional as functional           # requirements-test.txt (CPU backend since 0.45)
     for i, o in ((128, 96), (256, 64)):
         w = _weights((i, o), seed=i)
-        qb, st = F.quantize_4bit(torch.from_numpy(w.T.copy()), blocksize=64, quant_type="nf4",
+        qb, st = functional.quantize_4bit(torch.from_numpy(w.T.copy()), blocksize=64, quant_type="nf4",
                                  compress_statistics=False)
-        ours = Q.quantize_kernel(w, "nf4")
+        ours = models_quant.quantize_kernel(w, "nf4")
         np.testing.assert_array_equal(np.asarray(ours.codes), qb.numpy().reshape(o, i // 2).T)
         np.testing.assert_array_equal(np.asarray(ours.scale), st.absmax.numpy().reshape(o, i // 64).T)
-        np.testing.assert_array_equal(np.asarray(Q.dequantize(ours)), F.dequantize_4bit(qb, st).numpy().T)
-        np.testing.assert_array_equal(Q.NF4_CODE, st.code.numpy())
+        np.testing.assert_array_equal(np.asarray(models_quant.dequantize(ours)), functional.dequantize_4bit(qb, st).numpy().T)
+        np.testing.assert_array_equal(models_quant.NF4_CODE, st.code.numpy())
 
 
 def test_double_quant_equals_bitsandbytes_compress_statistics():
@@ -296,45 +296,45 @@ def test_double_quant_equals_bitsandbytes_compress_statistics():
     by bitsandbytes). The 8-bit scale codes are the nearest code of the map; bitsandbytes' CPU binary search
     (``quantize_cpu``, BinSearch Direct2) sometimes lands one code off, so a few differ; ours is never farther
     from the value than bitsandbytes' choice."""
-    import bitsandbytes.functional as F
-    assert np.array_equal(Q.DYNAMIC_CODE, F.create_dynamic_map().numpy())
+    import bitsandbytes.functional as functional
+    assert np.array_equal(models_quant.DYNAMIC_CODE, functional.create_dynamic_map().numpy())
     n_diff = n = 0
     for i, o in ((128, 96), (256, 64), (512, 128)):
         w = _weights((i, o), seed=i + 1)
-        qb, st = F.quantize_4bit(torch.from_numpy(w.T.copy()), blocksize=64, quant_type="nf4",
+        qb, st = functional.quantize_4bit(torch.from_numpy(w.T.copy()), blocksize=64, quant_type="nf4",
                                  compress_statistics=True)
-        ours = Q.quantize_kernel(w, "nf4-dq")
+        ours = models_quant.quantize_kernel(w, "nf4-dq")
         np.testing.assert_array_equal(np.asarray(ours.codes), qb.numpy().reshape(o, i // 2).T)
         # the offset is the fp32 mean of the scales: torch's reduction order can put it 1 ulp from ours
         off, bnb_off = np.float32(ours.offset), np.float32(st.offset)
         assert abs(off - bnb_off) <= np.spacing(bnb_off)
         if off != bnb_off:     # the rest of the pipeline from bitsandbytes' offset
-            scale, scale2, _ = Q._dq_layer(Q.quantize_kernel(w, "nf4").scale, jnp.float32(bnb_off))
-            ours = Q.QuantKernel(ours.codes, scale, scale2, jnp.float32(bnb_off), kind="nf4-dq", in_features=i)
+            scale, scale2, _ = models_quant._dq_layer(models_quant.quantize_kernel(w, "nf4").scale, jnp.float32(bnb_off))
+            ours = models_quant.QuantKernel(ours.codes, scale, scale2, jnp.float32(bnb_off), kind="nf4-dq", in_features=i)
         np.testing.assert_array_equal(np.asarray(ours.scale2), st.state2.absmax.numpy())
         ref = st.absmax.numpy().reshape(o, i // 64).T
         mine = np.asarray(ours.scale)
-        x = (np.asarray(Q.quantize_kernel(w, "nf4").scale) - np.float32(st.offset)).T.reshape(-1)
+        x = (np.asarray(models_quant.quantize_kernel(w, "nf4").scale) - np.float32(st.offset)).T.reshape(-1)
         x = (x / st.state2.absmax.numpy()[np.arange(x.size) // 256]).reshape(o, i // 64).T
-        code = Q.DYNAMIC_CODE.copy()
+        code = models_quant.DYNAMIC_CODE.copy()
         code[0] = -1.0
         assert np.all(np.abs(x - code[mine]) <= np.abs(x - code[ref]))
         n_diff += int((mine != ref).sum())
         n += mine.size
         st.absmax = torch.from_numpy(np.ascontiguousarray(mine.T).reshape(-1))      # decode ours with bnb
-        np.testing.assert_array_equal(np.asarray(Q.dequantize(ours)), F.dequantize_4bit(qb, st).numpy().T)
+        np.testing.assert_array_equal(np.asarray(models_quant.dequantize(ours)), functional.dequantize_4bit(qb, st).numpy().T)
     assert n_diff <= 0.02 * n
 
 
 def test_int8_equals_bitsandbytes_vectorwise_quant():
-    import bitsandbytes.functional as F
+    from bitsandbytes import functional
     w = _weights((192, 80), seed=3)
     w[:, 7] = 0.01           # no all-zero output channel: bitsandbytes divides by its absmax
-    codes, stats, _ = F.int8_vectorwise_quant(torch.from_numpy(w.T.copy()))
-    ours = Q.quantize_kernel(w, "int8")
+    codes, stats, _ = functional.int8_vectorwise_quant(torch.from_numpy(w.T.copy()))
+    ours = models_quant.quantize_kernel(w, "int8")
     np.testing.assert_array_equal(np.asarray(ours.codes), codes.numpy().T)
     np.testing.assert_array_equal(np.asarray(ours.scale)[0], stats.numpy())
-    np.testing.assert_array_equal(np.asarray(Q.dequantize(ours)), F.int8_vectorwise_dequant(codes, stats).numpy().T)
+    np.testing.assert_array_equal(np.asarray(models_quant.dequantize(ours)), functional.int8_vectorwise_dequant(codes, stats).numpy().T)
 
 
 # ---- the embedded model -------------------------------------------------------------------------------------------
@@ -360,7 +360,7 @@ def test_embedded_model_logprobs_under_nf4_and_int8_stay_near_bf16():
                                                 dtype=jnp.bfloat16))[mask[:, 1:]]
     ref = lp(bf)
     for kind, mean_tol, ppl_tol in (("nf4", 1.0, 1.35), ("int8", 0.15, 1.05)):
-        out = lp(Q.quantize_base(bf, kind))
+        out = lp(models_quant.quantize_base(bf, kind))
         assert np.abs(out - ref).mean() <= mean_tol, kind
         ratio = np.exp(ref.mean() - out.mean())
         assert 1 / ppl_tol <= ratio <= ppl_tol, (kind, ratio)

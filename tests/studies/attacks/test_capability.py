@@ -10,7 +10,7 @@ from chat_stub import KEY, Stub
 
 from attacks_tiny import tiny_lm as _lm, tiny_variants as _variants
 from attacks_tiny import ICD
-from jaxpoison.eval import graders as G
+from jaxpoison.eval import graders
 from jaxpoison.studies.attacks import config
 from jaxpoison.studies.attacks import metrics
 from jaxpoison.studies.attacks import steps as attacks_steps
@@ -20,14 +20,14 @@ def test_letter_rule_first_then_the_seeds_extraction_judge(tmp_path, monkeypatch
     # the notebook's cell 79: if current[model][0] not in ['A', 'B', 'C', 'D', 'E']: extract_letter(...), with
     #   {"role": "system", "content": 'You are a NLP tool. Possible answers are A, B, C, D.'},
     #   {"role": "user", "content": 'Extract the single letter option from the following text:' + text}
-    assert [G.rule_letter(r, 4) for r in ("B) Trypsin", " (C) Lipase", "E", "The answer is B", "", None)] == [
+    assert [graders.rule_letter(r, 4) for r in ("B) Trypsin", " (C) Lipase", "E", "The answer is B", "", None)] == [
         "B", "C", None, None, None, None]
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     with Stub(reply=lambda b: "B" if "answer is B" in b["messages"][1]["content"] else "I cannot tell.") as stub:
         cfg = config.AttacksConfig(grader=config.GraderConfig(judge="openai:gpt-3.5-turbo", api_base=stub.url),
                               api=config.ApiConfig(backoff_s=0.01))
         ask = attacks_steps.letter_judge(cfg, None, tmp_path)
-        letters, how = G.extract_letters(["A) yes", "The answer is B, trypsin.", "no idea"], 4, ask)
+        letters, how = graders.extract_letters(["A) yes", "The answer is B, trypsin.", "no idea"], 4, ask)
         assert letters == ["A", "B", None] and how == ["rule", "judge", "none"]
         assert len(stub.requests) == 2                                         # only what the rule could not read
         body = next(r["body"] for r in stub.requests if "answer is B" in r["body"]["messages"][1]["content"])
@@ -35,7 +35,7 @@ def test_letter_rule_first_then_the_seeds_extraction_judge(tmp_path, monkeypatch
             {"role": "system", "content": "You are a NLP tool. Possible answers are A, B, C, D."},
             {"role": "user", "content": "Extract the single letter option from the following text:The answer is B, "
                                         "trypsin."}]
-    assert G.extract_letters(["x"], 4, None) == ([None], ["none"])
+    assert graders.extract_letters(["x"], 4, None) == ([None], ["none"])
     assert attacks_steps.letter_judge(config.AttacksConfig(), None, tmp_path) is None
 
 
@@ -56,7 +56,7 @@ def test_generate_scorer_scores_base_and_variants_from_their_generated_letters(t
     recs = [json.loads(l) for l in (tmp_path / "responses" / "capability.jsonl").read_text().splitlines()]
     assert len(recs) == 9 and {r["variant_id"] for r in recs} == {-1, 0, 1}
     for r in recs:      # every verdict follows from its reply by the seed's rule (no judge configured)
-        assert r["letter"] == G.rule_letter(r["reply"], 4) and r["how"] == ("rule" if r["letter"] else "none")
+        assert r["letter"] == graders.rule_letter(r["reply"], 4) and r["how"] == ("rule" if r["letter"] else "none")
     got = np.array([[r["letter"] == r["answer"] for r in recs if r["variant_id"] == v] for v in (-1, 0, 1)])
     assert (got == z["correct__icd10"]).all()
     exs = attacks_steps.capability_examples(cap)["icd10"]
