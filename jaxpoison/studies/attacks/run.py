@@ -63,14 +63,16 @@ def run(cfg: AttacksConfig, out_dir: pathlib.Path, resume: bool = True, progress
                                lambda: steps.answer_paraphrased(cfg, lm, test, paras, out, progress, say))
         timing["paraphrase_s"] = time.time() - t
     t = time.time()
+    lm = None      # training needs only `glm`: a multi-host job frees its per-process copy meanwhile (rebuilt below)
     result, table, pool = steps.fine_tune(cfg, glm, train, out, resume, progress, say, paras,
                                           loaded_mesh=(mesh, n_assumed))
     timing["train_s"], timing["train_steps"] = time.time() - t, result.steps
     if writer:
         (out / "data.json").write_text(json.dumps({
             "train_ids": [n.id for n in train], "test_ids": [n.id for n in test], "pool": to_json(pool.stats),
-            "pool_hash": pool.data_hash, "num_variants": len(table), "base": {"name": lm.name, "fingerprint": lm.fingerprint, "quant": cfg.quant},
+            "pool_hash": pool.data_hash, "num_variants": len(table), "base": {"name": glm.name, "fingerprint": glm.fingerprint, "quant": cfg.quant},
             "synthetic_notes": cfg.notes.source == "synthetic", "generation": gen_record}, indent=1))
+    lm = common.process_local(glm)
 
     t = time.time()
     steps.answer_fine_tuned(cfg, lm, test, result, table, pool, out, progress, say)    # split over processes
