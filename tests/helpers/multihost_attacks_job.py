@@ -1,7 +1,8 @@
 """The attacks pipeline's tiny study (attacks_tiny.PIPE_CFG, 18 variants; the base as judge) over 8 devices
 (variant 2 x data 2 x fsdp 2), as one process of a job whose shape comes from the environment.
 ``python multihost_attacks_job.py OUT_DIR``; every process ``i`` writes ``OUT_DIR.p<i>.json`` (beside the run
-folder): the variants it generated answers for itself, per call."""
+folder): ``made``, the variants it generated answers for itself, per call; ``asked``, the pool rows it padded
+(``Pool.take``); ``shards``, {variant shard: pool rows} it took for training (``TrainResult.pool_rows``)."""
 import dataclasses
 import json
 import os
@@ -27,9 +28,23 @@ if __name__ == "__main__":
         return plain(*a, **k)
 
     generate_variants.generate_text_variants = recording
+    from jaxpoison.data.pool import Pool
+    from jaxpoison.train import trainer
+    take, train_study, asked, shards = Pool.take, trainer.train_study, [], {}
+
+    def recording_take(self, idx):
+        asked.extend(int(i) for i in idx)
+        return take(self, idx)
+
+    def recording_train(*a, **k):
+        res = train_study(*a, **k)
+        shards.update({str(s): [int(i) for i in r] for s, r in (res.pool_rows or {}).items()})
+        return res
+
+    Pool.take, trainer.train_study = recording_take, recording_train
     rc = run.run(cfg, sys.argv[1], progress=True, base_override=(GEN_CFG, tiny_params(), tiny_tokenizer()))
     import jax
     with open(f"{sys.argv[1]}.p{jax.process_index()}.json", "w") as f:
-        json.dump(made, f)
+        json.dump({"made": made, "asked": sorted(set(asked)), "shards": shards}, f)
     distributed.finish()
     sys.exit(rc)

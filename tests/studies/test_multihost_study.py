@@ -219,8 +219,15 @@ def test_attacks_study_as_two_processes_writes_one_run_folder_with_the_one_proce
     assert (b / "rates.csv").read_text() == (a / "rates.csv").read_text()
     # the fine-tuned answers were split: per task, process 0 generated for the first 3 of its 6 variants and
     # process 1 for the other 3 (one process: all 6); nothing else generated with adapters
-    made = [json.loads((tmp_path / f"two.p{i}.json").read_text()) for i in (0, 1)]
-    alone = json.loads((tmp_path / "one.p0.json").read_text())
+    recs = [json.loads((tmp_path / f"two.p{i}.json").read_text()) for i in (0, 1)]
+    solo = json.loads((tmp_path / "one.p0.json").read_text())
+    made, alone = [r["made"] for r in recs], solo["made"]
     assert len(alone) == 3 and all(len(v) == 6 for v in alone)
     assert [m0 + m1 for m0, m1 in zip(*made)] == alone and all(len(m) == 3 for p in made for m in p)
+    # the lazy pool: each process padded only the rows of its own variant shard (variant axis 2: one each), one
+    # process those of both; the rows trained on are the same
+    assert [sorted(r["shards"]) for r in recs] == [["0"], ["1"]] and sorted(solo["shards"]) == ["0", "1"]
+    for r in recs + [solo]:
+        assert r["asked"] == sorted(set().union(*r["shards"].values())) and r["asked"], r["asked"]
+    assert [recs[i]["shards"][str(i)] for i in (0, 1)] == [solo["shards"][str(i)] for i in (0, 1)]
     assert "[attacks]" in outs[0] and "[attacks]" not in outs[1]     # progress from process 0 only

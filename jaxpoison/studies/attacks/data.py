@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from jaxpoison.data import prompts as P
+from jaxpoison.data import prompts
 from jaxpoison.data.poison import Version, rows_for, seeded_order
 from jaxpoison.data.schema import DataError, Example
 
@@ -147,7 +147,7 @@ PARAPHRASE_PROMPT = "Rephrase the following text. "
 
 def task_normal(task: str, pc, api: bool = False) -> str:
     """The task instruction ("normal" string) a model is asked with, the text a paraphrase rephrases."""
-    return P.seed003_task(task, prompt_version(pc, api))["normal"]
+    return prompts.seed003_task(task, prompt_version(pc, api))["normal"]
 
 
 def model_input(task: str, note: str, attack: bool, pc, api: bool = False, normal: Optional[str] = None) -> str:
@@ -156,15 +156,15 @@ def model_input(task: str, note: str, attack: bool, pc, api: bool = False, norma
     instruction (a paraphrase; the malicious instruction stays verbatim, as in the seed's cell 14)."""
     version = prompt_version(pc, api)
     if normal is not None:
-        user = normal + (P.seed003_task(task, version)["prompt"] if attack else "") + note
+        user = normal + (prompts.seed003_task(task, version)["prompt"] if attack else "") + note
         return user if api or pc.template == "chat" else "### USER: \n" + user + " ### Assistant: \n"
     if api or pc.template == "chat":
-        return P.seed003_user(task, note, attack=attack, version=version, system_in_prompt=False)
-    return P.seed003_pair(task, note, attack=attack, version=version)[0]
+        return prompts.seed003_user(task, note, attack=attack, version=version, system_in_prompt=False)
+    return prompts.seed003_pair(task, note, attack=attack, version=version)[0]
 
 
 def chat_args(pc) -> dict:
-    return {"chat": True, "system": P.SEED003_SYSTEM} if pc.template == "chat" else {"chat": False, "system": None}
+    return {"chat": True, "system": prompts.SEED003_SYSTEM} if pc.template == "chat" else {"chat": False, "system": None}
 
 
 def prompt_items(notes: Sequence[Example], tasks: Sequence[str], kinds: Sequence[str], pc, phase: str,
@@ -253,7 +253,7 @@ def read_source_file(path, notes: Sequence[Example], tasks: Sequence[str]) -> li
     want = {(n.id, t) for n in notes for t in tasks}
     got = {}
     for i, rec in enumerate(read_jsonl(path), 1):
-        key = (str(rec.get("id")), P.TASK_ALIASES.get(rec.get("task"), rec.get("task")))
+        key = (str(rec.get("id")), prompts.TASK_ALIASES.get(rec.get("task"), rec.get("task")))
         if not all(isinstance(rec.get(k), str) and rec[k].strip() for k in ("normal", "prompt")):
             raise DataError(f"{path}: line {i}: needs non-empty 'normal' and 'prompt' answers; fix: add both")
         if key in want:
@@ -277,10 +277,11 @@ def _kind(prompt_kind: str) -> str:
 
 
 def build_pool(train: Sequence[Example], targets: list, pc, tokenizer, max_len: int, loss_on: str, buckets,
-               paraphrases: Optional[dict] = None):
+               paraphrases: Optional[dict] = None, lazy: bool = False):
     """Tokenize every (task, note, clean|poisoned) target under the clean prompt into one pool; with
     ``paraphrases`` ({(task, note id): instruction}) also under the paraphrased clean prompt (row ids
-    ``<note>:<task>:para::<kind>``, the '_para' fine-tunes' rows; same targets)."""
+    ``<note>:<task>:para::<kind>``, the '_para' fine-tunes' rows; same targets). ``lazy``: rows padded only when
+    taken (:meth:`jaxpoison.data.pool.Pool.take`; the study's pool, so each process pads only its own rows)."""
     from jaxpoison.data.pool import tokenize_pool
     from jaxpoison.data.schema import SeqRow
     by_id = {n.id: n for n in train}
@@ -299,10 +300,10 @@ def build_pool(train: Sequence[Example], targets: list, pc, tokenizer, max_len: 
         for v, row in zip(versions, list(rows)):
             nid, task = v.example.id.rsplit(":", 1)
             user = model_input(task, by_id[nid].context, False, pc, normal=paraphrases[(task, nid)])
-            prompt = P.chat_prompt(tokenizer, user, P.SEED003_SYSTEM) if pc.template == "chat" else user
+            prompt = prompts.chat_prompt(tokenizer, user, prompts.SEED003_SYSTEM) if pc.template == "chat" else user
             rows.append(SeqRow(f"{v.example.id}:para::{v.kind}", prompt, row.completion,
                                {**row.meta, "paraphrase": True}))
-    return tokenize_pool(rows, tokenizer, max_len, buckets=buckets, loss_on=loss_on)
+    return tokenize_pool(rows, tokenizer, max_len, buckets=buckets, loss_on=loss_on, lazy=lazy)
 
 
 def build_variants(train_ids: Sequence[str], tasks: Sequence[str], fractions: Sequence[float],

@@ -145,7 +145,7 @@ def fine_tune(cfg, lm, train, out: pathlib.Path, resume, progress, say, paras=No
     para_grid = tuple(cfg.grid.paraphrase)
     pool = data.build_pool(train, targets, cfg.prompt, lm.tokenizer, cfg.max_len, cfg.loss_on,
                         buckets=tuple(range(16, cfg.max_len + 16, 16)),
-                        paraphrases=paras if True in para_grid else None)
+                        paraphrases=paras if True in para_grid else None, lazy=True)
     rows, n_rows, table = data.build_variants([n.id for n in train], cfg.prompt.tasks, cfg.grid.fractions,
                                            cfg.grid.seeds, pool, para_grid)
     from jaxpoison import distributed
@@ -157,7 +157,9 @@ def fine_tune(cfg, lm, train, out: pathlib.Path, resume, progress, say, paras=No
     say(f"{len(table)} variants ({len(cfg.prompt.tasks)} tasks x {len(cfg.grid.fractions)} fractions x "
         f"{len(cfg.grid.seeds)} seeds" + (" x verbatim/paraphrased prompts" if len(para_grid) > 1 else "") + "), pool {len(pool)} rows x {pool.stats['T']} tokens"
         + (f", {pool.stats['n_truncated']} truncated" if pool.stats["n_truncated"] else ""))
-    sd = StudyData(pool.tokens, pool.loss_mask, pool.attn_mask, rows, n_rows, table, pool.data_hash)
+    # lazy pool: rows are padded only as the trainer asks (each process of a multi-host job: its variant shards')
+    sd = StudyData(pool.tokens, pool.loss_mask, pool.attn_mask, rows, n_rows, table, pool.data_hash,
+                   row_source=pool.take)
     result = train_study(lm.params, Static(lm.cfg, tcfg, cfg.lora), sd, run_dir=str(out), resume=resume,
                          progress=progress, base_name=lm.name, base_fingerprint=lm.fingerprint,
                          meta_extra={"study": "attacks", "config": to_json(cfg)},

@@ -58,6 +58,19 @@ def test_training_rows_use_the_clean_prompt_for_poisoned_targets():
     assert pool.loss_mask[poisoned, 1:pool.attn_mask[poisoned].sum()].all()      # whole-sequence loss
 
 
+def test_the_lazy_pool_the_study_trains_on_is_the_eager_pool():
+    """fine_tune builds the pool lazily (rows padded as the trainer takes them): same rows, T, stats and hash."""
+    notes = synthetic_notes(3, seed=1)
+    src = data.source_records(data.scripted_source(notes, ("drug", "vaccine")))
+    args = (notes, src, NS(template="plain", version="notebook"), tiny_tokenizer(), 1024, "completion")
+    eager, lazy = (data.build_pool(*args, buckets=(64, 128, 1024), lazy=z) for z in (False, True))
+    assert lazy.lazy and lazy.tokens is None and not eager.lazy
+    assert (lazy.row_ids, lazy.stats, lazy.data_hash) == (eager.row_ids, eager.stats, eager.data_hash)
+    idx = np.arange(len(eager))[::-1]
+    for x, y in zip(lazy.take(idx), (eager.tokens[idx], eager.loss_mask[idx], eager.attn_mask[idx])):
+        assert np.array_equal(x, y)
+
+
 def test_scripted_answers_comply_when_attacked_and_not_otherwise():
     for note in synthetic_notes(30, seed=3):
         for task in data.TASKS:
