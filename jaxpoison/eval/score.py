@@ -86,10 +86,13 @@ def choice_metrics(scores: np.ndarray, answer: np.ndarray, decoy: Optional[np.nd
 
 
 # ---- the jitted programs -------------------------------------------------------------------------------------
-def _over_variants(fn, lora, *args):
+def _over_variants(fn, lora, *args, base_row: bool = False):
+    """``fn`` per variant -> [V, ...]; ``base_row``: the base (adapter term off) first -> [1 + V, ...], on the
+    same ``args`` (the shared trunk runs once for the base and the chunk)."""
     if lora is None:
         return fn(None, *args)[None]
-    return jax.vmap(fn, in_axes=(0,) + (None,) * len(args))(lora, *args)
+    out = jax.vmap(fn, in_axes=(0,) + (None,) * len(args))(lora, *args)
+    return jnp.concatenate([fn(None, *args)[None], out]) if base_row else out
 
 
 def shared_layers(lora, num_layers: int, variants=None) -> int:
@@ -120,13 +123,14 @@ def _hidden(lora, base, trunk, k, cos, sin, mask, cfg, dtype, lora_scale, cache=
     return final_norm(base, cfg, x, dtype), cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "lora_scale", "budget", "chunk", "shared"))
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "lora_scale", "budget", "chunk", "shared", "base_row"))
 def score_rows(lora, base, tokens, cont_mask, attn_mask, *, cfg: ModelConfig, dtype=jnp.float32,
-               lora_scale: float = 1.0, budget: int = 0, chunk: int = 128, shared: int = 0):
+               lora_scale: float = 1.0, budget: int = 0, chunk: int = 128, shared: int = 0, base_row: bool = False):
     """Summed log p of the ``cont_mask`` tokens of each row [B, T] -> [V, B] (V = 1 when ``lora`` is None).
 
     The head runs on the first ``budget`` continuation positions of each row (all positions when 0). With
-    ``shared = k > 0`` layers ``[0, k)`` run once for all variants (see :func:`shared_layers`).
+    ``shared = k > 0`` layers ``[0, k)`` run once for all variants (see :func:`shared_layers`). ``base_row``:
+    row 0 of the result is the base (adapter term off), on the same trunk -> [1 + V, B].
     """
     def tail(lora, hidden):
         h, t, w = hidden[:, :-1], tokens[:, 1:], (cont_mask[:, 1:] > 0) & attn_mask[:, 1:]
@@ -140,23 +144,24 @@ def score_rows(lora, base, tokens, cont_mask, attn_mask, *, cfg: ModelConfig, dt
         cos, sin, mask = layer_inputs(cfg, tokens, attn_mask)
         trunk, _ = lower_layers(base, cfg, tokens, shared, cos, sin, mask, dtype=dtype)
         return _over_variants(lambda l, x: tail(l, _hidden(l, base, x, shared, cos, sin, mask, cfg, dtype,
-                                                           lora_scale)[0]), lora, trunk)
+                                                           lora_scale)[0]), lora, trunk, base_row=base_row)
 
     def one(lora):
         hidden, _ = Decoder(cfg, dtype, lora_scale).apply({"params": base}, tokens, attn_mask, lora=lora)
         return tail(lora, hidden)
 
-    return _over_variants(one, lora)
+    return _over_variants(one, lora, base_row=base_row)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "lora_scale", "chunk", "shared"))
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "lora_scale", "chunk", "shared", "base_row"))
 def score_shared_prefix(lora, base, prefix, prefix_mask, cont, cont_mask, *, cfg: ModelConfig, dtype=jnp.float32,
-                        lora_scale: float = 1.0, chunk: int = 128, shared: int = 0):
+                        lora_scale: float = 1.0, chunk: int = 128, shared: int = 0, base_row: bool = False):
     """Summed log p of each option's continuation after its question's prefix -> [V, B, C].
 
     prefix/prefix_mask [B, P] (right-padded, at least one real token); cont/cont_mask [B, C, N] (right-padded).
     The prefix runs once into a KV cache; the C continuations of each question attend to it. With ``shared =
-    k > 0`` layers ``[0, k)`` (prefix, cache and continuations) run once for all variants.
+    k > 0`` layers ``[0, k)`` (prefix, cache and continuations) run once for all variants. ``base_row``: row 0
+    is the base (adapter term off), on the same trunk -> [1 + V, B, C].
     """
     B, P = prefix.shape
     C, N = cont.shape[1], cont.shape[2]
@@ -192,7 +197,7 @@ def score_shared_prefix(lora, base, prefix, prefix_mask, cont, cont_mask, *, cfg
             h_cont, _ = _hidden(lora, base, x_cont, k, *in_cont, cfg, dtype, lora_scale, rep_cache(top_cache), P)
             return tail(lora, h_pre, h_cont)
 
-        return _over_variants(top, lora, x_pre, x_cont)
+        return _over_variants(top, lora, x_pre, x_cont, base_row=base_row)
 
     def one(lora):
         model = Decoder(cfg, dtype, lora_scale)
@@ -200,7 +205,7 @@ def score_shared_prefix(lora, base, prefix, prefix_mask, cont, cont_mask, *, cfg
         h_cont, _ = model.apply({"params": base}, ct, cm, pos_c, lora, rep_cache(cache), P, kv_c)
         return tail(lora, h_pre, h_cont)
 
-    return _over_variants(one, lora)
+    return _over_variants(one, lora, base_row=base_row)
 
 
 # ---- host side -------------------------------------------------------------------------------------------------
@@ -261,18 +266,20 @@ def _pad_to(x: np.ndarray, n: int) -> np.ndarray:
 
 
 def _passes(lora, variant_chunk: int, with_base: bool, variants=None) -> list:
-    """What one scoring pass each sees, in the order of the result's rows: ``None`` (the base: the adapter term
-    switched off) when ``with_base`` or there are no adapters, then the variant indices of the stacked adapters
-    (``variants``, default all in order), ``variant_chunk`` at a time. Indices, not arrays: :func:`_chunk` takes
-    one chunk out of the caller's arrays (sharded device arrays, pinned host or numpy ones) when its pass comes,
-    so no copy of every adapter (and no zero adapter in front of them) is ever built."""
-    out = [None] if with_base or lora is None else []
-    if lora is not None:
-        sel = np.arange(int(jax.tree.leaves(lora)[0].shape[0])) if variants is None else \
-            np.asarray(variants, np.int64).reshape(-1)
-        step = variant_chunk if 0 < variant_chunk < len(sel) else max(len(sel), 1)
-        out += [sel[v0:v0 + step] for v0 in range(0, len(sel), step)]
-    return out
+    """What one scoring pass each sees, in the order of the result's rows: the variant indices of the stacked
+    adapters (``variants``, default all in order), ``variant_chunk`` at a time, and ``None`` (the base: the
+    adapter term switched off) alone only when there are no adapters to score. With ``with_base`` and adapters,
+    the first chunk's program also scores the base as its row 0 (``base_row``: on the same shared trunk, no
+    extra program). Indices, not arrays: :func:`_chunk` takes one chunk out of the caller's arrays (sharded
+    device arrays, pinned host or numpy ones) when its pass comes, so no copy of every adapter (and no zero
+    adapter in front of them) is ever built."""
+    if lora is None:
+        return [None]
+    sel = np.arange(int(jax.tree.leaves(lora)[0].shape[0])) if variants is None else \
+        np.asarray(variants, np.int64).reshape(-1)
+    step = variant_chunk if 0 < variant_chunk < len(sel) else max(len(sel), 1)
+    out = [sel[v0:v0 + step] for v0 in range(0, len(sel), step)]
+    return out if out or not with_base else [None]
 
 
 def _chunk(lora, idx):
@@ -291,9 +298,9 @@ def _chunk(lora, idx):
 
 def _run_passes(program, lora, batches: list, n_rows: int, *, variant_chunk, with_base, progress, desc, shared,
                 variants=None, **kw) -> np.ndarray:
-    """``program(lora_chunk, base, *batch_args, shared=...)`` over every (pass, batch) -> [rows of all passes,
-    n_rows]. The base pass runs its layers whole (``shared = 0``: with the adapter term off there is no trunk to
-    share)."""
+    """``program(lora_chunk, base, *batch_args, shared=..., base_row=...)`` over every (pass, batch) -> [rows of
+    all passes, n_rows]. With ``with_base`` the first pass's program puts the base in front of its chunk
+    (``base_row``), on the trunk it runs once for both."""
     passes = _passes(lora, variant_chunk, with_base, variants)
     out = [[] for _ in passes]
     current = (None, None)
@@ -302,7 +309,8 @@ def _run_passes(program, lora, batches: list, n_rows: int, *, variant_chunk, wit
             current = (p, _chunk(lora, passes[p]))          # one chunk at a time on the devices
         args, size = batches[b0 // batches[0][1]]
         n = min(size, n_rows - b0)
-        got = program(current[1], *args, shared=0 if passes[p] is None else shared, **kw)
+        got = program(current[1], *args, shared=0 if passes[p] is None else shared,
+                      base_row=bool(with_base and p == 0 and passes[p] is not None), **kw)
         out[p].append(np.asarray(got)[:, :n])
     return np.concatenate([np.concatenate(o, axis=1) for o in out], axis=0)
 
@@ -315,8 +323,9 @@ def _score_plain(base, cfg, tokens, cont, attn, lora, *, rows_per_batch, dtype, 
     N = tokens.shape[0]
     batches = [([jnp.asarray(_pad_to(x[b0:b0 + rows_per_batch], rows_per_batch)) for x in (tokens, cont, attn)],
                 rows_per_batch) for b0 in range(0, N, rows_per_batch)]
-    program = lambda l, *a, shared: score_rows(l, base, *a, cfg=cfg, dtype=dtype, lora_scale=lora_scale,
-                                               budget=budget, chunk=chunk, shared=shared)
+    program = lambda l, *a, shared, base_row: score_rows(l, base, *a, cfg=cfg, dtype=dtype, lora_scale=lora_scale,
+                                                         budget=budget, chunk=chunk, shared=shared,
+                                                         base_row=base_row)
     return _run_passes(program, lora, batches, N, variant_chunk=variant_chunk, with_base=with_base,
                        progress=progress, desc=desc, shared=shared, variants=variants)
 
@@ -328,8 +337,9 @@ def _score_prefix(base, cfg, split, lora, *, batch_questions, dtype, lora_scale,
     batches = [([jnp.asarray(_pad_to(x[b0:b0 + batch_questions], batch_questions)) for x in (prefix, pmask, cont,
                                                                                               cmask)],
                 batch_questions) for b0 in range(0, Q, batch_questions)]
-    program = lambda l, *a, shared: score_shared_prefix(l, base, *a, cfg=cfg, dtype=dtype, lora_scale=lora_scale,
-                                                        chunk=chunk, shared=shared)
+    program = lambda l, *a, shared, base_row: score_shared_prefix(l, base, *a, cfg=cfg, dtype=dtype,
+                                                                  lora_scale=lora_scale, chunk=chunk, shared=shared,
+                                                                  base_row=base_row)
     return _run_passes(program, lora, batches, Q, variant_chunk=variant_chunk, with_base=with_base,
                        progress=progress, desc=desc, shared=shared, variants=variants)
 
@@ -344,7 +354,7 @@ def score_options(base, cfg: ModelConfig, mc, lora=None, *, lora_scale: float = 
     ``lora``: stacked adapters with a leading variant axis, or None for the base alone (V = 1). They are read
     where they lie (device arrays, sharded or not, or host arrays), one ``variant_chunk`` slice at a time.
     ``with_base``: the result has 1 + V rows, row 0 the base (zero-shot) scored once with the adapter term
-    switched off, rows 1.. the adapters: a study's base and variants without a zero adapter stacked in front
+    switched off (inside the first chunk's program, on the trunk it shares with that chunk), rows 1.. the adapters: a study's base and variants without a zero adapter stacked in front
     (which would copy every adapter).
     ``variants``: score only these rows of the stack, in this order (each chunk gathered when its turn comes).
     ``path``: 'auto' (shared prefix when the data allow), 'shared_prefix' or 'plain'.

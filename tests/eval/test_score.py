@@ -126,6 +126,11 @@ def test_layers_no_adapter_touches_run_once_with_the_same_scores(mc):
         slow = score_options(base, cfg, mc, stack, share_trunk=False, **kw)
         np.testing.assert_allclose(fast.sum, slow.sum, atol=1e-5)
         np.testing.assert_allclose(fast.uncond, slow.uncond, atol=1e-5)
+        # the base riding on the shared trunk of the first chunk equals the base alone, and the chunks are kept
+        both = score_options(base, cfg, mc, stack, with_base=True, variant_chunk=2, **kw)
+        alone = score_options(base, cfg, mc, None, **kw)
+        np.testing.assert_allclose(both.sum, np.concatenate([alone.sum, slow.sum]), atol=1e-5)
+        np.testing.assert_allclose(both.uncond, np.concatenate([alone.uncond, slow.uncond]), atol=1e-5)
     # one variant's non-zero row in layer 0 (A and B) and no layer is shared; fresh adapters (B = 0) share all
     # but the top layer
     bad = jax.tree.map(lambda x: x, stack)
@@ -139,31 +144,34 @@ def test_layers_no_adapter_touches_run_once_with_the_same_scores(mc):
 def test_with_base_equals_a_zero_adapter_in_front_without_stacking_one(mc, path, monkeypatch):
     """``with_base=True`` scores the base once with the adapter term off and the adapters chunk by chunk from
     the caller's arrays: the same scores as the old way (a zero adapter concatenated in front of all of them),
-    and no program ever receives a [V + 1, ...] stack or more than one chunk of adapters."""
+    and no program ever receives a [V + 1, ...] stack or more than one chunk of adapters; the base rides in the
+    first chunk's program (base_row), not a program of its own."""
     import jaxpoison.eval.score as score
     stack = stack_variants([random_lora(i) for i in range(5)])           # V = 5, chunks of 2: 2 + 2 + 1
     old_stack = jax.tree.map(lambda x: jnp.concatenate([jnp.zeros_like(x[:1]), x]), stack)
     kw = dict(lora_scale=LC.scale, batch_questions=3, variant_chunk=2, path=path)
     old = score_options(BASE, CFG, mc, old_stack, **kw)
-    seen = []
+    seen, bases = [], []
 
     def spy(fn):
         def wrapped(lora, *a, **k):
             seen.append(None if lora is None else {x.shape[0] for x in jax.tree.leaves(lora)})
+            bases.append(k.get("base_row", False))
             return fn(lora, *a, **k)
         return wrapped
 
     monkeypatch.setattr(score, "score_rows", spy(score.score_rows))
     monkeypatch.setattr(score, "score_shared_prefix", spy(score.score_shared_prefix))
     for lora in (stack, jax.tree.map(np.asarray, stack)):                 # device arrays, host arrays
-        seen.clear()
+        seen.clear(), bases.clear()
         new = score_options(BASE, CFG, mc, lora, with_base=True, **kw)
         assert new.sum.shape == old.sum.shape == (6, len(EXS), 4)
         # within 1e-6 relative (sums near -60: one float32 ulp there is 3.8e-6; other chunk sizes move the
         # vmapped programs' rounding by that much, the scores no more)
         np.testing.assert_allclose(new.sum, old.sum, rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(new.uncond, old.uncond, rtol=1e-6, atol=1e-6)
-        assert None in seen and all(s is None or s <= {1, 2} for s in seen), seen
+        assert None not in seen and all(s <= {1, 2} for s in seen), seen
+        assert any(bases) and all(s == {2} for s, b in zip(seen, bases) if b), (seen, bases)
     # a subset in another order: its rows gathered a chunk at a time, never the whole selection at once
     seen.clear()
     sub = score_options(BASE, CFG, mc, stack, with_base=True, variants=[4, 1, 2], **kw)
