@@ -62,19 +62,19 @@ def mesh_config(shape: StudyShape, n_devices: int, chunk: int, hbm_bytes: int = 
     """The resolved mesh of one chunk on ``n_devices`` chips: the study config's ``mesh`` section (``auto`` axes
     resolved as :func:`jaxpoison.train.mesh.resolve` does on real devices: variants first, ``fsdp`` when the
     base takes more than half a chip, then ``data``)."""
-    from jaxpoison.train import mesh as M
+    from jaxpoison.train import mesh
     from .model import base_bytes
     mc = shape.mesh if isinstance(shape.mesh, MeshConfig) else MeshConfig()
-    if getattr(mc, "fsdp", 1) == M.AUTO and hbm_bytes:
-        need = base_bytes(shape.cfg, shape.dtype, shape.quant) / (M.FIT_FRACTION * hbm_bytes)
-        fixed = int(np.prod([getattr(mc, a) for a in M.AXES if getattr(mc, a) != M.AUTO] or [1]))
+    if getattr(mc, "fsdp", 1) == mesh.AUTO and hbm_bytes:
+        need = base_bytes(shape.cfg, shape.dtype, shape.quant) / (mesh.FIT_FRACTION * hbm_bytes)
+        fixed = int(np.prod([getattr(mc, a) for a in mesh.AXES if getattr(mc, a) != mesh.AUTO] or [1]))
         left = max(n_devices // fixed, 1)
         f = 1
         if need > 1:
             f = next((d for d in range(math.ceil(need), left + 1) if left % d == 0), left)
         mc = dataclasses.replace(mc, fsdp=f)
     devices = [_Fake(i) for i in range(n_devices)]
-    return M.resolve(mc, n_variants=chunk, batch_size=shape.tcfg.batch_size, devices=devices)
+    return mesh.resolve(mc, n_variants=chunk, batch_size=shape.tcfg.batch_size, devices=devices)
 
 
 class _Fake:
@@ -129,18 +129,18 @@ class Program:
 def train_program(shape: StudyShape, devices, chunk: int, length: int = 1, hbm_bytes: int = 0) -> Program:
     """The study's train segment of ``length`` steps for one chunk of ``chunk`` variants on ``devices``, with
     the trainer's own builder (:func:`jaxpoison.train.engine.segment_program`) and shardings."""
-    from jaxpoison.train import engine as E
+    from jaxpoison.train import engine
     from jaxpoison.train.mesh import make_mesh, mesh_rules
     devices = list(devices)
     mc = mesh_config(shape, len(devices), chunk, hbm_bytes)
     tcfg = dataclasses.replace(shape.tcfg, variant_chunk=0)      # the chunk IS the program's variant axis
     mesh = make_mesh(mc, devices)
     cfg = for_platform(shape.cfg, devices[0].platform, tcfg.dtype)
-    st = E.Static(cfg, tcfg, shape.lcfg, mesh_rules(mesh))
+    st = engine.Static(cfg, tcfg, shape.lcfg, mesh_rules(mesh))
     base = abstract_base(shape.cfg, shape.dtype, shape.quant)
     keys, pool, var = abstract_inputs(chunk, shape.pool_rows, shape.seq_len, shape.max_rows)
-    state = jax.eval_shape(E.vmap_variants(functools.partial(E.init_state, st=st), st, 0), keys)
-    fn = E.segment_program(st, length, mesh, base)
+    state = jax.eval_shape(engine.vmap_variants(functools.partial(engine.init_state, st=st), st, 0), keys)
+    fn = engine.segment_program(st, length, mesh, base)
     args = (state, jax.ShapeDtypeStruct((), jnp.int32), keys, base, pool, var)
     return Program(fn, args, mesh, mc)
 
