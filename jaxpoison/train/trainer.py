@@ -425,9 +425,9 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
         return state, m_all
 
     def drain(pending):
-        s0, m, t_disp = pending
+        s0, m, t_disp, t_ret = pending
         m = _host(m)
-        now = time.time()
+        now = time.time() if t_ret is None else t_ret
         dt = max(now - max(t_disp, last_done[0]), 1e-9)   # device time of this segment, as seen by the host
         last_done[0] = now
         steps = min(K, S - s0)
@@ -455,10 +455,13 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
         while s < S:
             if stop_after is not None and s >= stop_after:
                 break
+            t_disp = time.time()
             state, m = advance(state, s)
+            # chunked variants run synchronously: the segment has finished when the call returns
+            t_ret = None if resident else time.time()
             if pending:
                 drain(pending)
-            pending = (s, m, time.time())
+            pending = (s, m, t_disp, t_ret)
             s += K
             if ckpt and (tcfg.save_every or s >= S):
                 # the state to save needs this segment finished anyway: record its metrics first, so that

@@ -79,3 +79,22 @@ def test_resume_ignores_the_tensorboard_switch_but_not_training_fields():
     assert _same_run(old, meta(TrainConfig(tensorboard=False))) == []
     assert _same_run(meta(TrainConfig()), meta(TrainConfig(tensorboard=False))) == []
     assert _same_run(old, meta(TrainConfig(learning_rate=1e-3))) == ["train"]
+
+
+@pytest.mark.parametrize("variant_chunk", [0, 2])
+def test_segment_throughput_counts_the_segments_own_time(tmp_path, variant_chunk):
+    """``segment_tok_s`` = a segment's tokens over the time it took: the segments' times (tokens / tok_s) add up
+    to the training's wall time, not less. Chunked variants run synchronously inside the call, so a clock read
+    after the call would leave the segment almost no time (a tok/s of millions)."""
+    import dataclasses
+
+    from resume_job import ST
+    from tiny import tiny_base, tiny_study
+    from jaxpoison.train.trainer import train_study
+
+    st = dataclasses.replace(ST, tcfg=dataclasses.replace(ST.tcfg, variant_chunk=variant_chunk, save_every=0))
+    res = train_study(tiny_base(), st, tiny_study(V=3), run_dir=str(tmp_path), progress=False)
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # each step's row carries its segment's figure, so a segment's time is the sum of its rows' tokens / tok_s
+    total = sum(float(np.sum(r["tokens"])) / r["segment_tok_s"] for r in rows)
+    assert 0.5 * res.seconds <= total <= 1.01 * res.seconds, (total, res.seconds)
