@@ -160,6 +160,41 @@ def token_logprobs(params: dict, cfg: ModelConfig, hidden: jax.Array, targets: j
     return _unchunk(lp, T)
 
 
+PACK = 32      # packed positions come in rows of this many (the head's matmuls then take all of them at once)
+
+
+def packed_budget(counts, limit: int) -> int:
+    """The static size :func:`masked_logprob_sums` packs to: the largest of ``counts`` (set positions per
+    call, over every call that shares the program) rounded up to a multiple of :data:`PACK`, at most ``limit``
+    rounded the same way."""
+    top = max([int(c) for c in counts] + [1])
+    return min(-(-top // PACK) * PACK, -(-int(limit) // PACK) * PACK)
+
+
+def masked_logprob_sums(params: dict, cfg: ModelConfig, hidden: jax.Array, targets: jax.Array, mask: jax.Array,
+                        budget: int, *, chunk: int = 128, lora: Optional[dict] = None,
+                        lora_scale: float = 1.0) -> jax.Array:
+    """Per row, the summed log p(targets[r, t] | hidden[r, t]) over the positions where ``mask`` is set -> [R].
+
+    hidden [R, N, D], targets/mask [R, N]. The head (a matmul over the whole vocabulary per position) runs only
+    on the set positions, packed across rows into ``budget`` slots (static; a multiple of :data:`PACK`, sized
+    by :func:`packed_budget` from the data): with right-padded rows of uneven length most of a ``[R, N]`` grid
+    is padding the head would otherwise pay for. Set positions beyond ``budget`` would be dropped, so the
+    caller sizes it to hold all of them."""
+    R, N, D = hidden.shape
+    if budget % PACK:
+        raise ValueError(f"budget must be a multiple of {PACK}, got {budget}")
+    pad = max(budget - R * N, 0)                               # a budget over the grid's size: empty slots
+    flat = jnp.pad(mask.reshape(R * N).astype(bool), (0, pad))
+    idx = jnp.argsort(~flat, stable=True)[:budget]           # the set positions first, in order
+    ok = flat[idx]
+    idx = jnp.minimum(idx, R * N - 1)
+    h = hidden.reshape(R * N, D)[idx].reshape(budget // PACK, PACK, D)
+    t = targets.reshape(R * N)[idx].reshape(budget // PACK, PACK)
+    lp = token_logprobs(params, cfg, h, t, chunk=max(chunk, PACK), lora=lora, lora_scale=lora_scale)
+    return jax.ops.segment_sum(jnp.where(ok, lp.reshape(budget), 0.0), idx // N, num_segments=R)
+
+
 def select_positions(mask: jax.Array, budget: int) -> tuple[jax.Array, jax.Array]:
     """Indices of the first ``budget`` positions where ``mask`` is set, per row, and their validity.
 
