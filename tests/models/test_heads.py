@@ -1,5 +1,4 @@
 """The packed head: log-prob sums over set positions only, equal to the full grid's masked sums."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
