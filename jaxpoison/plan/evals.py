@@ -21,6 +21,7 @@ pass of the shared-prefix program in every dimension and are not compiled separa
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 import jax
@@ -188,32 +189,46 @@ def eval_program(shape: StudyShape, ev: EvalProgram, devices):
 
 
 # ---- an analytic estimate, for chunk sizes that were not compiled -----------------------------------------------
+@functools.lru_cache(maxsize=64)
+def adapter_bytes(cfg, lcfg) -> int:
+    """Bytes of one adapter (:func:`jaxpoison.train.lora.init_lora`'s tree, traced once per config pair)."""
+    from jaxpoison.train.lora import init_lora
+    one = jax.eval_shape(lambda: init_lora(jax.random.PRNGKey(0), cfg, lcfg))
+    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(one))
+
+
 def eval_bytes(shape: StudyShape, ev: EvalProgram) -> dict:
     """Rough per-chip bytes of one call: arguments (base + the adapters of the call) and the temporaries that
     dominate (the KV cache, per variant, of every row; the activations and logits chunk of the rows in flight).
-    Only used to rank smaller chunk / batch sizes relative to a compile (:func:`scaled_fit`)."""
-    from jaxpoison.train.lora import init_lora
+    Scoring: the ``shared`` bottom layers' cache and activations once for all variants, the layers above per
+    variant. Generation: the cache twice per variant (the prefill's and the decode loop's carry). Used by the
+    planner to size smaller calls relative to a compile (:func:`scaled_fit`) and by ``run``'s fit check
+    (:mod:`.preflight`); against XLA:CPU's buffer assignment of the two demos' calls it reads 1.1-1.3x."""
     from .model import base_bytes
     cfg = shape.cfg
     dt = 2 if "16" in str(shape.dtype) else 4
     hd = cfg.head_dim
-    one = jax.eval_shape(lambda: init_lora(jax.random.PRNGKey(0), cfg, shape.lcfg))
-    lora = ev.variants * sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(one))
+    lora = ev.variants * adapter_bytes(cfg, shape.lcfg)
     args = int(base_bytes(cfg, shape.dtype, shape.quant)) + lora + 2 * ev.batch * ev.prompt_len * 4
     per_tok_layer = 2 * cfg.num_kv_heads * hd * dt
     L = cfg.num_layers
+    trunk = 0
     if ev.kind == "score":
         S_ = ev.prompt_len + ev.option_len
-        cache = L * per_tok_layer * ev.batch * S_ * (1 + ev.options)        # the prefix cache + its C copies
+        layer_cache = per_tok_layer * ev.batch * S_ * (1 + ev.options)     # the prefix cache + its C copies
+        k = min(max(ev.shared, 0), L - 1)
+        cache = (L - k) * layer_cache
         rows = ev.batch * (ev.prompt_len + ev.options * ev.option_len)
         logits = ev.batch * ev.options * ev.option_len * min(shape.tcfg.head_chunk, cfg.vocab_size) * 4
+        if k:       # layers [0, k) run once for every variant: their cache, and the trunk's outputs
+            trunk = k * layer_cache + 2 * rows * cfg.hidden_size * dt
     else:
         S_ = ev.prompt_len + ev.new_tokens
-        cache = L * per_tok_layer * ev.batch * S_
+        cache = 2 * L * per_tok_layer * ev.batch * S_
         rows = ev.batch * ev.prompt_len
         logits = ev.batch * cfg.vocab_size * 4 * 2
     act = rows * (cfg.hidden_size * 4 + cfg.intermediate_size * 2) * dt
-    temps = ev.variants * (cache + act + logits)
+    temps = ev.variants * (cache + act + logits) + trunk
     return {"arguments": args, "temporaries": int(temps), "total": int(args + temps)}
 
 
@@ -232,3 +247,12 @@ def scaled_fit(shape: StudyShape, ev: EvalProgram, usable: int, compiled_total: 
         if fits(ev.resized(variants=v, batch=b)):
             return v, b
     return 0, 0
+
+
+def fit_settings(ev: EvalProgram, variants: int, batch: int) -> list:
+    """The ``KEY=VALUE`` overrides that turn ``ev`` into a call of ``variants`` adapters x ``batch`` rows (those
+    that change; a count no setting sets stays as it is)."""
+    out = [f"{ev.chunk_setting}={variants}"] if ev.chunk_setting and variants < ev.variants else []
+    if batch < ev.batch:
+        out.append(f"{ev.batch_setting}={max(batch // ev.batch_unit, 1)}")
+    return out
