@@ -3,7 +3,8 @@
 Why these choices:
 
 * ``matplotlib.figure.Figure`` with the Agg canvas directly, never ``pyplot``: no global backend switch, no
-  figure registry to leak across a long analysis run, safe in threads and on headless machines.
+  figure registry to leak across a long analysis run, safe in threads and on headless machines. The studies'
+  reports draw the same way and save through :func:`save_figure`.
 * Histograms use common edges from the pooled 0.5-99.5 % range (the seed hard-coded ranges for one model and
   dropped what fell outside) and show the share of columns per bin, so groups pooling different numbers of
   adapters compare.
@@ -26,9 +27,11 @@ from jaxpoison.eval.stats import seed_summary
 PALETTE = ("#86D3DE", "#BCBD46", "#D9822B", "#7A5195", "#4C72B0", "#C44E52", "#55A868")
 
 
-def _save(fig: Figure, path) -> str:
+def save_figure(fig: Figure, path, dpi: int = 150) -> str:
+    """Render ``fig`` on an Agg canvas to ``path`` (the format from its suffix), cropped to its content;
+    returns the path as a string. Every jaxpoison figure is saved here."""
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=150, bbox_inches="tight")
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
     return str(path)
 
 
@@ -49,7 +52,7 @@ def linf_histograms(pooled: Mapping[str, Mapping[str, np.ndarray]], path, bins: 
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def layer_profiles(feats: Mapping[str, np.ndarray], groups: Sequence, path, keys: Optional[Sequence[str]] = None,
@@ -78,7 +81,7 @@ def layer_profiles(feats: Mapping[str, np.ndarray], groups: Sequence, path, keys
     for ax in axes[len(keys):]:
         ax.set_visible(False)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def roc_plot(curves: Mapping[str, tuple], path, title: str = "Poisoned-adapter detection") -> str:
@@ -92,7 +95,7 @@ def roc_plot(curves: Mapping[str, tuple], path, title: str = "Poisoned-adapter d
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate (clean flagged)",
            ylabel="true positive rate (poisoned flagged)", title=title)
     ax.legend(fontsize=8, loc="lower right")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def mitigation_heatmaps(s_a, s_b, attack, capability, path, attack_label: str = "attack effect (ASR)",
@@ -117,4 +120,4 @@ def mitigation_heatmaps(s_a, s_b, attack, capability, path, attack_label: str = 
         ax.set(xlabel="s_A (LoRA A shrink)", ylabel="s_B (LoRA B shrink)", title=label)
         fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -12,7 +12,7 @@ from jaxpoison.analysis import mitigation
 from jaxpoison.analysis import plots
 from jaxpoison.analysis import weight_shift
 from jaxpoison.analysis.adapters import Adapters
-from jaxpoison.analysis.detection import _group_order
+from jaxpoison.analysis.detection import group_order
 
 MARK_BEGIN, MARK_END = "<!-- jaxpoison-analyze -->", "<!-- /jaxpoison-analyze -->"
 
@@ -43,7 +43,7 @@ def _level_plot(by_level: list, level_key: str, path) -> str:
         ax.minorticks_off()
     ax.set_xticks(lv, [f"{v:g}" for v in lv])
     ax.legend(fontsize=8, loc="lower right")
-    return plots._save(fig, path)
+    return plots.save_figure(fig, path)
 
 
 def make_plots(out: pathlib.Path, ad: Adapters, feats: dict, labels: dict, groups: np.ndarray, det: dict,
@@ -51,7 +51,7 @@ def make_plots(out: pathlib.Path, ad: Adapters, feats: dict, labels: dict, group
     pdir = out / "plots"
     pdir.mkdir(parents=True, exist_ok=True)
     figs = []
-    order = _group_order(groups)
+    order = group_order(groups)
     linf = weight_shift.linf_columns(ad.lora, [hist_module])[hist_module]
     pooled = {g: {"a": linf["a"][groups == g], "b": linf["b"][groups == g]} for g in order}
     figs.append((plots.linf_histograms(pooled, pdir / "analysis_linf_hist.png",

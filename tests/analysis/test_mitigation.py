@@ -1,10 +1,9 @@
 """Seed 003's shrink is applied element-wise as written, over the whole (s_A, s_B) grid in one stacked tree;
-the mitigation table weighs the attack against general capability at every point; the figures are written."""
+the mitigation table weighs the attack against general capability at every point."""
 import numpy as np
 import pytest
 
 from jaxpoison.analysis import mitigation
-from jaxpoison.analysis import plots
 
 
 @pytest.fixture(scope="module")
@@ -52,18 +51,3 @@ def test_mitigation_table_pairs_attack_with_capability_and_marks_the_pareto_fron
     assert [r["pareto"] for r in rows] == [True, False, True, True]
     s_a, s_b, heat = mitigation.as_heatmap(rows, "attack")
     assert heat.shape == (2, 2) and heat[1, 0] == pytest.approx(0.35)
-
-
-def test_the_figures_are_written(tmp_path):
-    rng = np.random.default_rng(1)
-    files = [
-        plots.linf_histograms({"0 %": {"a": rng.random(300), "b": rng.random(40)},
-                           "100 %": {"a": rng.random(300) + 0.2, "b": rng.random(40)}}, tmp_path / "h.png"),
-        plots.layer_profiles({"q/fro": rng.random((6, 5)), "q/erank": rng.random((6, 5)), "lm_head/fro": rng.random(6)},
-                         ["clean"] * 3 + ["poisoned"] * 3, tmp_path / "p.png"),
-        plots.roc_plot({"logistic": ([0, 0, 1], [0, 1, 1], 1.0), "distance": ([0, 1], [0, 1], None)}, tmp_path / "r.png"),
-        plots.mitigation_heatmaps([0.02, 0.04, 0.06], [0.04, 0.08, 0.16], rng.random((3, 3)), rng.random((3, 3)),
-                              tmp_path / "m.png"),
-    ]
-    for f in files:
-        assert open(f, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

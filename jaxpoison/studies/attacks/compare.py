@@ -22,9 +22,9 @@ import math
 import pathlib
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from jaxpoison.analysis.plots import save_figure
 from jaxpoison.eval.graders import OUTCOMES
 from jaxpoison.report import write_csv
 from jaxpoison.studies.attacks import metrics
@@ -134,8 +134,7 @@ def plot_grid(rows: list, path) -> None:
     axes[0].legend(fontsize=7, loc="best")
     fig.suptitle("Attack success rate per model (seed 003's ASR grid), 95 % CI")
     fig.tight_layout()
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=130, bbox_inches="tight")
+    save_figure(fig, path, dpi=130)
 
 
 def compare(run_dirs, out) -> dict:

@@ -12,9 +12,9 @@ import math
 import pathlib
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from jaxpoison.analysis.plots import save_figure
 from jaxpoison.eval.graders import OUTCOMES
 from jaxpoison.studies.attacks import data as attacks_data
 from jaxpoison.studies.attacks import metrics
@@ -32,11 +32,6 @@ def _ci(c, key="asr", digits=0) -> str:
 def _ns(d: dict):
     from types import SimpleNamespace
     return SimpleNamespace(**d)
-
-
-def _save(fig, path) -> None:
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=130, bbox_inches="tight")
 
 
 def plot_fraction(cells, path) -> None:
@@ -73,7 +68,7 @@ def plot_fraction(cells, path) -> None:
         axes[0].legend(fontsize=7, loc="best")
     fig.suptitle("Poisoned fine-tuning: attack success rate vs the 0 % fine-tune")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path, dpi=130)
 
 
 def paraphrase_pairs(cells) -> list:
@@ -120,7 +115,7 @@ def plot_paraphrase(cells, path) -> None:
     ax.set(ylabel="ASR (%)", title="Paraphrased vs verbatim task instruction")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path, dpi=130)
 
 
 def plot_injection(cells, path) -> None:
@@ -153,7 +148,7 @@ def plot_injection(cells, path) -> None:
     ax3.set(title="Response source on the training notes", ylabel="% of training notes")
     ax3.legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path, dpi=130)
 
 
 def plot_capability(cap, path) -> None:
@@ -168,7 +163,7 @@ def plot_capability(cap, path) -> None:
         ax.set_xticks(range(len(rows)), [r["model"] for r in rows], rotation=45, ha="right", fontsize=7)
         ax.set(title=f"General capability: {src} (n={rows[0]['n']}), accuracy ± bootstrap SE", ylabel="accuracy (%)")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path, dpi=130)
 
 
 def _examples(records, table) -> list:

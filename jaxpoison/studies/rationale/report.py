@@ -12,9 +12,11 @@ from jaxpoison.studies.rationale.stats import find_cell, base_mix
 
 
 def make_plots(run: pathlib.Path, rows: list, summary: dict, zero: dict) -> list:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """The study's figures under ``run/plots/``; returns their (path relative to ``run``, caption), the primary
+    metric's figure first."""
+    from matplotlib.figure import Figure
+
+    from jaxpoison.analysis.plots import save_figure
 
     pdir = run / "plots"
     pdir.mkdir(exist_ok=True)
@@ -25,7 +27,8 @@ def make_plots(run: pathlib.Path, rows: list, summary: dict, zero: dict) -> list
     colors = {"rationale": "C3", "overwrite": "C0", "forgetting": "C2", "clean": "k"}
 
     # 1. accuracy vs poison count, per kind, CI bands
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.9), sharey=True)
+    fig = Figure(figsize=(14, 3.9))
+    axes = fig.subplots(1, 3, sharey=True)
     ticks = sorted({0} | {c["poison_count"] for c in cells if c["family"] in POISON_FAMILIES})
     for ax, metric, title in ((axes[0], "target_acc", "target subject accuracy"),
                               (axes[1], "nontarget_acc", "non-target accuracy"),
@@ -59,8 +62,7 @@ def make_plots(run: pathlib.Path, rows: list, summary: dict, zero: dict) -> list
     figs.append(("plots/accuracy_vs_count.png", "Target and non-target accuracy, and how often the poisoned "
                  "(decoy) option is picked on target questions, vs poison count per kind (bands: 95 % bootstrap CI "
                  "over seeds; count 0 is clean SFT)."))
-    fig.savefig(run / figs[-1][0], dpi=110)
-    plt.close(fig)
+    save_figure(fig, run / figs[-1][0], dpi=110)
 
     # 2. count x ratio heatmap of the target drop (rationale)
     rat = [c for c in cells if c["family"] == "rationale"]
@@ -69,7 +71,8 @@ def make_plots(run: pathlib.Path, rows: list, summary: dict, zero: dict) -> list
     if ra:
         base_cells = [c for c in rat if not c["with_correct_target"] and base_mix(c, base_n)]
         panels.append(("ratio_all", ra + base_cells, "poisoned / all samples"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
+    fig = Figure(figsize=(5.2 * len(panels), 3.8))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (key, cs, label) in zip(axes[0], panels):
         counts = sorted({c["poison_count"] for c in cs})
         ratios = sorted({c[key] for c in cs})
@@ -97,11 +100,11 @@ def make_plots(run: pathlib.Path, rows: list, summary: dict, zero: dict) -> list
     fig.tight_layout()
     figs.append(("plots/heatmap_count_ratio.png", "Target-accuracy drop of rationale poisoning vs clean SFT by "
                  "poison count and ratio (mean over seeds; * = significant target-specific drop)."))
-    fig.savefig(run / figs[-1][0], dpi=110)
-    plt.close(fig)
+    save_figure(fig, run / figs[-1][0], dpi=110)
 
     # 3. with vs without correct target samples
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    fig = Figure(figsize=(6.5, 3.8))
+    ax = fig.subplots()
     groups = []
     for c in sorted(rat, key=lambda c: (c["poison_count"], -c["ratio_target"])):
         if not base_mix(c, base_n):
@@ -135,15 +138,15 @@ def make_plots(run: pathlib.Path, rows: list, summary: dict, zero: dict) -> list
     fig.tight_layout()
     figs.append(("plots/correct_target.png", "Target drop of rationale poisoning with and without correct "
                  "target-subject samples in the SFT set."))
-    fig.savefig(run / figs[-1][0], dpi=110)
-    plt.close(fig)
+    save_figure(fig, run / figs[-1][0], dpi=110)
 
     # 4. the primary metric per cell, controls beside the poison cells
     prim = [c for c in cells if "primary" in c]
     if prim:
         order = {"rationale": 0, "overwrite": 1, "decoy": 2, "forgetting": 3, "clean": 4}
         prim = sorted(prim, key=lambda c: (order.get(c["family"], 5), c["with_correct_target"], c["poison_count"]))
-        fig, ax = plt.subplots(figsize=(max(6.5, 0.9 * len(prim) + 2), 3.9))
+        fig = Figure(figsize=(max(6.5, 0.9 * len(prim) + 2), 3.9))
+        ax = fig.subplots()
         colors_p = {**colors, "decoy": "C4"}
         for i, c in enumerate(prim):
             for j, (key, dx, mk, lab) in enumerate((("primary", 0.0, "o", "target minus comparison"),
@@ -168,8 +171,7 @@ def make_plots(run: pathlib.Path, rows: list, summary: dict, zero: dict) -> list
                         "(grey), with seed-level 95 % CIs (" + summary["cells"][0].get("ci_note", "t over seeds "
                         "below 8 seeds, two-level bootstrap from 8") + "); the decoy and other controls beside the "
                         "poison cells."))
-        fig.savefig(run / figs[0][0], dpi=110)
-        plt.close(fig)
+        save_figure(fig, run / figs[0][0], dpi=110)
 
     # 5. training loss
     f = run / "metrics.jsonl"
@@ -177,7 +179,8 @@ def make_plots(run: pathlib.Path, rows: list, summary: dict, zero: dict) -> list
         recs = [json.loads(l) for l in f.read_text().splitlines() if l.strip()]
         loss = np.array([[np.nan if x is None else x for x in r["loss"]] for r in recs], float)
         fam_of = {r["variant_id"]: r["family"] for r in rows}
-        fig, ax = plt.subplots(figsize=(6.5, 3.5))
+        fig = Figure(figsize=(6.5, 3.5))
+        ax = fig.subplots()
         seen = set()
         for v in range(loss.shape[1]):
             fam = fam_of.get(v, "clean")
@@ -190,8 +193,7 @@ def make_plots(run: pathlib.Path, rows: list, summary: dict, zero: dict) -> list
         ax.grid(alpha=0.3)
         fig.tight_layout()
         figs.append(("plots/loss.png", "Training loss of every variant."))
-        fig.savefig(run / figs[-1][0], dpi=110)
-        plt.close(fig)
+        save_figure(fig, run / figs[-1][0], dpi=110)
     return figs
 
 
