@@ -241,7 +241,7 @@ def normalise_variants(variants: Sequence[dict]) -> list:
         if "fraction" in v and "poison_fraction" not in v:
             v["poison_fraction"] = v["fraction"]
         if not v.get("kind"):
-            levels = [weight_shift._num(v.get(k)) for k in weight_shift.LEVEL_KEYS if v.get(k) not in (None, "")]
+            levels = weight_shift.poison_levels(v)
             v["kind"] = "poisoned" if any(x > 0 for x in levels) else "clean"
         out.append(v)
     return out

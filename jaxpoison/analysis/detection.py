@@ -20,7 +20,9 @@ def group_labels(variants: Sequence[dict], labels: dict) -> np.ndarray:
     return np.array(out)
 
 
-def _group_order(groups) -> list:
+def group_order(groups) -> list:
+    """The distinct plot groups of :func:`group_labels` in reading order: clean, forgetting, then the poisoned
+    groups by level (unparsable labels last)."""
     def key(g):
         if g == "clean":
             return (0, 0.0)
@@ -62,7 +64,7 @@ def _reduced_detect(x, names, y, groups, levels, n_resamples, seed, why) -> dict
     order = np.argsort(-np.abs(full["coef"]))[:20]
     uni = detector.roc_auc(x.T, y)
     uni_order = np.argsort(-np.abs(uni - 0.5))[:20]
-    rep = {**detector._auc_summary(scores, y, groups, folds, n_resamples, seed), "features": list(names),
+    rep = {**detector.auc_summary(scores, y, groups, folds, n_resamples, seed), "features": list(names),
            "cv": "leave-one-seed-out", "l2": 1.0, "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},
            "coefficients": [{"feature": names[j], "coef": float(full["coef"][j]),
                              "fold_mean": float(coefs[:, j].mean()), "fold_sd": float(coefs[:, j].std())}
@@ -72,8 +74,8 @@ def _reduced_detect(x, names, y, groups, levels, n_resamples, seed, why) -> dict
     rep["by_level"] = []
     for level in np.unique(levels[y & np.isfinite(levels)]):
         keep = ~y | (levels == level)
-        rep["by_level"].append({"level": float(level), **detector._auc_summary(
-            scores[keep], y[keep], groups[keep], detector._restrict(folds, keep), n_resamples, seed)})
+        rep["by_level"].append({"level": float(level), **detector.auc_summary(
+            scores[keep], y[keep], groups[keep], detector.restrict_folds(folds, keep), n_resamples, seed)})
     return rep
 
 
@@ -127,16 +129,16 @@ def run_detector(feats: dict, variants: Sequence[dict], labels: dict, n_resample
         rep["by_kind"] = []
         for k in pk:
             keep = ~y | (kinds == k)
-            rep["by_kind"].append({"kind": k, **detector._auc_summary(scores[keep], y[keep], groups[keep],
-                                                                detector._restrict(folds, keep), n_resamples, seed)})
+            rep["by_kind"].append({"kind": k, **detector.auc_summary(
+                scores[keep], y[keep], groups[keep], detector.restrict_folds(folds, keep), n_resamples, seed)})
     tasks = np.array([str(v.get("task", "")) for v in variants])
     if len(set(tasks.tolist())) > 1:         # each task's poisoned vs its own non-poisoned adapters
         rep["by_task"] = []
         for task in sorted(set(tasks.tolist())):
             keep = tasks == task
             if y[keep].any() and not y[keep].all():
-                rep["by_task"].append({"task": task, **detector._auc_summary(scores[keep], y[keep], groups[keep],
-                                                                       detector._restrict(folds, keep), n_resamples, seed)})
+                rep["by_task"].append({"task": task, **detector.auc_summary(
+                    scores[keep], y[keep], groups[keep], detector.restrict_folds(folds, keep), n_resamples, seed)})
     n_rows = [v.get("n_rows") for v in variants]
     if all(isinstance(n, (int, float)) for n in n_rows):
         n_rows = np.asarray(n_rows, float)

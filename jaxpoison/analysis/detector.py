@@ -232,14 +232,16 @@ def fold_auc_ci(scores, labels, folds, confidence: float = 0.95) -> dict:
     return {"auc": mean, "auc_ci": [float(max(0.0, mean - half)), float(min(1.0, mean + half))], "auc_folds": aucs}
 
 
-def _auc_summary(scores, y, seeds, folds, n_resamples, seed) -> dict:
+def auc_summary(scores, y, seeds, folds, n_resamples, seed) -> dict:
+    """Both AUCs of one score: the per-fold mean with its corrected interval (:func:`fold_auc_ci` over
+    ``folds``) and the pooled AUC with its seed-clustered bootstrap CI, plus n per class and the seed count."""
     low, high = cluster_bootstrap_auc_ci(scores, y, seeds, n_resamples, seed=seed)
     return {**fold_auc_ci(scores, y, folds), "auc_pooled": float(roc_auc(scores, y)),
             "auc_pooled_ci": [low, high], "n_clean": int((~y).sum()), "n_poisoned": int(y.sum()),
             "n_seeds": int(len(np.unique(seeds)))}
 
 
-def _restrict(folds, keep) -> list:
+def restrict_folds(folds, keep) -> list:
     """The folds re-indexed into the subset ``keep`` (bool [n])."""
     kept = np.flatnonzero(keep)
     return [(np.flatnonzero(np.isin(kept, tr)), np.flatnonzero(np.isin(kept, te))) for tr, te in folds]
@@ -263,22 +265,22 @@ def detect(x, names: Sequence[str], poisoned, seeds, levels=None, l2: float = 1.
     uni = roc_auc(x.T, y)
     uni_order = np.argsort(-np.abs(uni - 0.5))[:top]
     folds = grouped_folds(seeds, n_folds, seed)
-    report = {**_auc_summary(scores, y, seeds, folds, n_resamples, seed), "features": list(names),
+    report = {**auc_summary(scores, y, seeds, folds, n_resamples, seed), "features": list(names),
               "cv": "leave-one-seed-out" if n_folds is None else f"{n_folds}-fold grouped by seed", "l2": l2,
               "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},
               "coefficients": [{"feature": names[j], "coef": float(full["coef"][j]),
                                 "fold_mean": float(fold_coefs[:, j].mean()),
                                 "fold_sd": float(fold_coefs[:, j].std())} for j in order],
               "univariate_auc": [{"feature": names[j], "auc": float(uni[j])} for j in uni_order],
-              "distance": {"method": distance, **_auc_summary(dist, y, seeds, folds, n_resamples, seed)},
+              "distance": {"method": distance, **auc_summary(dist, y, seeds, folds, n_resamples, seed)},
               "scores": scores.tolist(), "distance_scores": dist.tolist()}
     if levels is not None:
         levels = np.asarray(levels, float)
         report["by_level"] = []
         for level in np.unique(levels[y & np.isfinite(levels)]):
             keep = ~y | (levels == level)
-            sub = _restrict(folds, keep)
+            sub = restrict_folds(folds, keep)
             report["by_level"].append({
-                "level": float(level), **_auc_summary(scores[keep], y[keep], seeds[keep], sub, n_resamples, seed),
+                "level": float(level), **auc_summary(scores[keep], y[keep], seeds[keep], sub, n_resamples, seed),
                 "distance_auc": fold_auc_ci(dist[keep], y[keep], sub)["auc"]})
     return report

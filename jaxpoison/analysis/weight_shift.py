@@ -52,11 +52,16 @@ def _num(x) -> float:
     return np.nan if x is None or x == "" else float(x)
 
 
+def poison_levels(variant: dict) -> list:
+    """The variant's poison levels as floats: each of :data:`LEVEL_KEYS` it sets (present and not empty)."""
+    return [_num(variant.get(k)) for k in LEVEL_KEYS if variant.get(k) not in (None, "")]
+
+
 def is_poisoned(variant: dict) -> bool:
     """A variant is poisoned unless its kind is clean / the forgetting control or its poison level is 0."""
     if variant.get("kind", "clean") in NON_POISON_KINDS:
         return False
-    levels = [_num(variant.get(k)) for k in LEVEL_KEYS if variant.get(k) not in (None, "")]
+    levels = poison_levels(variant)
     return not levels or any(v > 0 for v in levels)
 
 

@@ -132,3 +132,27 @@ def test_woodbury_mahalanobis_equals_the_direct_inverse():
         zr, zt = (ref - mean) / std, (x[test] - mean) / std
         cov = 0.7 * np.cov(zr, rowvar=False) + 0.3 * np.eye(5)
         np.testing.assert_allclose(got[test], np.einsum("ip,pq,iq->i", zt, np.linalg.inv(cov), zt) / 5)
+
+
+def test_restrict_folds_reindexes_each_fold_into_the_subset():
+    groups = np.repeat(np.arange(5), [3, 2, 4, 2, 3])
+    folds = detector.grouped_folds(groups, 3, seed=1)
+    keep = np.random.default_rng(3).random(len(groups)) < 0.6
+    kept = np.flatnonzero(keep)
+    sub = detector.restrict_folds(folds, keep)
+    assert len(sub) == len(folds)
+    for (train, test), (sub_train, sub_test) in zip(folds, sub):
+        assert kept[sub_train].tolist() == sorted(set(train.tolist()) & set(kept.tolist()))
+        assert kept[sub_test].tolist() == sorted(set(test.tolist()) & set(kept.tolist()))
+
+
+def test_auc_summary_counts_the_classes_and_pools_the_auc():
+    rng = np.random.default_rng(4)
+    seeds = np.repeat(np.arange(6), 4)
+    y = np.tile([False, True, True, False], 6)
+    scores = y + rng.normal(scale=0.8, size=y.size)
+    rep = detector.auc_summary(scores, y, seeds, detector.grouped_folds(seeds), n_resamples=200, seed=0)
+    assert (rep["n_clean"], rep["n_poisoned"], rep["n_seeds"]) == (12, 12, 6)
+    assert rep["auc_pooled"] == pytest.approx(float(detector.roc_auc(scores, y)))
+    assert rep["auc_pooled_ci"][0] <= rep["auc_pooled"] <= rep["auc_pooled_ci"][1]
+    assert len(rep["auc_folds"]) == 6 and rep["auc"] == pytest.approx(np.mean(rep["auc_folds"]))

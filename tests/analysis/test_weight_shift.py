@@ -111,6 +111,12 @@ def test_variant_labels_derive_poisoned_and_the_clean_twin():
     assert lab["level"].tolist() == [0, 8, 0, 0, 0, 4]
 
 
+def test_poison_levels_read_every_level_key_set_and_skip_empty_ones():
+    assert weight_shift.poison_levels({"poison_count": "3", "ratio_target": 0.5, "ratio_all": ""}) == [3.0, 0.5]
+    assert weight_shift.poison_levels({"poison_fraction": None, "kind": "clean"}) == []
+    assert weight_shift.poison_levels({"poison_fraction": 0}) == [0.0]
+
+
 def test_tidy_rows_cover_variant_module_layer_feature_and_write_as_csv(lora, feats, tmp_path):
     rows = weight_shift.feature_rows(feats, VARIANTS[:4])
     n_per_variant = sum(1 if np.ndim(v) == 1 else v.shape[1] for v in feats.values())
