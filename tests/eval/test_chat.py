@@ -132,7 +132,7 @@ def test_study_judge_and_source_through_the_api_with_the_seeds_messages(tmp_path
         notes = [NS(id="t0", context="Train note."), NS(id="t1", context="Another.")]
         src = dataclasses.replace(cfg, source=config.SourceConfig(kind="openai:gpt-4", api_base=stub.url))
         config.check_config(src)
-        monkeypatch.setattr(steps, "_generate", lambda lm, items, *a: ["base answer"] * len(items))
+        monkeypatch.setattr(steps, "generate_answers", lambda lm, items, *a: ["base answer"] * len(items))
         steps.answer_base_and_source(src, NS(fingerprint="f", name="tiny"), notes, notes[:1], tmp_path, False,
                                  lambda m: None)
         sent = sorted((r["body"] for r in stub.requests[4:]), key=lambda b: (b["messages"][1]["content"][-11:],

@@ -102,7 +102,8 @@ def evaluate_run(run_dir, test_set: str, data_files: Optional[Sequence[str]] = N
     if attacks_data.cached(inj_f, inj_key) is None:
         items = attacks_data.prompt_items(test, cfg.prompt.tasks, attacks_data.KINDS, cfg.prompt, "injection")
         say(f"base model answers {len(items)} prompts (normal and attacked)")
-        attacks_data.write_phase(inj_f, inj_key, attacks_steps._records(items, attacks_steps._generate(lm, items, cfg, progress, "injection")))
+        replies = attacks_steps.generate_answers(lm, items, cfg, progress, "injection")
+        attacks_data.write_phase(inj_f, inj_key, attacks_steps.answer_records(items, replies))
     result = SimpleNamespace(lora=ad.lora, steps=ad.step)
     pool = SimpleNamespace(data_hash=digest("eval", ad.step, [(n.id, n.context) for n in test]))
     attacks_steps.answer_fine_tuned(cfg, lm, test, result, table, pool, out, progress, say)

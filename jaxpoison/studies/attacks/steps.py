@@ -22,7 +22,9 @@ def _gen_kw(gen, max_new_tokens=None) -> dict:
                 seed=gen.seed)
 
 
-def _generate(lm, items, cfg, progress, desc) -> list:
+def generate_answers(lm, items, cfg, progress, desc) -> list:
+    """The model's reply to each prompt item (its ``input``), sampled with ``cfg.generation`` under the study's
+    chat template; ``desc`` labels the progress bar."""
     from jaxpoison.models.generate import generate_text
     if not items:
         return []
@@ -30,7 +32,9 @@ def _generate(lm, items, cfg, progress, desc) -> list:
                          progress=progress, **_gen_kw(cfg.generation), **data.chat_args(cfg.prompt))
 
 
-def _records(items, replies) -> list:
+def answer_records(items, replies) -> list:
+    """One response record per prompt item: its fields but the prompt text, ``variant_id`` None (the base) and
+    the reply as ``response``."""
     return [{**{k: v for k, v in i.items() if k != "input"}, "variant_id": None, "response": r}
             for i, r in zip(items, replies)]
 
@@ -59,26 +63,26 @@ def answer_base_and_source(cfg, lm, train, test, out: pathlib.Path, progress, sa
             items = data.prompt_items(train, tasks, data.KINDS, pc, "source", api=True)
             say(f"API model {sc.kind} answers {len(items)} training prompts")
             replies = client_for(sc.kind, sc.api_base, out, cfg.api).ask([i["input"] for i in items], SEED003_SYSTEM)
-            data.write_phase(src_f, src_key, _records(items, replies))
+            data.write_phase(src_f, src_key, answer_records(items, replies))
         else:
             src_items = data.prompt_items(train, tasks, data.KINDS, pc, "source")
     if same_model and (inj_items or src_items):      # one generation call for both
         say(f"base model answers {len(inj_items)} test and {len(src_items)} training prompts")
-        replies = _generate(lm, inj_items + src_items, cfg, progress, "base answers")
+        replies = generate_answers(lm, inj_items + src_items, cfg, progress, "base answers")
         inj_replies, src_replies = replies[:len(inj_items)], replies[len(inj_items):]
     else:
         if inj_items:
             say(f"base model answers {len(inj_items)} test prompts (normal and attacked)")
-        inj_replies = _generate(lm, inj_items, cfg, progress, "injection") if inj_items else []
+        inj_replies = generate_answers(lm, inj_items, cfg, progress, "injection") if inj_items else []
         src_replies = []
         if src_items:
             from jaxpoison.models.lm import load_model
             say(f"source model {sc.model} answers {len(src_items)} training prompts")
-            src_replies = _generate(load_model(sc.model, cfg.dtype), src_items, cfg, progress, "source")
+            src_replies = generate_answers(load_model(sc.model, cfg.dtype), src_items, cfg, progress, "source")
     if inj_items:
-        data.write_phase(inj_f, inj_key, _records(inj_items, inj_replies))
+        data.write_phase(inj_f, inj_key, answer_records(inj_items, inj_replies))
     if src_items:
-        data.write_phase(src_f, src_key, _records(src_items, src_replies))
+        data.write_phase(src_f, src_key, answer_records(src_items, src_replies))
 
 
 def paraphrase(cfg, lm, notes, out: pathlib.Path, progress, say) -> dict:
@@ -132,7 +136,7 @@ def answer_paraphrased(cfg, lm, test, paras: dict, out: pathlib.Path, progress, 
         return
     items = data.prompt_items(test, cfg.prompt.tasks, data.KINDS, cfg.prompt, "injection", paraphrases=paras)
     say(f"base model answers {len(items)} paraphrased test prompts (normal and attacked)")
-    data.write_phase(f, key, _records(items, _generate(lm, items, cfg, progress, "paraphrased injection")))
+    data.write_phase(f, key, answer_records(items, generate_answers(lm, items, cfg, progress, "paraphrased injection")))
 
 
 def fine_tune(cfg, lm, train, out: pathlib.Path, resume, progress, say, paras=None, loaded_mesh=(None, None)):
@@ -196,7 +200,7 @@ def answer_fine_tuned(cfg, lm, test, result, table, pool, out: pathlib.Path, pro
         if distributed.process_count() > 1:
             replies = [r for part in distributed.allgather_json([list(r) for r in replies]) for r in part]
         for v, rep in zip(vids, replies):
-            records += [{**_records([i], [r])[0], "variant_id": v, "fraction": table[v]["fraction"],
+            records += [{**answer_records([i], [r])[0], "variant_id": v, "fraction": table[v]["fraction"],
                          "seed": table[v]["seed"], **({"paraphrase": True} if table[v].get("paraphrase") else {})}
                         for i, r in zip(its, rep)]
     if distributed.is_writer():
@@ -273,7 +277,7 @@ def capability(cfg, lm, result, table, out: pathlib.Path, progress, say) -> None
     A multi-host job: option scores are split over the processes (``over_processes``) and process 0 saves;
     generated answers (``scorer='generate'``) come from process 0 alone."""
     from jaxpoison import distributed
-    from jaxpoison.eval.score import choice_metrics, score_options
+    from jaxpoison.eval.score import choice_metrics, params_mesh, score_options
     from jaxpoison.studies.common import writer_only
     cap = cfg.capability
     if not cap.sources:
@@ -296,7 +300,8 @@ def capability(cfg, lm, result, table, out: pathlib.Path, progress, say) -> None
         sc = score_options(lm.params, lm.cfg, mc, result.lora, variants=sel, with_base=True,
                            lora_scale=cfg.lora.scale, dtype=lm.dtype,
                            batch_questions=cap.batch_questions, calibrate=False, progress=progress,
-                           variant_chunk=cap.variant_chunk, desc=f"score {name}", over_processes=True)
+                           variant_chunk=cap.variant_chunk, desc=f"score {name}", over_processes=True,
+                           mesh=params_mesh(lm.params))
         arrays[f"correct__{name}"] = choice_metrics(sc.sum, mc.answer)["correct"]
     if distributed.is_writer():
         np.savez(f, **arrays)

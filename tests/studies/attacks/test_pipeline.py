@@ -85,7 +85,7 @@ def test_report_rebuilds_from_saved_answers_and_a_rerun_reuses_them(run_dir, mon
     assert all((run_dir / f).read_text() == text for f, text in before.items())
     from jaxpoison.studies.attacks import steps
     boom = lambda *a, **k: (_ for _ in ()).throw(AssertionError("regenerated a saved phase"))
-    monkeypatch.setattr(steps, "_generate", boom)
+    monkeypatch.setattr(steps, "generate_answers", boom)
     monkeypatch.setattr("jaxpoison.eval.generate_variants.generate_text_variants", boom)
     monkeypatch.setattr("jaxpoison.eval.score.score_options", boom)
     monkeypatch.setattr("jaxpoison.models.generate.generate_text", boom)
