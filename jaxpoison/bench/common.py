@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks: matmul peak, model FLOPs utilisation, alternating timing, memory, output.
+"""Shared pieces of the benchmarks: matmul peak, model FLOPs utilisation, alternating timing, memory, output, the
+transformers reference.
 
 * ``matmul_peak_jax`` / ``matmul_peak_torch``: GFLOP/s of a square fp32 matmul (4096² by default), the ceiling a
   model's matmuls can reach on this machine; both libraries are measured because each links its own BLAS.
@@ -9,6 +10,8 @@
 * ``RssPeak``: the peak resident memory of the process while a block runs (a sampling thread), since torch on
   CPU keeps no allocator statistics and XLA's only account is the compiled program's own.
 * ``emit``: one JSON line on stdout, the form every ``bench`` command prints.
+* ``torch_reference_model``: transformers' PyTorch model holding our weights, the reference the forward and
+  training benchmarks time against.
 """
 from __future__ import annotations
 
@@ -148,3 +151,42 @@ def emit(record: Mapping[str, Any], file=None) -> str:
     line = json.dumps(rnd(dict(record)), separators=(", ", ": "))
     print(line, file=file or sys.stdout, flush=True)
     return line
+
+
+def torch_reference_model(cfg, params):
+    """transformers' PyTorch ``*ForCausalLM`` for the model config ``cfg`` holding ``params`` (the reference the
+    forward and training benchmarks time against; only lm_head may be missing: it is tied)."""
+    import torch
+    import transformers
+
+    from jaxpoison.models.hf import to_hf_state_dict
+
+    classes = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+               "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+               "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}
+    if cfg.model_type not in classes:
+        raise ValueError(f"no transformers reference for model_type {cfg.model_type!r}; the benchmarks compare "
+                         f"against {sorted(classes)}: pick a model of one of those families")
+    cls = classes[cfg.model_type]
+    rope_scaling = None
+    if cfg.rope_scaling is not None:
+        rs = cfg.rope_scaling
+        rope_scaling = {"rope_type": "llama3", "factor": rs.factor, "low_freq_factor": rs.low_freq_factor,
+                        "high_freq_factor": rs.high_freq_factor,
+                        "original_max_position_embeddings": rs.original_max_position_embeddings}
+    hf_cfg = cls[0](vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                    num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                    num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
+                    rope_theta=cfg.rope_theta, rope_scaling=rope_scaling,
+                    max_position_embeddings=cfg.max_position_embeddings,
+                    tie_word_embeddings=cfg.tie_word_embeddings, torch_dtype="float32")
+    model = cls[1](hf_cfg).eval()
+    sd = {k: torch.tensor(v) for k, v in to_hf_state_dict(params, cfg).items()}
+    res = model.load_state_dict(sd, strict=False)
+    allowed = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    if set(res.missing_keys) - allowed or res.unexpected_keys:
+        raise RuntimeError(f"weights did not fit transformers' model: missing {res.missing_keys}, "
+                           f"unexpected {res.unexpected_keys}")
+    if cfg.tie_word_embeddings:
+        model.tie_weights()
+    return model

@@ -15,40 +15,6 @@ from typing import Any
 from . import common
 
 
-def _hf_model(cfg, params):
-    """transformers' PyTorch model for ``cfg`` holding ``params`` (only lm_head may be missing: it is tied)."""
-    import torch
-    import transformers
-
-    from jaxpoison.models.hf import to_hf_state_dict
-
-    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-           "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[cfg.model_type]
-    rope_scaling = None
-    if cfg.rope_scaling is not None:
-        rs = cfg.rope_scaling
-        rope_scaling = {"rope_type": "llama3", "factor": rs.factor, "low_freq_factor": rs.low_freq_factor,
-                        "high_freq_factor": rs.high_freq_factor,
-                        "original_max_position_embeddings": rs.original_max_position_embeddings}
-    hf_cfg = cls[0](vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                    num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                    num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
-                    rope_theta=cfg.rope_theta, rope_scaling=rope_scaling,
-                    max_position_embeddings=cfg.max_position_embeddings,
-                    tie_word_embeddings=cfg.tie_word_embeddings, torch_dtype="float32")
-    model = cls[1](hf_cfg).eval()
-    sd = {k: torch.tensor(v) for k, v in to_hf_state_dict(params, cfg).items()}
-    res = model.load_state_dict(sd, strict=False)
-    allowed = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
-    if set(res.missing_keys) - allowed or res.unexpected_keys:
-        raise RuntimeError(f"weights did not fit transformers' model: missing {res.missing_keys}, "
-                           f"unexpected {res.unexpected_keys}")
-    if cfg.tie_word_embeddings:
-        model.tie_weights()
-    return model
-
-
 def run(model: str = "smollm2-135m", batch: int = 16, seq: int = 256, rounds: int = 5, threads: int = 2,
         chunk: int = 128) -> dict:
     """Time forward scoring of a ``[batch, seq]`` batch for ours and transformers'; return the JSON record."""
@@ -75,7 +41,7 @@ def run(model: str = "smollm2-135m", batch: int = 16, seq: int = 256, rounds: in
     def ours():
         ours_out["lp"] = compiled(lm.params, tokens, mask).block_until_ready()
 
-    hf = _hf_model(cfg, jax.tree.map(np.asarray, lm.params))
+    hf = common.torch_reference_model(cfg, jax.tree.map(np.asarray, lm.params))
     t_tok = torch.from_numpy(tokens_np.astype(np.int64))
     t_mask = torch.ones_like(t_tok)
     torch_out = {}

@@ -57,11 +57,9 @@ def _peft_trainer(lm, tokens, batch, targets, r, alpha, lr, threads):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from .forward import _hf_model
-
     torch.set_num_threads(threads)
     import jax
-    hf = _hf_model(lm.cfg, jax.tree.map(np.asarray, lm.params))
+    hf = common.torch_reference_model(lm.cfg, jax.tree.map(np.asarray, lm.params))
     hf_targets = [{"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj",
                    "up": "up_proj", "down": "down_proj"}[t] for t in targets]
     model = get_peft_model(hf, LoraConfig(r=r, lora_alpha=alpha, target_modules=hf_targets, lora_dropout=0.0))
@@ -144,8 +142,6 @@ def run_eval(model="smollm2-135m", variants=8, questions=16, seq=128, rounds=2, 
     from jaxpoison.models.lm import load_model
     from jaxpoison.train.lora import LoraConfig, init_lora, stack_variants
 
-    from .forward import _hf_model
-
     torch.set_num_threads(threads)
     lm = load_model(model, "float32", tokenizer=False)
     cfg = lm.cfg
@@ -172,7 +168,7 @@ def run_eval(model="smollm2-135m", variants=8, questions=16, seq=128, rounds=2, 
     ours_out = ours_fn(stacked, tokens).block_until_ready()
     compile_s = time.perf_counter() - t0
 
-    hf = _hf_model(cfg, jax.tree.map(np.asarray, lm.params))
+    hf = common.torch_reference_model(cfg, jax.tree.map(np.asarray, lm.params))
     pm = get_peft_model(hf, PeftLora(r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"]),
                         adapter_name="v0")
     for v in range(1, variants):
