@@ -309,6 +309,17 @@ def _leaf(tree, path):
     return tree
 
 
+def sharding_at(shardings, path):
+    """The sharding of the leaf at ``path`` (a tuple of keys): ``shardings`` is one ``jax.sharding.Sharding`` for
+    every leaf, a callable ``path -> Sharding``, or a tree of shardings shaped like the params."""
+    import jax
+    if isinstance(shardings, jax.sharding.Sharding):
+        return shardings
+    if callable(shardings):
+        return shardings(path)
+    return _leaf(shardings, path)
+
+
 def _map_shapes(tree, fn, path=()):
     if isinstance(tree, dict):
         return {k: _map_shapes(v, fn, path + (k,)) for k, v in tree.items()}
@@ -386,13 +397,7 @@ def load_hf_base(d: pathlib.Path, cfg: ModelConfig, dtype=np.float32, shardings=
     fhs: dict = {}
 
     def sharding_of(path):
-        if shardings is None:
-            return default
-        if isinstance(shardings, jax.sharding.Sharding):
-            return shardings
-        if callable(shardings):
-            return shardings(path)
-        return _leaf(shardings, path)
+        return default if shardings is None else sharding_at(shardings, path)
 
     def from_callback(path, shape, sharding, axis=0, start=0, perm=None):
         """The block ``[start, start + shape[axis])`` of leaf ``path`` along ``axis`` (our layout) as one array in

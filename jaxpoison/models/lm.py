@@ -107,8 +107,7 @@ def place_params(params, dtype, sharding=None):
     def put(path, x):
         if sharding is None:
             return jnp.asarray(x, dtype)
-        s = sharding if isinstance(sharding, jax.sharding.Sharding) else \
-            sharding(path) if callable(sharding) else hf._leaf(sharding, path)
+        s = hf.sharding_at(sharding, path)
         host = np.asarray(x).astype(dtype)
         return jax.make_array_from_callback(host.shape, s, lambda i: host[i])
 
