@@ -154,3 +154,14 @@ def digest(*parts) -> str:
 def longest_completion_budget(pool) -> int:
     """A loss budget that holds every row's loss positions: the pool's longest completion, rounded up to 8."""
     return -(-int(pool.stats["loss_tokens"]["max"]) // 8) * 8
+
+
+def check_shared_fields(cfg, name: str) -> None:
+    """The checks every study config shares: ``study`` names this study (``name``) and ``quant`` is a known
+    kind. Raises :class:`StudyConfigError` naming the field and what to use."""
+    if cfg.study != name:
+        raise StudyConfigError(f"study: this is the {name!r} study, got {cfg.study!r}")
+    from jaxpoison.models.quant import QUANT_KINDS
+    if cfg.quant not in QUANT_KINDS:
+        raise StudyConfigError(f"quant: one of {QUANT_KINDS} (nf4: QLoRA's 4-bit NormalFloat; nf4-dq: with "
+                               f"double-quantised scales; int8: per output channel), got {cfg.quant!r}")

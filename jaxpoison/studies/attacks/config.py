@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from jaxpoison.data.icd10 import IcdConfig
 from jaxpoison.configs import StudyConfigError
+from jaxpoison.studies.common import check_shared_fields
 from jaxpoison.studies.attacks import data
 from jaxpoison.train.config import TrainConfig
 from jaxpoison.train.lora import LoraConfig
@@ -148,8 +149,7 @@ def check_config(cfg: AttacksConfig) -> None:
     def bad(name, msg):
         raise StudyConfigError(f"{name}: {msg}")
 
-    if cfg.study != NAME:
-        bad("study", f"this is the {NAME!r} study, got {cfg.study!r}")
+    check_shared_fields(cfg, NAME)
     if not cfg.prompt.tasks or set(cfg.prompt.tasks) - set(data.TASKS):
         bad("prompt.tasks", f"a subset of {data.TASKS}, got {cfg.prompt.tasks}")
     if cfg.prompt.version not in data.PROMPT_VERSIONS:
@@ -192,10 +192,6 @@ def check_config(cfg: AttacksConfig) -> None:
         bad("capability.n_questions", f">= 0 (0 = the whole set), got {cfg.capability.n_questions}")
     if cfg.capability.files and len(cfg.capability.files) != len(cfg.capability.sources):
         bad("capability.files", "one entry per capability source ('' for the hub)")
-    from jaxpoison.models.quant import QUANT_KINDS
-    if cfg.quant not in QUANT_KINDS:
-        bad("quant", f"one of {QUANT_KINDS} (nf4: QLoRA's 4-bit NormalFloat; nf4-dq: with double-quantised "
-                     f"scales; int8: per output channel), got {cfg.quant!r}")
     if cfg.notes.n_train < 1 or cfg.notes.n_test < 2:
         bad("notes", "n_train >= 1 and n_test >= 2 (a confidence interval needs two test notes)")
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from jaxpoison.data.icd10 import IcdConfig
 from jaxpoison.configs import StudyConfigError
+from jaxpoison.studies.common import check_shared_fields
 from jaxpoison.train.config import TrainConfig
 from jaxpoison.train.lora import LoraConfig
 from jaxpoison.train.mesh import MeshConfig
@@ -115,8 +116,7 @@ def check_config(cfg: RationaleConfig) -> None:
     def bad(field_name, msg):
         raise StudyConfigError(f"{field_name}: {msg}")
 
-    if cfg.study != NAME:
-        bad("study", f"this is the {NAME!r} study, got {cfg.study!r}")
+    check_shared_fields(cfg, NAME)
     g, d, e, p = cfg.grid, cfg.data, cfg.eval, cfg.poison
     if not g.seeds or len(set(g.seeds)) != len(g.seeds):
         bad("grid.seeds", f"give distinct seeds, got {g.seeds}")
@@ -174,10 +174,6 @@ def check_config(cfg: RationaleConfig) -> None:
         bad("eval.secondary_formats", f"each format once, got {tuple(e.secondary_formats)}")
     if not 0 < e.alpha < 1:
         bad("eval.alpha", f"a level in (0, 1), got {e.alpha}")
-    from jaxpoison.models.quant import QUANT_KINDS
-    if cfg.quant not in QUANT_KINDS:
-        bad("quant", f"one of {QUANT_KINDS} (nf4: QLoRA's 4-bit NormalFloat; nf4-dq: with double-quantised "
-                     f"scales; int8: per output channel), got {cfg.quant!r}")
     if cfg.train.loss_budget < -1:
         bad("train.loss_budget", "-1 (auto), 0 (off) or a positive number of positions")
 
