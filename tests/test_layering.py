@@ -51,3 +51,55 @@ def test_the_check_sees_every_form_of_an_upward_import():
            "from jaxpoison.cli import main\n")
     assert upward(src, "jaxpoison.analysis") == [1, 2, 5, 7]
     assert upward("from . import adapters\nfrom .. import configs\n", "jaxpoison.analysis") == []
+
+
+def test_no_module_draws_with_pyplot():
+    """One plotting style: Figure + the Agg canvas (analysis.plots.save_figure), never pyplot's global state."""
+    bad = {str(f.relative_to(PKG.parent)): lines for f in sorted(PKG.rglob("*.py"))
+           if (lines := upward(f.read_text(), "jaxpoison", ("matplotlib.pyplot", "pylab")))}
+    assert bad == {}, f"pyplot imports (file: lines): {bad}"
+    assert upward("def f():\n    import matplotlib.pyplot as plt\nfrom matplotlib import pyplot\n", "jaxpoison",
+                  ("matplotlib.pyplot",)) == [2, 3]
+
+
+def _is_module(dotted: str) -> bool:
+    path = PKG.parent.joinpath(*dotted.split("."))
+    return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
+
+
+def private_uses(source: str, package: str) -> list:
+    """(line, name) where ``source`` reaches a private (``_name``) of another jaxpoison module: imports it
+    (``from jaxpoison.x import _f``) or reads it off an imported module (``x._f``)."""
+    tree = ast.parse(source)
+    modules, out = set(), []
+    for line, mod in imports(source, package):
+        if mod.startswith("jaxpoison") and mod.rsplit(".", 1)[-1].startswith("_") and \
+                not mod.rsplit(".", 1)[-1].startswith("__") and not _is_module(mod):
+            out.append((line, mod))
+    for node in ast.walk(tree):          # names bound to jaxpoison modules
+        if isinstance(node, ast.Import):
+            modules |= {a.asname or a.name.split(".")[0] for a in node.names if a.name.startswith("jaxpoison")}
+        elif isinstance(node, ast.ImportFrom):
+            here = package.split(".")
+            base = ".".join((here[:len(here) - node.level + 1] if node.level else []) + [node.module or ""]).strip(".")
+            modules |= {a.asname or a.name for a in node.names
+                        if base.startswith("jaxpoison") and _is_module(f"{base}.{a.name}")}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules \
+                and node.attr.startswith("_") and not node.attr.startswith("__"):
+            out.append((node.lineno, f"{node.value.id}.{node.attr}"))
+    return sorted(out)
+
+
+def test_no_module_uses_another_modules_private_names():
+    bad = {}
+    for f in sorted(PKG.rglob("*.py")):
+        package = ".".join(("jaxpoison", *f.relative_to(PKG).parent.parts))
+        if found := private_uses(f.read_text(), package):
+            bad[str(f.relative_to(PKG.parent))] = found
+    assert bad == {}, f"private names used across modules (file: uses): {bad}"
+    # a control: both forms are caught, relative imports resolved; own privates and dunders are not
+    src = ("from jaxpoison.analysis.detection import _group_order\nfrom . import detector\nimport numpy as np\n"
+           "x = detector._restrict(1)\ny = np._core\nz = detector.__name__\ndef _own():\n    return _own\n")
+    assert private_uses(src, "jaxpoison.analysis") == [(1, "jaxpoison.analysis.detection._group_order"),
+                                                       (4, "detector._restrict")]
