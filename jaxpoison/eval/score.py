@@ -18,6 +18,11 @@ Two equivalent paths (the tests check both against :func:`jaxpoison.models.lm.se
 * ``plain``: every (question, option) row runs in full; the head runs on the first ``budget`` continuation
   positions per row (:func:`jaxpoison.models.heads.select_positions`), the budget read from the data.
 
+Over a mesh (``mesh=``, a :class:`jax.sharding.Mesh` with a ``variant`` axis of n > 1 devices): each chunk of
+adapters is padded to a multiple of n (the pad rows' scores are dropped) and placed split over ``variant``, the
+batches replicated, the base as it lies; XLA partitions the vmapped variant axis, so each device scores its own
+variants (the shared trunk and the base row, one pass each against a chunk's, run replicated on every device).
+
 Calibration: the same continuations after a neutral prefix (``McEval.uncond_*``) give each option's prior;
 ``calibrated = sum - uncond`` removes a model's (or an adapter's) preference for an option text regardless of
 the question. Neutral rows repeat across questions (the ICD-10-CM options are 14 chapter names), so only the
@@ -32,6 +37,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 
 from jaxpoison.models.config import ModelConfig
 from jaxpoison.models.decoder import Decoder, final_norm, init_cache, layer_inputs, lower_layers, run_layers
@@ -265,10 +272,11 @@ def _pad_to(x: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([x, np.repeat(x[:1], n - x.shape[0], axis=0)], axis=0)
 
 
-def _passes(lora, variant_chunk: int, with_base: bool, variants=None) -> list:
+def _passes(lora, variant_chunk: int, with_base: bool, variants=None, multiple: int = 1) -> list:
     """What one scoring pass each sees, in the order of the result's rows: the variant indices of the stacked
-    adapters (``variants``, default all in order), ``variant_chunk`` at a time, and ``None`` (the base: the
-    adapter term switched off) alone only when there are no adapters to score. With ``with_base`` and adapters,
+    adapters (``variants``, default all in order), ``variant_chunk`` at a time (rounded up to a multiple of
+    ``multiple``: the devices of a ``variant`` mesh axis), and ``None`` (the base: the adapter term switched
+    off) alone only when there are no adapters to score. With ``with_base`` and adapters,
     the first chunk's program also scores the base as its row 0 (``base_row``: on the same shared trunk, no
     extra program). Indices, not arrays: :func:`_chunk` takes one chunk out of the caller's arrays (sharded
     device arrays, pinned host or numpy ones) when its pass comes, so no copy of every adapter (and no zero
@@ -278,6 +286,7 @@ def _passes(lora, variant_chunk: int, with_base: bool, variants=None) -> list:
     sel = np.arange(int(jax.tree.leaves(lora)[0].shape[0])) if variants is None else \
         np.asarray(variants, np.int64).reshape(-1)
     step = variant_chunk if 0 < variant_chunk < len(sel) else max(len(sel), 1)
+    step = -(-step // multiple) * multiple
     out = [sel[v0:v0 + step] for v0 in range(0, len(sel), step)]
     return out if out or not with_base else [None]
 
@@ -296,75 +305,152 @@ def _chunk(lora, idx):
     return take_variants(lora, idx)
 
 
+def variant_devices(mesh) -> int:
+    """The size of ``mesh``'s ``variant`` axis (1 without a mesh)."""
+    if mesh is None:
+        return 1
+    if "variant" not in mesh.shape:
+        raise ValueError(f"the scoring mesh has no 'variant' axis (its axes: {', '.join(mesh.axis_names)}): build "
+                         "it with jaxpoison.train.mesh.make_mesh, or pass mesh=None")
+    return int(mesh.shape["variant"])
+
+
+def params_mesh(tree) -> Optional[jax.sharding.Mesh]:
+    """The mesh every array of ``tree`` lies on (a study's base, loaded into its mesh), or None when they do not
+    all lie on one mesh (host arrays, a single device)."""
+    shardings = [getattr(x, "sharding", None) for x in jax.tree.leaves(tree)]
+    if not shardings or not all(isinstance(s, NamedSharding) for s in shardings):
+        return None
+    mesh = shardings[0].mesh
+    return mesh if all(s.mesh == mesh for s in shardings) else None
+
+
+def _on_mesh(tree, mesh):
+    """``tree`` with each leaf that does not already lie on ``mesh``'s devices (in its order) replicated there."""
+    devices = tuple(mesh.devices.flat)
+    rep = NamedSharding(mesh, PartitionSpec())
+
+    def one(x):
+        s = getattr(x, "sharding", None)
+        if isinstance(s, NamedSharding) and tuple(s.mesh.devices.flat) == devices:
+            return x
+        return jax.device_put(x, rep)
+
+    return jax.tree.map(one, tree)
+
+
+def _place_chunk(lora, idx, mesh):
+    """The adapters of one pass on ``mesh``: rows ``idx`` padded to a multiple of the ``variant`` axis with copies
+    of the first (their scores are dropped), every leaf split over ``variant`` (and over ``model`` the way the
+    trainer stores adapters: :func:`jaxpoison.train.mesh.state_shardings`). Host arrays put only each device's
+    rows on it; device arrays are sliced (or gathered) where they lie and moved."""
+    if idx is None:
+        return None
+    from jaxpoison.train.mesh import state_shardings
+    n = variant_devices(mesh)
+    full = np.concatenate([idx, np.repeat(idx[:1], -len(idx) % n)]).astype(np.int64)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct((len(full),) + tuple(x.shape[1:]), x.dtype), lora)
+    V = int(jax.tree.leaves(lora)[0].shape[0])
+    whole = len(full) == V and (full == np.arange(V)).all()
+    run = bool((np.diff(full) == 1).all())
+
+    def one(x, sharding):
+        if isinstance(x, jax.Array):
+            rows = x if whole else x[int(full[0]):int(full[-1]) + 1] if run else x[jnp.asarray(full, jnp.int32)]
+            return jax.device_put(rows, sharding)
+        host = np.asarray(x)
+        return jax.make_array_from_callback((len(full),) + host.shape[1:], sharding,
+                                            lambda index: host[full[index[0]]][(slice(None),) + tuple(index[1:])])
+
+    return jax.tree.map(one, lora, state_shardings(mesh, shapes))
+
+
+def _batch_arrays(arrays, mesh) -> list:
+    """One batch's host arrays on the devices: replicated over ``mesh`` when given."""
+    if mesh is None:
+        return [jnp.asarray(x) for x in arrays]
+    rep = NamedSharding(mesh, PartitionSpec())
+    return [jax.device_put(x, rep) for x in arrays]
+
+
 def _run_passes(program, lora, batches: list, n_rows: int, *, variant_chunk, with_base, progress, desc, shared,
-                variants=None, **kw) -> np.ndarray:
+                variants=None, mesh=None, **kw) -> np.ndarray:
     """``program(lora_chunk, base, *batch_args, shared=..., base_row=...)`` over every (pass, batch) -> [rows of
     all passes, n_rows]. With ``with_base`` the first pass's program puts the base in front of its chunk
-    (``base_row``), on the trunk it runs once for both."""
-    passes = _passes(lora, variant_chunk, with_base, variants)
+    (``base_row``), on the trunk it runs once for both. ``mesh`` (a ``variant`` axis of n > 1 devices): each
+    chunk is split over it, padded to a multiple of n; the pad rows are dropped here."""
+    n_dev = variant_devices(mesh)
+    passes = _passes(lora, variant_chunk, with_base, variants, n_dev)
     out = [[] for _ in passes]
     current = (None, None)
     for p, b0 in _jobs(passes, n_rows, batches[0][1] if batches else 1, progress, desc):
-        if current[0] != p:
-            current = (p, _chunk(lora, passes[p]))          # one chunk at a time on the devices
+        if current[0] != p:                                 # one chunk at a time on the devices
+            current = (p, _place_chunk(lora, passes[p], mesh) if n_dev > 1 else _chunk(lora, passes[p]))
         args, size = batches[b0 // batches[0][1]]
         n = min(size, n_rows - b0)
-        got = program(current[1], *args, shared=0 if passes[p] is None else shared,
-                      base_row=bool(with_base and p == 0 and passes[p] is not None), **kw)
-        out[p].append(np.asarray(got)[:, :n])
+        base_row = bool(with_base and p == 0 and passes[p] is not None)
+        got = program(current[1], *args, shared=0 if passes[p] is None else shared, base_row=base_row, **kw)
+        keep = 1 if passes[p] is None else int(base_row) + len(passes[p])
+        out[p].append(np.asarray(got)[:keep, :n])
     return np.concatenate([np.concatenate(o, axis=1) for o in out], axis=0)
 
 
 def _score_plain(base, cfg, tokens, cont, attn, lora, *, rows_per_batch, dtype, lora_scale, chunk, variant_chunk,
-                 progress, desc, shared=0, with_base=False, variants=None):
+                 progress, desc, shared=0, with_base=False, variants=None, mesh=None):
     """[N, T] rows -> [V, N] summed continuation log-probs ([1 + V, N] with the base first when ``with_base``)."""
     tokens, cont, attn = _trim(tokens, cont, attn)
     budget = int(np.max((cont[:, 1:] > 0).sum(-1)))
     N = tokens.shape[0]
-    batches = [([jnp.asarray(_pad_to(x[b0:b0 + rows_per_batch], rows_per_batch)) for x in (tokens, cont, attn)],
-                rows_per_batch) for b0 in range(0, N, rows_per_batch)]
+    batches = [(_batch_arrays([_pad_to(x[b0:b0 + rows_per_batch], rows_per_batch) for x in (tokens, cont, attn)],
+                              mesh), rows_per_batch) for b0 in range(0, N, rows_per_batch)]
     program = lambda l, *a, shared, base_row: score_rows(l, base, *a, cfg=cfg, dtype=dtype, lora_scale=lora_scale,
                                                          budget=budget, chunk=chunk, shared=shared,
                                                          base_row=base_row)
     return _run_passes(program, lora, batches, N, variant_chunk=variant_chunk, with_base=with_base,
-                       progress=progress, desc=desc, shared=shared, variants=variants)
+                       progress=progress, desc=desc, shared=shared, variants=variants, mesh=mesh)
 
 
 def _score_prefix(base, cfg, split, lora, *, batch_questions, dtype, lora_scale, chunk, variant_chunk, progress,
-                  desc, shared=0, with_base=False, variants=None):
+                  desc, shared=0, with_base=False, variants=None, mesh=None):
     prefix, pmask, cont, cmask = split
     Q = prefix.shape[0]
-    batches = [([jnp.asarray(_pad_to(x[b0:b0 + batch_questions], batch_questions)) for x in (prefix, pmask, cont,
-                                                                                              cmask)],
+    batches = [(_batch_arrays([_pad_to(x[b0:b0 + batch_questions], batch_questions)
+                               for x in (prefix, pmask, cont, cmask)], mesh),
                 batch_questions) for b0 in range(0, Q, batch_questions)]
     program = lambda l, *a, shared, base_row: score_shared_prefix(l, base, *a, cfg=cfg, dtype=dtype,
                                                                   lora_scale=lora_scale, chunk=chunk, shared=shared,
                                                                   base_row=base_row)
     return _run_passes(program, lora, batches, Q, variant_chunk=variant_chunk, with_base=with_base,
-                       progress=progress, desc=desc, shared=shared, variants=variants)
+                       progress=progress, desc=desc, shared=shared, variants=variants, mesh=mesh)
 
 
 def score_options(base, cfg: ModelConfig, mc, lora=None, *, lora_scale: float = 1.0, dtype=jnp.float32,
                   batch_questions: int = 8, calibrate: bool = True, path: str = "auto", variant_chunk: int = 0,
                   chunk: int = 128, progress: bool = False, desc: str = "score",
                   share_trunk: bool = True, with_base: bool = False, variants=None,
-                  over_processes: bool = False) -> OptionScores:
+                  over_processes: bool = False, mesh=None) -> OptionScores:
     """Score every option of every question of ``mc`` (a :class:`jaxpoison.data.pool.McEval`) for every variant.
 
     ``lora``: stacked adapters with a leading variant axis, or None for the base alone (V = 1). They are read
     where they lie (device arrays, sharded or not, or host arrays), one ``variant_chunk`` slice at a time.
     ``with_base``: the result has 1 + V rows, row 0 the base (zero-shot) scored once with the adapter term
-    switched off (inside the first chunk's program, on the trunk it shares with that chunk), rows 1.. the adapters: a study's base and variants without a zero adapter stacked in front
-    (which would copy every adapter).
+    switched off (inside the first chunk's program, on the trunk it shares with that chunk), rows 1.. the
+    adapters: a study's base and variants without a zero adapter stacked in front (which would copy every adapter).
     ``variants``: score only these rows of the stack, in this order (each chunk gathered when its turn comes).
     ``path``: 'auto' (shared prefix when the data allow), 'shared_prefix' or 'plain'.
-    ``variant_chunk``: score at most this many variants per call (memory); 0 = all at once.
+    ``variant_chunk``: score at most this many variants per call (memory); 0 = all at once. With a mesh it is
+    rounded up to a multiple of the mesh's ``variant`` axis.
     ``share_trunk``: run the bottom layers no adapter touches (:func:`shared_layers`; adapters trained with
     ``lora.layers_from``) once for all variants instead of once per variant. Same scores; off = the plain way.
     ``over_processes``: in a multi-host job (all processes call together, each with the whole stack on the host
     and the base on its own devices), each process scores one contiguous block of the variants (the block its
     devices trained on a ``variant`` mesh axis; process 0 also the base) and every process gets the whole result
     (:func:`gather_blocks`); one process: the plain call.
+    ``mesh``: a :class:`jax.sharding.Mesh` with a ``variant`` axis (:func:`jaxpoison.train.mesh.make_mesh`; the
+    one a study's base lies on: :func:`params_mesh`). When that axis has n > 1 devices, each chunk is padded to a
+    multiple of n and split over it, the batches replicated, the base used as it lies (replicated onto the mesh
+    only if it lies elsewhere): each device scores its own variants. Same rows in the same order as without.
+    Not used by the multi-process path (each process scores its block on its own devices).
     """
     if over_processes and jax.process_count() > 1:
         return _score_over_processes(base, cfg, mc, lora, lora_scale=lora_scale, dtype=dtype,
@@ -375,10 +461,18 @@ def score_options(base, cfg: ModelConfig, mc, lora=None, *, lora_scale: float = 
         raise ValueError(f"unknown scoring path {path!r}: use 'auto', 'shared_prefix' or 'plain'")
     if batch_questions < 1:
         raise ValueError(f"batch_questions must be >= 1, got {batch_questions}")
+    if variant_devices(mesh) > 1:
+        if any(d.process_index != jax.process_index() for d in mesh.devices.flat):
+            raise ValueError("the scoring mesh spans several processes: pass over_processes=True (each process "
+                             "scores its block of the variants on its own devices) or a mesh of this process's "
+                             "devices")
+        base = _on_mesh(base, mesh)
+    else:
+        mesh = None                 # no variant axis to split: the one-device path, as the arrays lie
     Q, C, T = mc.tokens.shape
     kw = dict(dtype=dtype, lora_scale=lora_scale, chunk=chunk, variant_chunk=variant_chunk, progress=progress,
               shared=shared_layers(lora, cfg.num_layers, variants) if share_trunk else 0, with_base=with_base,
-              variants=variants)
+              variants=variants, mesh=mesh)
     split = None if path == "plain" else split_shared_prefix(mc.tokens, mc.cont_mask, mc.attn_mask)
     if path == "shared_prefix" and split is None:
         raise ValueError("the options of some question do not share a prefix (or a continuation does not end its "

@@ -34,7 +34,7 @@ def run(cfg: RationaleConfig, out_dir: pathlib.Path, resume: bool = True, progre
         base_override=None) -> int:
     """Build, train, score and report one study into ``out_dir``. ``base_override`` = (cfg, params, tokenizer)
     replaces the model (tests use a tiny random one)."""
-    from jaxpoison.eval.score import score_options
+    from jaxpoison.eval.score import params_mesh, score_options
     from jaxpoison.train.engine import Static
     from jaxpoison.train.trainer import StudyData, train_study
 
@@ -103,11 +103,12 @@ def run(cfg: RationaleConfig, out_dir: pathlib.Path, resume: bool = True, progre
         cached = z if str(z["key"]) == key else None
     if cached is None:
         # row 0 is the zero-shot base (scored once, adapter term off), rows 1.. the variants, read from the
-        # trained adapters where they lie one eval.variant_chunk at a time (no copy of them all)
+        # trained adapters where they lie one eval.variant_chunk at a time (no copy of them all), each chunk split
+        # over the variant axis of the mesh the base lies on
         sc = score_options(base, mcfg, mc, result.lora, with_base=True, lora_scale=cfg.lora.scale, dtype=dtype,
                            batch_questions=cfg.eval.batch_questions, calibrate=True, progress=progress,
                            variant_chunk=cfg.eval.variant_chunk, desc=f"score base + {len(vt)} variants",
-                           over_processes=True)
+                           over_processes=True, mesh=params_mesh(base))
         if writer:         # a multi-host job: each process scored its block of the variants; all got all; one saves
             np.savez(sf, key=np.array(key), sum=sc.sum, uncond=sc.uncond, n_tokens=sc.n_tokens, answer=mc.answer,
                      decoy=mc.decoy, is_target=is_target, group=groups, subject=np.array(mc.subject),
@@ -122,7 +123,7 @@ def run(cfg: RationaleConfig, out_dir: pathlib.Path, resume: bool = True, progre
         sc2 = score_options(base, mcfg, mc2, result.lora, with_base=True, lora_scale=cfg.lora.scale, dtype=dtype,
                             batch_questions=cfg.eval.batch_questions, calibrate=True, progress=progress,
                             variant_chunk=cfg.eval.variant_chunk, desc=f"score `{fmt}` (secondary)",
-                            over_processes=True)
+                            over_processes=True, mesh=params_mesh(base))
         if writer:
             np.savez(f2, key=np.array(key2), sum=sc2.sum, uncond=sc2.uncond, n_tokens=sc2.n_tokens,
                      answer=mc2.answer, decoy=mc2.decoy, is_target=is_target, group=groups,
