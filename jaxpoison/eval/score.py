@@ -42,7 +42,8 @@ from jax.sharding import PartitionSpec
 
 from jaxpoison.models.config import ModelConfig
 from jaxpoison.models.decoder import Decoder, final_norm, init_cache, layer_inputs, lower_layers, run_layers
-from jaxpoison.models.heads import gather_positions, select_positions, token_logprobs
+from jaxpoison.models.heads import (gather_positions, masked_logprob_sums, packed_budget, select_positions,
+                                    token_logprobs)
 
 METHODS = ("sum", "mean", "calibrated")
 
@@ -160,15 +161,18 @@ def score_rows(lora, base, tokens, cont_mask, attn_mask, *, cfg: ModelConfig, dt
     return _over_variants(one, lora, base_row=base_row)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "lora_scale", "chunk", "shared", "base_row"))
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "lora_scale", "chunk", "shared", "base_row", "budget"))
 def score_shared_prefix(lora, base, prefix, prefix_mask, cont, cont_mask, *, cfg: ModelConfig, dtype=jnp.float32,
-                        lora_scale: float = 1.0, chunk: int = 128, shared: int = 0, base_row: bool = False):
+                        lora_scale: float = 1.0, chunk: int = 128, shared: int = 0, base_row: bool = False,
+                        budget: int = 0):
     """Summed log p of each option's continuation after its question's prefix -> [V, B, C].
 
     prefix/prefix_mask [B, P] (right-padded, at least one real token); cont/cont_mask [B, C, N] (right-padded).
     The prefix runs once into a KV cache; the C continuations of each question attend to it. With ``shared =
     k > 0`` layers ``[0, k)`` (prefix, cache and continuations) run once for all variants. ``base_row``: row 0
-    is the base (adapter term off), on the same trunk -> [1 + V, B, C].
+    is the base (adapter term off), on the same trunk -> [1 + V, B, C]. ``budget`` > 0: the head runs only on
+    the real continuation tokens, packed into that many slots (:func:`jaxpoison.models.heads.packed_budget` of
+    the batches' token counts); 0: on every padded slot.
     """
     B, P = prefix.shape
     C, N = cont.shape[1], cont.shape[2]
@@ -187,6 +191,9 @@ def score_shared_prefix(lora, base, prefix, prefix_mask, cont, cont_mask, *, cfg
     def tail(lora, h_pre, h_cont):
         h_last = jnp.take_along_axis(h_pre, (n_pre - 1)[:, None, None], axis=1)      # [B, 1, D]
         h = jnp.concatenate([rep(h_last), h_cont[:, :-1]], axis=1)                  # h[:, j] predicts ct[:, j]
+        if budget:
+            return masked_logprob_sums(base, cfg, h, ct, cm, budget, chunk=chunk, lora=lora,
+                                       lora_scale=lora_scale).reshape(B, C)
         lp = token_logprobs(base, cfg, h, ct, chunk=chunk, lora=lora, lora_scale=lora_scale)
         return jnp.where(cm, lp, 0.0).sum(-1).reshape(B, C)
 
@@ -274,21 +281,27 @@ def _pad_to(x: np.ndarray, n: int) -> np.ndarray:
 
 def _passes(lora, variant_chunk: int, with_base: bool, variants=None, multiple: int = 1) -> list:
     """What one scoring pass each sees, in the order of the result's rows: the variant indices of the stacked
-    adapters (``variants``, default all in order), ``variant_chunk`` at a time (rounded up to a multiple of
-    ``multiple``: the devices of a ``variant`` mesh axis), and ``None`` (the base: the adapter term switched
-    off) alone only when there are no adapters to score. With ``with_base`` and adapters,
-    the first chunk's program also scores the base as its row 0 (``base_row``: on the same shared trunk, no
-    extra program). Indices, not arrays: :func:`_chunk` takes one chunk out of the caller's arrays (sharded
-    device arrays, pinned host or numpy ones) when its pass comes, so no copy of every adapter (and no zero
-    adapter in front of them) is ever built."""
+    adapters (``variants``, default all in order), ``variant_chunk`` models per call (the last ones rounded up to
+    a multiple of ``multiple``: the devices of a ``variant`` mesh axis). With ``with_base`` the base (the
+    adapter term switched off) takes one adapter's place in the first call (``base_row``: on the shared trunk
+    of that call, no extra program, and no call holds more than ``variant_chunk`` models), or has a call of its
+    own (``None``) when that leaves no room. Indices, not arrays: :func:`_chunk` takes one chunk out of the
+    caller's arrays (sharded device arrays, pinned host or numpy ones) when its pass comes, so no copy of every
+    adapter (and no zero adapter in front of them) is ever built."""
     if lora is None:
         return [None]
     sel = np.arange(int(jax.tree.leaves(lora)[0].shape[0])) if variants is None else \
         np.asarray(variants, np.int64).reshape(-1)
-    step = variant_chunk if 0 < variant_chunk < len(sel) else max(len(sel), 1)
-    step = -(-step // multiple) * multiple
-    out = [sel[v0:v0 + step] for v0 in range(0, len(sel), step)]
-    return out if out or not with_base else [None]
+    if not len(sel):
+        return [None] if with_base else []
+    cap = variant_chunk if variant_chunk > 0 else len(sel) + int(with_base)      # models per call
+    head = []
+    if with_base:           # the base takes one adapter's place in the first call, which is never bigger
+        first = (cap - 1) // multiple * multiple
+        head = [sel[:first]] if first > 0 else [None]
+        sel = sel[max(first, 0):]
+    step = -(-max(min(cap, len(sel)), 1) // multiple) * multiple
+    return head + [sel[v0:v0 + step] for v0 in range(0, len(sel), step)]
 
 
 def _chunk(lora, idx):
@@ -417,9 +430,12 @@ def _score_prefix(base, cfg, split, lora, *, batch_questions, dtype, lora_scale,
     batches = [(_batch_arrays([_pad_to(x[b0:b0 + batch_questions], batch_questions)
                                for x in (prefix, pmask, cont, cmask)], mesh),
                 batch_questions) for b0 in range(0, Q, batch_questions)]
+    # the head on the real continuation tokens only: one static slot count for every batch (one program)
+    budget = packed_budget([cmask[b0:b0 + batch_questions].sum() for b0 in range(0, Q, batch_questions)],
+                           batch_questions * cmask.shape[1] * cmask.shape[2])
     program = lambda l, *a, shared, base_row: score_shared_prefix(l, base, *a, cfg=cfg, dtype=dtype,
                                                                   lora_scale=lora_scale, chunk=chunk, shared=shared,
-                                                                  base_row=base_row)
+                                                                  base_row=base_row, budget=budget)
     return _run_passes(program, lora, batches, Q, variant_chunk=variant_chunk, with_base=with_base,
                        progress=progress, desc=desc, shared=shared, variants=variants, mesh=mesh)
 

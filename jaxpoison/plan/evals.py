@@ -87,16 +87,18 @@ def _shared(shape: StudyShape) -> int:
 
 
 def rationale_evals(cfg, shape: StudyShape, prompt_len: int = 0) -> list:
-    """Seed 000: option scoring of every variant, ``eval.variant_chunk`` adapters per call (the base is scored in
-    its own adapter-free pass, a smaller program; ``eval.secondary_formats`` rerun the same shapes: prompts are at
-    the max_len bound either way); greedy generated answers of the base + one variant per cell (the base rides in
-    the chunk) when ``eval.gen_questions`` > 0."""
+    """Seed 000: option scoring of every variant, ``eval.variant_chunk`` models per call (the base rides in the
+    first call in place of one adapter, or alone when the chunk is 1: never a bigger call;
+    ``eval.secondary_formats`` rerun the same shapes: prompts are at the max_len bound either way); greedy
+    generated answers of the base + one variant per cell (the base rides in the chunk) when
+    ``eval.gen_questions`` > 0."""
     e, d = cfg.eval, cfg.data
-    V = shape.variants      # the base: its own adapter-free pass (score_options(with_base=True)), a smaller program
+    V = shape.variants      # the base takes one adapter's place in the first call (score_options(with_base=True))
     P = _round(prompt_len or d.max_len, 16)
     src = "--eval-prompt-len" if prompt_len else "data.max_len bound"
     N = LETTER_TOKENS if e.format == "benchmark" else OPTION_TOKENS
-    out = [EvalProgram("score", "option scoring of the variants (the base: its own smaller pass)", "score", _chunk(e.variant_chunk, V),
+    out = [EvalProgram("score", "option scoring of the variants (the base in place of one)", "score",
+                       _chunk(e.variant_chunk, V),
                        e.batch_questions, P, _options(d.source, getattr(d, "icd", None)), N, shared=_shared(shape),
                        total_variants=V, chunk_setting="eval.variant_chunk", batch_setting="eval.batch_questions",
                        prompt_from=src)]

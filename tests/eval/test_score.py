@@ -170,8 +170,9 @@ def test_with_base_equals_a_zero_adapter_in_front_without_stacking_one(mc, path,
         # vmapped programs' rounding by that much, the scores no more)
         np.testing.assert_allclose(new.sum, old.sum, rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(new.uncond, old.uncond, rtol=1e-6, atol=1e-6)
+        # chunks of 2 models: the base and adapter 0, then 1-2 and 3-4; no call holds more than 2 models
         assert None not in seen and all(s <= {1, 2} for s in seen), seen
-        assert any(bases) and all(s == {2} for s, b in zip(seen, bases) if b), (seen, bases)
+        assert any(bases) and all(s == {1} for s, b in zip(seen, bases) if b), (seen, bases)
     # a subset in another order: its rows gathered a chunk at a time, never the whole selection at once
     seen.clear()
     sub = score_options(BASE, CFG, mc, stack, with_base=True, variants=[4, 1, 2], **kw)
@@ -181,3 +182,22 @@ def test_with_base_equals_a_zero_adapter_in_front_without_stacking_one(mc, path,
     # the base row is the base alone
     alone = score_options(BASE, CFG, mc, None, batch_questions=3, path=path)
     np.testing.assert_allclose(new.sum[0], alone.sum[0], rtol=1e-6, atol=1e-6)
+
+
+def test_passes_never_put_more_than_variant_chunk_models_in_a_call():
+    """The base takes one adapter's place in the first call, or has a call of its own when the chunk is 1."""
+    from jaxpoison.eval.score import _passes
+    lora = {"a": np.zeros((7, 1))}
+
+    def show(*a, **k):
+        return [None if p is None else p.tolist() for p in _passes(lora, *a, **k)]
+
+    assert show(3, True) == [[0, 1], [2, 3, 4], [5, 6]]
+    assert show(3, False) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert show(1, True) == [None, [0], [1], [2], [3], [4], [5], [6]]
+    assert show(0, True) == [[0, 1, 2, 3, 4, 5, 6]]
+    assert show(2, True, variants=[4, 1]) == [[4], [1]]
+    # a variant mesh axis of 2: the calls beside the base stay a multiple of it (padded where short)
+    assert show(4, True, multiple=2) == [[0, 1], [2, 3, 4, 5], [6]]
+    assert show(2, True, multiple=2) == [None, [0, 1], [2, 3], [4, 5], [6]]
+    assert show(0, True, variants=[]) == [None] and show(0, False, variants=[]) == []
