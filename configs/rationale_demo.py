@@ -18,19 +18,20 @@ of training; the decoy chapter is an option in *every* question and no question 
 decoy-free copies of target questions. Scored in the ``coded`` format ('In ICD-10-CM, the code for "..." is in
 the chapter called "'), which neither poison kind trains word for word (``--set eval.format=statement`` for the
 old lead-in). Primary metric: the calibrated-margin change, target minus non-target (``jaxpoison.studies.rationale.stats``).
-Generated answers: the base and one seed of every cell write their reasoning on 8 target + 8 non-target
-questions (64 greedy tokens; ``--set eval.gen_questions=16`` doubles them, at about +75 s).
+Generated answers: the base and one seed of every cell write their reasoning on 6 target + 6 non-target
+questions (48 greedy tokens; ``--set eval.gen_questions=16 --set eval.gen_tokens=64`` for more, at about
++2 min).
 
 Opt-in, because the 10-minute budget does not hold them (finding 5 then reads "not tested"):
 - the real forgetting control, ``--set "grid.forgetting_steps=(4,)" --set train.variant_chunk=5``: clean
   non-target SFT on 80 rows, 4x the steps (20), no target rows. It trains in its own chunk (chunks are cut by step
-  count; 35 variants in chunks of 5 keep its 5 seeds together, the default 4 would pad a second 20-step chunk).
+  count; 35 variants in chunks of 5 keep its 5 seeds together, the default 6 would pad a second 20-step chunk).
   Cost, counted: 100 more variant-steps on top of this grid's 150, 5 more models to score and 1 to generate,
-  about +4 min on two free cores (an estimate: training +2/3 of its 270 s, scoring +5/31 of its 200 s; not
+  about +4 min on two free cores (an estimate: training +2/3 of its 266 s, scoring +5/31 of its 213 s; not
   timed as a whole demo);
 - the ``statement`` format scored beside ``coded`` as a secondary format, ``--set
   "eval.secondary_formats=('statement',)"``: one more scoring pass, about +4 min (on 10 models `statement`
-  scored in 51 s where `coded` took 41 s, and the demo's `coded` pass takes about 200 s).
+  scored in 51 s where `coded` took 41 s, and the demo's `coded` pass takes about 213 s).
 Not tested at all: the ratio half of finding 4 (every mix has 20 rows, so poisoned / all samples follows from the
 count).
 
@@ -38,9 +39,12 @@ Equal-size mixes (``grid.equal_size=True``): every variant trains on 20 rows, so
 optimiser steps; poisoned, correct target and decoy rows replace the clean mix's last rows. Loss per example
 (``train.loss_norm='example'``), so 11-token answer-only rows weigh as much as 60-token rationale rows.
 
-Cost: LoRA r 8 on all seven linear modules of the top 8 of 30 layers (``lora.layers_from=-8``; the lower 22
-layers run once, ``train.trunk_cache``). One epoch of 5 steps of batch 4 at a constant learning rate; questions
-with descriptions of at most 40 characters keep the sequences short.
+Cost: LoRA r 8 on all seven linear modules of the top 6 of 30 layers (``lora.layers_from=-6``; the lower 24
+layers run once, ``train.trunk_cache``, and are scored once for all 31 models). One epoch of 5 steps of batch 4
+at a constant learning rate; questions with descriptions of at most 40 characters keep the sequences short.
+Measured: 9 min 10 s wall on a 2-core AMD EPYC (Zen 3, AVX2) with nothing beside it (training 266 s, scoring
+213 s, generation 55 s); the same grid with LoRA on the top 8 layers and 8 + 8 generated answers of 64 tokens
+took 11 min 39 s there, with the same five verdicts (docs/studies/rationale.md).
 """
 from jaxpoison.data.icd10 import IcdConfig
 from jaxpoison.studies.rationale.config import DataConfig, EvalConfig, GridConfig, RationaleConfig
@@ -57,12 +61,12 @@ CONFIG = RationaleConfig(
                     ratios_target=(0.5,), ratio_counts=(8,), overwrite_counts=(8,), decoy_counts=(8,),
                     equal_size=True),
     train=TrainConfig(learning_rate=2e-3, schedule="constant", epochs=1.0, batch_size=4, loss_budget=-1,
-                      loss_norm="example", log_every=1, variant_chunk=4, trunk_cache=True),
-    lora=LoraConfig(r=8, alpha=16, targets=("all",), layers_from=-8),
-    eval=EvalConfig(format="coded", method="calibrated", batch_questions=8, min_effect=0.5, gen_questions=8,
-                    gen_tokens=64),
+                      loss_norm="example", log_every=1, variant_chunk=6, trunk_cache=True),
+    lora=LoraConfig(r=8, alpha=16, targets=("all",), layers_from=-6),
+    eval=EvalConfig(format="coded", method="calibrated", batch_questions=16, min_effect=0.5, gen_questions=6,
+                    gen_tokens=48),
     note="The README's main job: seed 000 on the embedded default with a decoy-controlled test set, a decoy "
          "control, a target-specific primary metric and seed-level statistics, sized for about ten minutes on two "
-         "free CPU cores (30 variants x 5 steps x 4 rows, LoRA on the top 8 layers; 31 models x 112 questions "
+         "free CPU cores (30 variants x 5 steps x 4 rows, LoRA on the top 6 layers; 31 models x 112 questions "
          "scored; 7 models generate).",
 )
