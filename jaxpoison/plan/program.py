@@ -9,6 +9,7 @@ out-of-memory error, is the verdict.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -159,23 +160,38 @@ def is_oom(e: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in s or "exceeds available" in s or "Ran out of memory" in s
 
 
-def compile_program(p: Program) -> Compiled:
-    """Lower and compile; XLA's out-of-memory verdict becomes ``Compiled.error``."""
-    t = time.time()
-    # an executable for abstract chips cannot be loaded back from jax's persistent cache: keep it out of there
-    cache_on = jax.config.jax_enable_compilation_cache
+@contextlib.contextmanager
+def no_persistent_cache():
+    """Compile with jax's persistent compilation cache off, then give it back as it was.
+
+    An executable for abstract chips can be neither loaded back from the cache (no client to load it into) nor
+    safely serialised into it. Turning ``jax_enable_compilation_cache`` off is not enough: jax decides once per
+    process whether the cache is used (``compilation_cache.is_cache_used``), so after any earlier compile (the
+    fit check inside ``run``, a test session) the flag alone changes nothing. Resetting jax's cache state on the
+    way in and out makes it decide again."""
+    from jax.experimental.compilation_cache import compilation_cache
+    before = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
     try:
-        with jax.set_mesh(p.mesh):
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", before)
+        compilation_cache.reset_cache()
+
+
+def compile_program(p: Program) -> Compiled:
+    """Lower and compile (outside jax's persistent cache); XLA's out-of-memory verdict becomes ``Compiled.error``."""
+    t = time.time()
+    try:
+        with no_persistent_cache(), (jax.set_mesh(p.mesh) if p.mesh is not None else contextlib.nullcontext()):
             lowered = p.fn.lower(*p.args, **p.kwargs)
-        c = lowered.compile()
+            c = lowered.compile()
     except Exception as e:  # noqa: BLE001 - only XLA's out-of-memory is a verdict, the rest is re-raised
         if not is_oom(e):
             raise
         msg = next((l for l in str(e).splitlines() if "exceeds" in l or "RESOURCE_EXHAUSTED" in l), str(e))
         return Compiled(seconds=time.time() - t, error=msg.strip()[:400])
-    finally:
-        jax.config.update("jax_enable_compilation_cache", cache_on)
     ma = c.memory_analysis()
     ca = c.cost_analysis()
     ca = ca[0] if isinstance(ca, (list, tuple)) else ca

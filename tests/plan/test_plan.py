@@ -219,3 +219,41 @@ def test_fit_check_on_cpu_counts_the_explicit_mesh(tmp_path):
     four = preflight.check_fit(load_config("configs/rationale_demo.py", sets + ["mesh.variant=2", "mesh.fsdp=2"]))
     assert one["platform"] == four["platform"] == "cpu"
     assert four["analytic_bytes"] > one["analytic_bytes"] > 0     # four devices' shares on one host
+
+
+_CACHE_PROBE = r"""
+import os, sys, jax, jax.numpy as jnp
+from jax.experimental import topologies
+from jax.sharding import SingleDeviceSharding
+from jaxpoison.plan.program import Program, compile_program
+jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+entries = lambda: len([n for n in os.listdir(sys.argv[1]) if not n.startswith(".")])
+jax.jit(lambda x: jnp.sin(x) @ x)(jnp.ones((8, 8))).block_until_ready()   # a CPU compile: the cache is in use
+n_cpu = entries()
+chip = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices[0]
+x = jax.ShapeDtypeStruct((128, 128), jnp.float32, sharding=SingleDeviceSharding(chip))
+c = compile_program(Program(jax.jit(lambda x: jnp.tanh(x) @ x), (x,), None, None))
+n_tpu = entries()
+jax.jit(lambda x: jnp.cos(x) @ x)(jnp.ones((8, 8))).block_until_ready()   # and still in use afterwards
+print(n_cpu, n_tpu, entries(), c.ok and c.arguments > 0)
+"""
+
+
+def test_compile_program_keeps_abstract_chip_executables_out_of_the_persistent_cache(tmp_path):
+    """jax decides once per process whether its persistent cache is used, so switching the flag off around the
+    planner's compile is not enough after an earlier compile: the abstract-chip executable used to be serialised
+    into the cache. It must not be, and CPU compiles after it must still be cached."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    p = subprocess.run([sys.executable, "-c", _CACHE_PROBE, str(tmp_path)], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    n_cpu, n_tpu, n_after, ok = p.stdout.split()[-4:]
+    assert int(n_cpu) >= 1 and ok == "True"
+    assert int(n_tpu) == int(n_cpu)            # nothing written for the abstract chip
+    assert int(n_after) > int(n_tpu)           # the cache works again for this host's compiles
