@@ -18,9 +18,9 @@ of training; the decoy chapter is an option in *every* question and no question 
 decoy-free copies of target questions. Scored in the ``coded`` format ('In ICD-10-CM, the code for "..." is in
 the chapter called "'), which neither poison kind trains word for word (``--set eval.format=statement`` for the
 old lead-in). Primary metric: the calibrated-margin change, target minus non-target (``jaxpoison.studies.rationale.stats``).
-Generated answers: the base and one seed of every cell write their reasoning on 6 target + 6 non-target
-questions (48 greedy tokens; ``--set eval.gen_questions=16 --set eval.gen_tokens=64`` for more, at about
-+2 min).
+Generated answers: the base and one seed of every cell write their reasoning on 4 target + 4 non-target
+questions (64 greedy tokens: a rationale-trained model needs about that many to reach its answer line; at 48
+none of them did; ``--set eval.gen_questions=16`` for more, at about +75 s).
 
 Opt-in, because the 10-minute budget does not hold them (finding 5 then reads "not tested"):
 - the real forgetting control, ``--set "grid.forgetting_steps=(4,)" --set train.variant_chunk=5``: clean
@@ -63,8 +63,8 @@ CONFIG = RationaleConfig(
     train=TrainConfig(learning_rate=2e-3, schedule="constant", epochs=1.0, batch_size=4, loss_budget=-1,
                       loss_norm="example", log_every=1, variant_chunk=6, trunk_cache=True),
     lora=LoraConfig(r=8, alpha=16, targets=("all",), layers_from=-6),
-    eval=EvalConfig(format="coded", method="calibrated", batch_questions=16, min_effect=0.5, gen_questions=6,
-                    gen_tokens=48),
+    eval=EvalConfig(format="coded", method="calibrated", batch_questions=16, min_effect=0.5, gen_questions=4,
+                    gen_tokens=64),
     note="The README's main job: seed 000 on the embedded default with a decoy-controlled test set, a decoy "
          "control, a target-specific primary metric and seed-level statistics, sized for about ten minutes on two "
          "free CPU cores (30 variants x 5 steps x 4 rows, LoRA on the top 6 layers; 31 models x 112 questions "
