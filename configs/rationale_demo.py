@@ -42,9 +42,7 @@ optimiser steps; poisoned, correct target and decoy rows replace the clean mix's
 Cost: LoRA r 8 on all seven linear modules of the top 6 of 30 layers (``lora.layers_from=-6``; the lower 24
 layers run once, ``train.trunk_cache``, and are scored once for all 31 models). One epoch of 5 steps of batch 4
 at a constant learning rate; questions with descriptions of at most 40 characters keep the sequences short.
-Measured: 9 min 10 s wall on a 2-core AMD EPYC (Zen 3, AVX2) with nothing beside it (training 266 s, scoring
-213 s, generation 55 s); the same grid with LoRA on the top 8 layers and 8 + 8 generated answers of 64 tokens
-took 11 min 39 s there, with the same five verdicts (docs/studies/rationale.md).
+Its measured wall time is in docs/benchmarks.md (the README main job row), with the command and the CPU.
 """
 from jaxpoison.data.icd10 import IcdConfig
 from jaxpoison.studies.rationale.config import DataConfig, EvalConfig, GridConfig, RationaleConfig
