@@ -3,7 +3,7 @@
 :func:`load_hf_base` reads each array straight into its target sharding and dtype (:class:`Checkpoint` reads
 byte ranges of the files; ``jax.make_array_from_callback`` asks it for what each device owns), so a host never
 holds the whole model, nor an fp32 copy of a bf16 one: peak host memory while loading stays within 1.3x the
-model's size in the target dtype (tests/models/test_hf_loader.py measures it on a 2 GB checkpoint).
+model's size in the target dtype (tests/models/test_hf_loader.py measures it on a 1.7 GB checkpoint).
 
 A model is a local directory (``config.json`` + ``model.safetensors`` or ``model.safetensors.index.json`` with
 shards) or a hub id, which ``huggingface_hub`` resolves into such a directory (only where the hub is
