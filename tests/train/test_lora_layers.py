@@ -132,7 +132,8 @@ def test_dropout_split_path_draws_distinct_masks_per_layer():
     lora = _top_lora(cfg, lc)
     st = Static(cfg, TrainConfig(), lc)
     st0 = Static(cfg, TrainConfig(), dataclasses.replace(lc, dropout=0.0))
-    l = lambda st, key: float(loss_terms(lora, base, toks, lm, am, jax.random.PRNGKey(key), st)[0])
+    loss = jax.jit(loss_terms, static_argnums=6)        # one program per Static, not op by op
+    l = lambda st, key: float(loss(lora, base, toks, lm, am, jax.random.PRNGKey(key), st)[0])
     assert l(st, 1) == l(st, 1)
     assert l(st, 1) != l(st, 2)
     assert l(st, 1) != l(st0, 1)
@@ -268,8 +269,9 @@ def test_trunk_cache_trains_the_same_adapters():
     st = Static(cfg, TrainConfig(), LoraConfig(r=4, alpha=8, targets=("q", "v", "down"), layers_from=2))
     args = (lora, base, jnp.asarray(sd.tokens[rows]), jnp.asarray(sd.loss_mask[rows]), jnp.asarray(sd.attn_mask[rows]),
             jax.random.PRNGKey(0), st)
-    (l0, n0), g0 = jax.value_and_grad(loss_terms, has_aux=True)(*args)
-    (l1, n1), g1 = jax.value_and_grad(loss_terms, has_aux=True)(*args, whole[rows])
+    grad = jax.jit(jax.value_and_grad(loss_terms, has_aux=True), static_argnums=6)     # one program each way,
+    (l0, n0), g0 = grad(*args)                                                          # not op by op
+    (l1, n1), g1 = grad(*args, whole[rows])
     assert n0 == n1 and abs(float(l0 - l1)) <= 1e-5 * abs(float(l0))
     for x, y in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
         np.testing.assert_allclose(y, x, atol=1e-5 * float(jnp.abs(x).max()) + 1e-9)
