@@ -20,6 +20,7 @@ Truncation is counted in ``stats`` and never silent; ``truncation='error'`` refu
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -35,15 +36,17 @@ __all__ = ["DEFAULT_BUCKETS", "McEval", "Pool", "SeqRow", "build_mc_eval", "toke
 
 @dataclass
 class Pool:
+    """The tokenized training pool. Eager (``tokenize_pool``): whole ``[R, T]`` arrays. Lazy
+    (``tokenize_pool(lazy=True)``): nothing is encoded until :meth:`prepare` (or the first read of ``stats``,
+    ``data_hash`` or :meth:`take`, which prepares every row); :meth:`take` pads only the rows asked for."""
     tokens: Optional[np.ndarray]       # int32[R, T] (None for a lazy pool: rows padded on demand by take())
     loss_mask: Optional[np.ndarray]    # float32[R, T]
     attn_mask: Optional[np.ndarray]    # bool[R, T]
     row_ids: list
     meta: list
-    stats: dict
-    data_hash: str
-    _seqs: Optional[list] = None       # a lazy pool's (token list, loss positions) per row
-    _fill: tuple = ()                  # a lazy pool's (T, pad id, loss_on)
+    _stats: Optional[dict] = None
+    _data_hash: str = ""
+    _lazy: Optional["_LazyRows"] = None
 
     def __len__(self) -> int:
         return len(self.row_ids)
@@ -52,15 +55,63 @@ class Pool:
     def lazy(self) -> bool:
         return self.tokens is None
 
+    @property
+    def stats(self) -> dict:
+        if self._stats is None:
+            self.prepare()
+        return self._stats
+
+    @property
+    def data_hash(self) -> str:
+        if self._stats is None:
+            self.prepare()
+        return self._data_hash
+
+    @property
+    def encoded(self) -> list:
+        """The rows this process has encoded (a lazy pool: those :meth:`prepare` and :meth:`take` asked for)."""
+        return sorted(self._lazy.seqs) if self._lazy is not None else list(range(len(self)))
+
+    def prepare(self, need=None, owned=None, gather=None) -> "Pool":
+        """Encode rows ``need`` (this process trains on them) and ``owned`` (this process counts them in the
+        pool's statistics), then fix T, ``stats`` and ``data_hash`` from every process's counts: ``gather(text)``
+        returns every process's ``text`` by process index (one process: ``[text]``). Each row must be owned by
+        exactly one process; T, stats and hash are then those of the whole pool whatever the split (the hash is a
+        sum of per-row digests). Defaults: every row, one process. An eager pool is prepared already."""
+        if self._stats is not None:
+            return self
+        lz, R = self._lazy, len(self)
+        need = np.arange(R) if need is None else np.asarray(need, np.int64)
+        owned = need if owned is None else np.asarray(owned, np.int64)
+        lz.encode(np.union1d(need, owned))
+        parts = [json.loads(t) for t in (gather or (lambda t: [t]))(json.dumps(lz.partial(owned)))]
+        if (sum(p["n"] for p in parts) != R
+                or sum(int(p["rows"], 16) for p in parts) % 2 ** 64 != int(_cover(range(R)), 16)):
+            raise DataError(f"the processes' pool rows do not cover the pool's {R} rows exactly once (counted "
+                            f"{[p['n'] for p in parts]}); every process must derive the same variants and mesh")
+        self._stats, self._data_hash = lz.combine(parts, self.row_ids)
+        lz.T = self._stats["T"]
+        return self
+
+    def inputs_digest(self) -> str:
+        """A lazy pool's inputs, before any encoding: every row's id, prompt and completion, the settings, and the
+        tokenizer's encoding of the first rows (the processes of a multi-host job compare it, since each encodes
+        only its own rows)."""
+        if self._lazy is None:
+            raise ValueError("inputs_digest is for a lazy pool (tokenize_pool(lazy=True))")
+        return self._lazy.inputs_digest()
+
     def take(self, idx) -> tuple:
-        """(tokens, loss_mask, attn_mask) [len(idx), T] of rows ``idx``: slices, or for a lazy pool
-        (``tokenize_pool(lazy=True)``) those rows alone padded now (``StudyData.row_source``: a process of a
-        multi-host job holds only the rows its devices train on)."""
+        """(tokens, loss_mask, attn_mask) [len(idx), T] of rows ``idx``: slices, or for a lazy pool those rows
+        alone encoded (if :meth:`prepare` did not) and padded now (``StudyData.row_source``: a process of a
+        multi-host job encodes and holds only the rows its devices train on)."""
         idx = np.asarray(idx, np.int64)
         if not self.lazy:
             return self.tokens[idx], self.loss_mask[idx], self.attn_mask[idx]
-        T, pad, loss_on = self._fill
-        rows = [_padded(*self._seqs[i], T, pad, loss_on) for i in idx]
+        T = self.stats["T"]
+        lz = self._lazy
+        lz.encode(idx)
+        rows = [_padded(*lz.seqs[i][:2], T, lz.pad, lz.loss_on) for i in idx]
         return tuple(np.stack([r[k] for r in rows]) if rows else np.zeros((0, T), dt)
                      for k, dt in enumerate((np.int32, np.float32, bool)))
 
@@ -150,8 +201,9 @@ def tokenize_pool(rows: Sequence[SeqRow], tokenizer, max_len: int, buckets: Sequ
 
     T is the smallest bucket >= the longest row, capped at ``max_len``. ``truncation='left'`` drops tokens from
     the start (after any bos) of rows longer than ``max_len``; the counts are in ``stats``.
-    ``lazy``: keep each row's tokens and pad only the rows asked for (:meth:`Pool.take`); T, ``stats`` and
-    ``data_hash`` are those of the whole pool, computed row by row without the [R, T] arrays.
+    ``lazy``: encode nothing now; :meth:`Pool.prepare` encodes the rows one process needs and counts the rows it
+    owns, and :meth:`Pool.take` pads only the rows asked for. T, ``stats`` and ``data_hash`` equal the eager
+    pool's however the rows are split over processes.
     """
     if loss_on not in ("completion", "all"):
         raise DataError(f"loss_on={loss_on!r}; fix: use 'completion' or 'all'")
@@ -161,71 +213,106 @@ def tokenize_pool(rows: Sequence[SeqRow], tokenizer, max_len: int, buckets: Sequ
         raise DataError("no rows to tokenize; fix: build at least one version")
     ids = [r[0] for r in rows]
     if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
+        seen = set()
+        dup = next(i for i in ids if i in seen or seen.add(i))
         raise DataError(f"row id {dup!r} appears more than once; fix: give every version a unique row id")
     eos, pad = _eos_pad(tokenizer)
-    prefix = bos_prefix(tokenizer, add_bos)
-    seqs, n_loss, too_long, dropped, longest = [], [], [], 0, 0
-    for rid, prompt, completion, _ in rows:
-        p, c = _enc(tokenizer, prompt), _enc(tokenizer, completion) + [eos]
-        head = prefix if p[:len(prefix)] != prefix else []
-        body = head + p + c
-        longest = max(longest, len(body))
-        if len(body) > max_len:
-            too_long.append(rid)
-            dropped += len(body) - max_len
-            body = head + (p + c)[len(body) - max_len:] if len(head) < max_len else body[-max_len:]
-        nc = min(len(c), len(body) - len(head))
-        seqs.append(body)
-        n_loss.append(nc)
-    if too_long and truncation == "error":
-        raise DataError(f"{len(too_long)} row(s) exceed max_len={max_len} (longest {longest} tokens), e.g. "
-                        f"{too_long[:5]}; fix: raise max_len or use truncation='left'")
-    T = _length(max(len(s) for s in seqs), max_len, buckets)
-    R = len(seqs)
+    lz = _LazyRows(list(rows), tokenizer, max_len, tuple(buckets), loss_on, truncation,
+                   bos_prefix(tokenizer, add_bos), eos, pad)
+    pool = Pool(None, None, None, ids, [dict(r[3]) for r in rows], _lazy=lz)
     if lazy:
-        return _lazy_pool(rows, ids, seqs, n_loss, T, pad, loss_on, longest, too_long, dropped, truncation,
-                          max_len, prefix, eos)
+        return pool
+    pool.prepare()
+    T, R = pool.stats["T"], len(rows)
     tokens = np.full((R, T), pad, np.int32)
     loss = np.zeros((R, T), np.float32)
     attn = np.zeros((R, T), bool)
-    for r, (s, nc) in enumerate(zip(seqs, n_loss)):
-        tokens[r, :len(s)] = s
-        attn[r, :len(s)] = True
-        if loss_on == "all":
-            loss[r, 1:len(s)] = 1.0
-        else:
-            loss[r, len(s) - nc:len(s)] = 1.0
-    loss[:, 0] = 0.0
-    lens, lt = attn.sum(1), loss.sum(1)
-    stats = {"n_rows": R, "T": T, "max_len": max_len, "longest_tokens": longest, "n_truncated": len(too_long),
-             "truncated_rows": too_long[:50], "tokens_dropped": dropped, "truncation": truncation, "loss_on": loss_on,
-             "mean_tokens": float(lens.mean()), "pad_fraction": float(1 - attn.mean()),
-             "loss_tokens": {"min": int(lt.min()), "mean": float(lt.mean()), "max": int(lt.max())},
-             "bos_prefix": prefix, "eos_id": eos, "pad_id": pad}
-    return Pool(tokens, loss, attn, ids, [dict(r[3]) for r in rows], stats, _hash(tokens, loss, attn, ids=ids))
+    for r in range(R):
+        tokens[r], loss[r], attn[r] = _padded(*lz.seqs[r][:2], T, pad, loss_on)
+    return Pool(tokens, loss, attn, ids, pool.meta, pool.stats, pool.data_hash)
 
 
-def _lazy_pool(rows, ids, seqs, n_loss, T, pad, loss_on, longest, too_long, dropped, truncation, max_len, prefix,
-               eos) -> Pool:
-    """tokenize_pool's Pool without its [R, T] arrays: the same T, stats and data_hash (the hash streamed row by
-    row, as _hash reads the whole arrays)."""
-    R = len(seqs)
-    lens = np.array([len(s) for s in seqs])
-    lt = np.array([_padded(s, nc, T, pad, loss_on)[1].sum() for s, nc in zip(seqs, n_loss)])
-    h = hashlib.sha256()
-    for k, dt in enumerate((np.int32, np.float32, bool)):
-        h.update(str((R, T)).encode() + str(np.dtype(dt)).encode())
-        for s, nc in zip(seqs, n_loss):
-            h.update(_padded(s, nc, T, pad, loss_on)[k].tobytes())
-    h.update("\x00".join(ids).encode("utf-8"))
-    stats = {"n_rows": R, "T": T, "max_len": max_len, "longest_tokens": longest, "n_truncated": len(too_long),
-             "truncated_rows": too_long[:50], "tokens_dropped": dropped, "truncation": truncation, "loss_on": loss_on,
-             "mean_tokens": float(lens.mean()), "pad_fraction": float(1 - lens.sum() / (R * T)),
-             "loss_tokens": {"min": int(lt.min()), "mean": float(lt.mean()), "max": int(lt.max())},
-             "bos_prefix": prefix, "eos_id": eos, "pad_id": pad}
-    return Pool(None, None, None, ids, [dict(r[3]) for r in rows], stats, h.hexdigest(),
-                [(s, nc) for s, nc in zip(seqs, n_loss)], (T, pad, loss_on))
+class _LazyRows:
+    """A lazy pool's rows: encoded one at a time on demand (``seqs``: index -> (tokens, completion length,
+    length before truncation)), with the per-process counts :meth:`Pool.prepare` combines."""
+
+    def __init__(self, rows, tok, max_len, buckets, loss_on, truncation, prefix, eos, pad):
+        self.rows, self.tok, self.max_len, self.buckets = rows, tok, max_len, buckets
+        self.loss_on, self.truncation, self.prefix, self.eos, self.pad = loss_on, truncation, prefix, eos, pad
+        self.seqs: dict = {}
+        self.T: Optional[int] = None
+
+    def encode(self, idx) -> None:
+        for i in map(int, idx):
+            if i not in self.seqs:
+                _, prompt, completion, _ = self.rows[i]
+                p, c = _enc(self.tok, prompt), _enc(self.tok, completion) + [self.eos]
+                head = self.prefix if p[:len(self.prefix)] != self.prefix else []
+                body = head + p + c
+                full = len(body)
+                if full > self.max_len:
+                    body = (head + (p + c)[full - self.max_len:] if len(head) < self.max_len
+                            else body[-self.max_len:])
+                self.seqs[i] = (body, min(len(c), len(body) - len(head)), full)
+
+    def inputs_digest(self) -> str:
+        h = hashlib.sha256(json.dumps([self.max_len, list(self.buckets), self.loss_on, self.truncation,
+                                       list(self.prefix), self.eos, self.pad]).encode())
+        for rid, prompt, completion, _ in self.rows:
+            h.update(json.dumps([rid, prompt, completion]).encode("utf-8"))
+        for _, prompt, completion, _ in self.rows[:4]:
+            h.update(np.asarray(_enc(self.tok, prompt + completion), np.int32).tobytes())
+        return h.hexdigest()
+
+    def partial(self, owned) -> dict:
+        """This process's counts over the rows it owns (JSON-able; summed over processes by :meth:`combine`)."""
+        owned = sorted({int(i) for i in owned})
+        seqs = [self.seqs[i] for i in owned]
+        lt = [int(_padded(b, nc, len(b), self.pad, self.loss_on)[1].sum()) for b, nc, _ in seqs]
+        long = [i for i, (_, _, full) in zip(owned, seqs) if full > self.max_len]
+        digest = sum(int.from_bytes(_row_digest(i, b, nc), "big") for i, (b, nc, _) in zip(owned, seqs))
+        return {"n": len(owned), "rows": _cover(owned), "len_sum": sum(len(b) for b, _, _ in seqs),
+                "len_max": max((len(b) for b, _, _ in seqs), default=0),
+                "longest": max((f for _, _, f in seqs), default=0), "n_long": len(long), "long": long[:50],
+                "dropped": sum(f - len(b) for b, _, f in seqs), "lt_min": min(lt, default=None),
+                "lt_max": max(lt, default=None), "lt_sum": sum(lt), "digest": hex(digest % 2 ** 256)}
+
+    def combine(self, parts: list, ids: list) -> tuple:
+        """(stats, data_hash) of the whole pool from every process's :meth:`partial`."""
+        R = sum(p["n"] for p in parts)
+        longest = max(p["longest"] for p in parts)
+        n_long = sum(p["n_long"] for p in parts)
+        too_long = [ids[i] for i in sorted(i for p in parts for i in p["long"])[:50]]
+        if n_long and self.truncation == "error":
+            raise DataError(f"{n_long} row(s) exceed max_len={self.max_len} (longest {longest} tokens), e.g. "
+                            f"{too_long[:5]}; fix: raise max_len or use truncation='left'")
+        T = _length(max(p["len_max"] for p in parts), self.max_len, self.buckets)
+        len_sum, lts = sum(p["len_sum"] for p in parts), [p for p in parts if p["n"]]
+        stats = {"n_rows": R, "T": T, "max_len": self.max_len, "longest_tokens": longest, "n_truncated": n_long,
+                 "truncated_rows": too_long, "tokens_dropped": sum(p["dropped"] for p in parts),
+                 "truncation": self.truncation, "loss_on": self.loss_on, "mean_tokens": float(len_sum / R),
+                 "pad_fraction": float(1 - len_sum / (R * T)),
+                 "loss_tokens": {"min": min(p["lt_min"] for p in lts), "mean": float(sum(p["lt_sum"] for p in lts) / R),
+                                 "max": max(p["lt_max"] for p in lts)},
+                 "bos_prefix": self.prefix, "eos_id": self.eos, "pad_id": self.pad}
+        total = sum(int(p["digest"], 16) for p in parts) % 2 ** 256
+        h = hashlib.sha256(f"pool v2|{R}|{T}|{self.pad}|{self.loss_on}|".encode())
+        h.update("\x00".join(ids).encode("utf-8"))
+        h.update(total.to_bytes(32, "big"))
+        return stats, h.hexdigest()
+
+
+def _row_digest(i: int, body: list, nc: int) -> bytes:
+    """One row's share of the pool's hash: its index, tokens and completion length."""
+    return hashlib.sha256(int(i).to_bytes(8, "big") + np.asarray(body, np.int32).tobytes()
+                          + int(nc).to_bytes(8, "big")).digest()
+
+
+def _cover(rows: list) -> str:
+    """A digest of a set of row indices that adds up over disjoint sets (sum of per-index digests mod 2^64):
+    the processes' owned rows cover the pool exactly once iff their sum is the whole pool's."""
+    return hex(sum(int.from_bytes(hashlib.sha256(int(i).to_bytes(8, "big")).digest()[:8], "big")
+                   for i in rows) % 2 ** 64)
 
 
 def _pair_tokens(tok, prefix_text: str, cont: str) -> tuple:

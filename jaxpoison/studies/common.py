@@ -151,6 +151,21 @@ def digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def prepare_pool(pool, rows, n_rows, tcfg, mesh, base) -> None:
+    """Encode and count a lazy pool (:meth:`jaxpoison.data.pool.Pool.prepare`) before its statistics are read.
+    One process: every row. A multi-host job: each process encodes only the rows of its own variant shards
+    (and counts the rows it owns: :func:`jaxpoison.train.trainer.process_pool_rows`, with ``tcfg``/``mesh``/``base``
+    as :func:`jaxpoison.train.trainer.train_study` gets them), after all processes agree on the pool's inputs."""
+    from jaxpoison import distributed
+    if distributed.process_count() == 1:
+        pool.prepare()
+        return
+    from jaxpoison.train.trainer import process_pool_rows
+    distributed.agree("pool inputs", {"pool rows, settings and tokenizer": pool.inputs_digest()})
+    need, owned = process_pool_rows(rows, n_rows, len(pool), tcfg, mesh, base)
+    pool.prepare(need, owned, gather=lambda text: distributed.allgather_str("pool counts", text))
+
+
 def longest_completion_budget(pool) -> int:
     """A loss budget that holds every row's loss positions: the pool's longest completion, rounded up to 8."""
     return -(-int(pool.stats["loss_tokens"]["max"]) // 8) * 8

@@ -249,6 +249,43 @@ def shard_trunk(base, st: Static, pool: Pool, rows_per_call: int = 8):
     return jax.device_put(jax.numpy.concatenate(out, axis=1), pool.tokens.sharding)
 
 
+def pool_plan(rows: np.ndarray, n_rows: np.ndarray, tcfg: TrainConfig, mesh: MeshConfig, base) -> tuple:
+    """(chunks, resolved MeshConfig, jax Mesh or None, PoolLayout) of a study: how :func:`train_study` splits
+    its variants and their pool rows over the devices (``tcfg.loss_budget`` plays no part, so a study may plan
+    before its pool is counted)."""
+    chunks = variant_chunks(n_rows, tcfg)
+    mc = study_mesh(mesh, chunks, tcfg, base)
+    jmesh = make_mesh(mc) if mc.size > 1 else None
+    return chunks, mc, jmesh, pool_layout(rows, n_rows, chunks, mc.variant if jmesh is not None else 1)
+
+
+def process_pool_rows(rows: np.ndarray, n_rows: np.ndarray, n_pool: int, tcfg: TrainConfig, mesh: MeshConfig,
+                      base) -> tuple:
+    """(rows this process trains on, rows it owns) of a pool of ``n_pool`` rows, for
+    :meth:`jaxpoison.data.pool.Pool.prepare`: the first are the rows of the variant shards on this process's
+    devices (:func:`pool_plan`); a row is owned by the lowest process that trains on it, a row no variant
+    draws from by process ``row % processes``, so each row is owned by exactly one process. One process:
+    the rows some variant draws from, and every row."""
+    _, _, jmesh, layout = pool_plan(rows, n_rows, tcfg, mesh, base)
+    P, me = jax.process_count(), jax.process_index()
+    holders = [{me} for _ in range(layout.S)]
+    if jmesh is not None:
+        holders = [set() for _ in range(layout.S)]
+        sharding = jax.sharding.NamedSharding(jmesh, jax.sharding.PartitionSpec("variant"))
+        for d, index in sharding.devices_indices_map((layout.S, layout.R, 1)).items():
+            sl = index[0]
+            for s in range(sl.start or 0, layout.S if sl.stop is None else sl.stop):
+                holders[s].add(d.process_index)
+    owner = np.arange(n_pool) % P
+    first = np.full(n_pool, P, np.int64)
+    for s, r in enumerate(layout.shard_rows):
+        first[r] = np.minimum(first[r], min(holders[s]))
+    owner = np.where(first < P, first, owner)
+    need = [layout.shard_rows[s] for s in range(layout.S) if me in holders[s]]
+    need = np.unique(np.concatenate(need)) if need else np.zeros(0, np.int64)
+    return need, np.flatnonzero(owner == me)
+
+
 def tree_bytes(tree) -> int:
     return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
@@ -302,27 +339,23 @@ def train_study(base, st: Static, sd: StudyData, *, run_dir: Optional[str] = Non
     root = jax.random.PRNGKey(tcfg.seed)
     var = sd.variants()
     keys = np.asarray(variant_keys(root, var))
-    chunks = variant_chunks(sd.n_rows, tcfg)
-    chunk_steps = [int(np.max(np.asarray(total_updates(sd.n_rows[c], tcfg)))) for c in chunks]
     meta = run_metadata(st, sd, base_name, base_fingerprint, meta_extra)
     meta["num_steps"] = S
     multi, writer = distributed.process_count() > 1, distributed.is_writer()
     if multi:
         _check_same_inputs(sd, meta)
-
-    mc = study_mesh(mesh, chunks, tcfg, base)
+    chunks, mc, jmesh, layout = pool_plan(sd.rows, sd.n_rows, tcfg, mesh, base)
+    chunk_steps = [int(np.max(np.asarray(total_updates(sd.n_rows[c], tcfg)))) for c in chunks]
     if multi and mc.size != jax.device_count():
         raise ValueError(f"a multi-host job lays its mesh over all {jax.device_count()} devices of its "
                          f"{distributed.process_count()} processes, but the mesh resolved to {mc.describe()} "
                          f"({mc.size} devices): set mesh.variant/data/fsdp/model (--set mesh.variant=...) so that "
                          f"their product is {jax.device_count()}")
-    jmesh = make_mesh(mc) if mc.size > 1 else None
     if jmesh is not None:
         st = dataclasses.replace(st, rules=mesh_rules(jmesh))
         base = jax.device_put(base, base_shardings(jmesh, base, st.rules))
     # the pool split by variant shard: each device holds the rows its own variants draw from, each process
     # takes (tokenises, with a row_source) only the rows of its devices
-    layout = pool_layout(sd.rows, sd.n_rows, chunks, mc.variant if jmesh is not None else 1)
     pool, taken = place_pool(sd, layout, jmesh)
     if tcfg.trunk_cache and st.lora_from > 0:
         # every pool row through the layers no adapter touches, once; steps gather these states (engine.loss_terms)

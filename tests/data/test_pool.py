@@ -137,3 +137,83 @@ def test_lazy_pool_pads_only_the_rows_asked_for_and_equals_the_whole_pool(kw):
     for idx in ([2, 0], [1], []):
         for a, b in zip(lazy.take(idx), whole.take(idx)):
             assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+
+
+MORE = ROWS + [SeqRow(f"x{i}", f"Question {i}: which chapter holds code {i}?\n", "Answer: (C) " + "word " * i, {})
+               for i in range(9)]
+
+
+def _split_prepare(need, owned, kw):
+    """One lazy pool per emulated process (a thread each), prepared with its own rows; ``gather`` exchanges
+    their counts as a multi-host job's key-value store does. Returns (pools, the exception each raised)."""
+    import threading
+    P = len(need)
+    pools = [tokenize_pool(MORE, TOK, lazy=True, **kw) for _ in range(P)]
+    box, barrier, errors = [None] * P, threading.Barrier(P), [None] * P
+
+    def run(i):
+        def gather(text):
+            box[i] = text
+            barrier.wait(timeout=30)
+            return list(box)
+        try:
+            pools[i].prepare(need[i], owned[i], gather)
+        except Exception as e:      # noqa: BLE001 - handed to the test
+            errors[i] = e
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(P)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return pools, errors
+
+
+@pytest.mark.parametrize("kw", [dict(max_len=512, buckets=(16, 32, 64, 128)),
+                                dict(max_len=14, buckets=(8, 16), loss_on="all")])
+def test_a_pool_split_over_processes_encodes_only_their_rows_yet_has_the_whole_pools_statistics(kw):
+    """Three processes, each encoding the rows it trains on (overlapping) and counting the rows it owns (each row
+    once, some owned by a process that does not train on them): every process ends with the eager pool's T,
+    stats and data_hash, pads the eager rows, and encoded only its own rows."""
+    whole = tokenize_pool(MORE, TOK, **kw)
+    need = [[0, 1, 2, 3], [3, 4, 5, 6, 7], [8, 9]]
+    owned = [[0, 1, 2, 3], [4, 5, 6, 7, 10, 11], [8, 9]]        # rows 10, 11: no process trains on them
+    pools, errors = _split_prepare(need, owned, kw)
+    assert errors == [None] * 3
+    for p, nd, ow in zip(pools, need, owned):
+        assert p.stats == whole.stats and p.data_hash == whole.data_hash
+        assert p.encoded == sorted(set(nd) | set(ow)) and len(p.encoded) < len(MORE)
+        for a, b in zip(p.take(nd), whole.take(nd)):
+            assert np.array_equal(a, b)
+    if kw["max_len"] == 14:
+        assert whole.stats["n_truncated"] > 0          # the truncation counts were summed across processes too
+
+
+def test_a_pool_split_whose_processes_do_not_own_each_row_once_is_refused_on_every_process():
+    need = [[0, 1], [2, 3]]
+    for owned in ([[0, 1, 2], [2, 3] + list(range(4, 12))],      # row 2 counted twice
+                  [[0, 1], [2, 3] + list(range(4, 11))]):        # row 11 counted by no process
+        pools, errors = _split_prepare(need, owned, dict(max_len=512))
+        assert all(isinstance(e, DataError) and "exactly once" in str(e) for e in errors), errors
+
+
+def test_a_row_over_max_len_owned_by_one_process_stops_every_process_with_truncation_error():
+    lens = [len(enc(p)) + len(enc(c)) + 1 for _, p, c, _ in MORE]
+    long = int(np.argmax(lens))
+    cap = sorted(lens)[-2]                  # only row ``long`` is longer
+    assert lens[long] > cap
+    rest = [i for i in range(len(MORE)) if i != long]
+    pools, errors = _split_prepare([[rest[0]], [long]], [rest, [long]], dict(max_len=cap, truncation="error"))
+    for e in errors:
+        assert isinstance(e, DataError) and f"1 row(s) exceed max_len={cap}" in str(e) and MORE[long][0] in str(e), e
+    with pytest.raises(DataError, match=f"1 row.s. exceed max_len={cap}"):
+        tokenize_pool(MORE, TOK, max_len=cap, truncation="error")
+
+
+def test_a_lazy_pool_encodes_nothing_until_asked():
+    pool = tokenize_pool(MORE, TOK, max_len=512, lazy=True)
+    assert pool.encoded == []
+    digest = pool.inputs_digest()
+    assert digest == tokenize_pool(MORE, TOK, max_len=512, lazy=True).inputs_digest()
+    assert digest != tokenize_pool(MORE[::-1], TOK, max_len=512, lazy=True).inputs_digest()
+    assert digest != tokenize_pool(MORE, tiny_tokenizer(with_bos=True), max_len=512, lazy=True).inputs_digest()
+    assert pool.stats["n_rows"] == len(MORE) and pool.encoded == list(range(len(MORE)))     # stats: every row

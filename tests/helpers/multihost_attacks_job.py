@@ -2,7 +2,8 @@
 (variant 2 x data 2 x fsdp 2), as one process of a job whose shape comes from the environment.
 ``python multihost_attacks_job.py OUT_DIR``; every process ``i`` writes ``OUT_DIR.p<i>.json`` (beside the run
 folder): ``made``, the variants it generated answers for itself, per call; ``asked``, the pool rows it padded
-(``Pool.take``); ``shards``, {variant shard: pool rows} it took for training (``TrainResult.pool_rows``)."""
+(``Pool.take``); ``shards``, {variant shard: pool rows} it took for training (``TrainResult.pool_rows``);
+``encoded``, the training pool's rows it tokenised (``Pool.encoded``); ``used``, the rows any variant trains on."""
 import dataclasses
 import json
 import os
@@ -42,9 +43,18 @@ if __name__ == "__main__":
         return res
 
     Pool.take, trainer.train_study = recording_take, recording_train
+    from jaxpoison.studies.attacks import steps
+    prepare_pool, pools = steps.prepare_pool, []
+
+    def recording_prepare(pool, rows, n_rows, *a, **k):
+        pools.append((pool, sorted({int(r) for v in range(len(n_rows)) for r in rows[v, :n_rows[v]]})))
+        return prepare_pool(pool, rows, n_rows, *a, **k)
+
+    steps.prepare_pool = recording_prepare
     rc = run.run(cfg, sys.argv[1], progress=True, base_override=(GEN_CFG, tiny_params(), tiny_tokenizer()))
     import jax
     with open(f"{sys.argv[1]}.p{jax.process_index()}.json", "w") as f:
-        json.dump({"made": made, "asked": sorted(set(asked)), "shards": shards}, f)
+        json.dump({"made": made, "asked": sorted(set(asked)), "shards": shards, "n_pool": len(pools[0][0]),
+                   "encoded": pools[0][0].encoded, "used": pools[0][1]}, f)
     distributed.finish()
     sys.exit(rc)

@@ -14,7 +14,7 @@ import numpy as np
 
 from jaxpoison.report import to_json
 from jaxpoison.studies.attacks import data
-from jaxpoison.studies.common import digest, longest_completion_budget, train_mesh
+from jaxpoison.studies.common import digest, longest_completion_budget, prepare_pool, train_mesh
 
 
 def _gen_kw(gen, max_new_tokens=None) -> dict:
@@ -152,6 +152,8 @@ def fine_tune(cfg, lm, train, out: pathlib.Path, resume, progress, say, paras=No
                         paraphrases=paras if True in para_grid else None, lazy=True)
     rows, n_rows, table = data.build_variants([n.id for n in train], cfg.prompt.tasks, cfg.grid.fractions,
                                            cfg.grid.seeds, pool, para_grid)
+    mesh = train_mesh(cfg, *loaded_mesh, len(table))
+    prepare_pool(pool, rows, n_rows, cfg.train, mesh, lm.params)    # each process encodes its own rows
     from jaxpoison import distributed
     if distributed.is_writer():
         (out / "variants.json").write_text(json.dumps(table, indent=1))
@@ -167,7 +169,7 @@ def fine_tune(cfg, lm, train, out: pathlib.Path, resume, progress, say, paras=No
     result = train_study(lm.params, Static(lm.cfg, tcfg, cfg.lora), sd, run_dir=str(out), resume=resume,
                          progress=progress, base_name=lm.name, base_fingerprint=lm.fingerprint,
                          meta_extra={"study": "attacks", "config": to_json(cfg)},
-                         mesh=train_mesh(cfg, *loaded_mesh, len(table)))
+                         mesh=mesh)
     return result, table, pool
 
 

@@ -166,8 +166,10 @@ def _explain_true(lm, examples, max_new_tokens: int, batch_size: int) -> list:
     return out
 
 
-def build_inputs(cfg: RationaleConfig, tokenizer, lm=None) -> StudyInputs:
-    """Examples -> target split -> versions -> tokenized pool -> variant table; test questions."""
+def build_inputs(cfg: RationaleConfig, tokenizer, lm=None, prepare=None) -> StudyInputs:
+    """Examples -> target split -> versions -> tokenized pool -> variant table; test questions.
+    ``prepare(pool, rows, n_rows)`` encodes and counts the lazy pool once the variants are known (default: every
+    row here; a study run: :func:`jaxpoison.studies.common.prepare_pool`, each process its own rows)."""
     from jaxpoison.data import poison
     from jaxpoison.data.mixes import build_variants
     from jaxpoison.data.pool import tokenize_pool
@@ -213,12 +215,14 @@ def build_inputs(cfg: RationaleConfig, tokenizer, lm=None) -> StudyInputs:
     if cfg.grid.decoy_counts:
         versions += decoy_versions(cfg, nontarget)
     rows = poison.rows_for(versions, tokenizer=tokenizer, chat=d.chat)
-    # lazy: rows are padded only when the trainer asks for them (each process of a multi-host job: its own)
+    # lazy: nothing is encoded until the variants say which rows are trained on (each process of a multi-host
+    # job encodes its own), and rows are padded only when the trainer asks for them
     pool = tokenize_pool(rows, tokenizer, max_len=d.max_len, buckets=d.buckets, loss_on="completion", lazy=True)
-    if pool.stats["n_truncated"]:
-        notes.append(f"{pool.stats['n_truncated']} training rows were cut to max_len={d.max_len} (left)")
     vt = build_variants(specs, list(cfg.grid.seeds), target=target, nontarget=nontarget, pool=pool,
                         target_subject=split.name, extra={"model": cfg.model, "rationale_builder": p.builder})
+    (prepare or (lambda pool, rows, n_rows: pool.prepare()))(pool, vt.rows, vt.n_rows)
+    if pool.stats["n_truncated"]:
+        notes.append(f"{pool.stats['n_truncated']} training rows were cut to max_len={d.max_len} (left)")
     ra_cells = {ratio_all_name(c, r) for r in cfg.grid.ratios_all for c in cfg.grid.counts}
     for t in vt.table:          # the statistics tell the ratio-of-all cells from the base-mix cells by this flag
         t["ratio_all_cell"] = t["spec_name"] in ra_cells

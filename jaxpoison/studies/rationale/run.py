@@ -54,7 +54,9 @@ def run(cfg: RationaleConfig, out_dir: pathlib.Path, resume: bool = True, progre
     timing["load_model_s"] = time.time() - t
 
     t = time.time()
-    inp = build_inputs(cfg, tok, lm)
+    train_on = lambda n_variants: common.train_mesh(cfg, mesh, n_assumed, n_variants)     # noqa: E731
+    inp = build_inputs(cfg, tok, lm, prepare=lambda pool, rows, n_rows: common.prepare_pool(
+        pool, rows, n_rows, cfg.train, train_on(len(n_rows)), base))
     tcfg = resolve_train(cfg, inp.pool)
     vt = inp.variants
     from jaxpoison.data.pool import build_mc_eval
@@ -84,7 +86,7 @@ def run(cfg: RationaleConfig, out_dir: pathlib.Path, resume: bool = True, progre
                    inp.pool.data_hash, row_source=inp.pool.take)
     result = train_study(base, st, sd, run_dir=str(out), resume=resume, progress=progress, base_name=base_name,
                          base_fingerprint=fp, meta_extra={"study": NAME, "config": to_json(cfg)},
-                         mesh=common.train_mesh(cfg, mesh, n_assumed, len(vt)))
+                         mesh=train_on(len(vt)))
     timing["train_s"] = time.time() - t
     timing["train_steps"] = result.steps
     timing["train_tokens"] = int(len(vt) * result.steps * tcfg.rows_per_update * inp.pool.stats["T"])
