@@ -219,7 +219,14 @@ def quantize_kernel(w, kind: str, double: bool = False) -> QuantKernel:
         return abstract_kernel(w.shape, "nf4-dq" if double else kind)
     flat = w.reshape((-1, i, o)) if lead else w[None]
     fn = _int8_layer if kind == "int8" else _nf4_layer
-    parts = [fn(jnp.asarray(flat[n])) for n in range(flat.shape[0])]
+    # a kernel over several devices: one layer's program (its collectives, where ``in`` is split across blocks)
+    # at a time; XLA:CPU's devices deadlock with several collective programs in flight
+    sync = isinstance(w, jax.Array) and len(w.sharding.device_set) > 1
+    parts = []
+    for n in range(flat.shape[0]):
+        parts.append(fn(jnp.asarray(flat[n])))
+        if sync:
+            jax.block_until_ready(parts[-1])
     codes = jnp.stack([p[0] for p in parts])
     scale = jnp.stack([p[1] for p in parts])
     scale2 = offset = None
@@ -233,7 +240,7 @@ def quantize_kernel(w, kind: str, double: bool = False) -> QuantKernel:
                     kind="nf4-dq" if double else kind, in_features=i)
     sharding = getattr(w, "sharding", None)
     if isinstance(sharding, jax.sharding.NamedSharding):
-        q = jax.tree.map(lambda x: jax.device_put(x, like_kernel(sharding, x.shape)), q)
+        q = jax.tree.map(lambda x: jax.block_until_ready(jax.device_put(x, like_kernel(sharding, x.shape))), q)
     return q
 
 

@@ -96,8 +96,10 @@ def test_two_processes_train_the_adapters_of_one_process_with_8_devices(runs):
 
 
 def test_each_process_tokenises_and_holds_only_the_pool_rows_of_its_own_variants(runs):
-    """Each process asked its row source only for the rows of the variants on its devices (4 of the 8 variant
-    shards), and its addressable pool shards are those rows alone; the 1-process job asked for every used row."""
+    """Each process tokenised only the rows of the variants on its devices (4 of the 8 variant shards), plus its
+    share of the rows no variant trains on (counted in the pool's statistics), and padded for the trainer only
+    its own rows; its addressable pool shards are those rows alone. The pool's T, statistics and hash are the
+    1-process job's, which tokenised every row and padded every used one."""
     from tiny import tiny_study
     sd = tiny_study(V=8, R=48)
     own = [set(sd.rows[v, :sd.n_rows[v]].tolist()) for v in range(8)]
@@ -115,6 +117,14 @@ def test_each_process_tokenises_and_holds_only_the_pool_rows_of_its_own_variants
     one = json.loads((runs / "one.npz.p0.json").read_text())
     assert set(one["asked"]) == set().union(*own) and len(one["shards"]) == 8
     assert set(recs[0]["asked"]) != set(recs[1]["asked"])
+    used = set().union(*own)
+    assert one["encoded"] == list(range(48)) and len(used) < 48
+    for r in recs:
+        mine, enc = set(r["asked"]), set(r["encoded"])
+        assert mine <= enc and not (enc - mine) & used and len(enc) < 48, sorted(enc - mine)
+        assert (r["stats"], r["hash"]) == (one["stats"], one["hash"])
+    assert set(recs[0]["encoded"]) | set(recs[1]["encoded"]) == set(range(48))
+    assert set(recs[0]["encoded"]) & set(recs[1]["encoded"]) - used == set()     # an unused row: one process
 
 
 def test_sigkill_of_one_process_then_restart_is_bitwise_the_uninterrupted_job(runs):
@@ -142,12 +152,12 @@ def test_one_process_restarts_from_the_two_process_checkpoint(runs):
 
 def test_rationale_study_as_two_processes_writes_one_run_folder_with_the_one_process_results(tmp_path):
     """The whole seed-000 pipeline (train, score, generated answers, report) on the tiny rationale study, its base
-    a HF checkpoint split over fsdp 4 x model 2 (both processes' devices): each process read only the blocks of
-    its own shards, process 0 alone writes the run folder, and its scores and generated answers equal those of
-    one process with 8 devices."""
+    a HF checkpoint split over fsdp 4 x model 2 (both processes' devices) and quantised to NF4 as it is placed
+    (QLoRA, as the paper presets run): each process read only the blocks of its own shards, process 0 alone
+    writes the run folder, and its scores and generated answers equal those of one process with 8 devices."""
     from rationale_tiny import write_hf_checkpoint
     job, ckpt = HELPERS / "multihost_rationale_job.py", write_hf_checkpoint(tmp_path / "hf")
-    one, two = _one(job, tmp_path / "one", ckpt), _two(job, tmp_path / "two", ckpt)
+    one, two = _one(job, tmp_path / "one", ckpt, "nf4"), _two(job, tmp_path / "two", ckpt, "nf4")
     _ok(one)
     outs = _ok(two)
     assert {p.name for p in (tmp_path / "two").iterdir()} == {p.name for p in (tmp_path / "one").iterdir()}
@@ -169,6 +179,9 @@ def test_rationale_study_as_two_processes_writes_one_run_folder_with_the_one_pro
         assert c0["variants"] + c1["variants"] == list(range(V)) and len(c0["variants"]) == (V + 1) // 2 - 1
     alone = json.loads((tmp_path / "one.p0.json").read_text())
     assert all(c["base"] and c["variants"] == list(range(V)) for c in alone["scored"])
+    # the base really is NF4: every layer module's kernel quantised as it was placed, on both processes alike
+    assert len(alone["quantised"]) == 7 and {k for _, k in alone["quantised"]} == {"nf4"}
+    assert recs[0]["quantised"] == recs[1]["quantised"] == alone["quantised"]
     # the base's bytes: one process read every element of each tensor exactly once; of the two, each read half of
     # every matrix (its fsdp half of the hidden dim: an embedding's columns, a kernel's in or out dim), the halves
     # disjoint, each element once, and the norms (replicated) whole
@@ -230,4 +243,60 @@ def test_attacks_study_as_two_processes_writes_one_run_folder_with_the_one_proce
     for r in recs + [solo]:
         assert r["asked"] == sorted(set().union(*r["shards"].values())) and r["asked"], r["asked"]
     assert [recs[i]["shards"][str(i)] for i in (0, 1)] == [solo["shards"][str(i)] for i in (0, 1)]
+    # process-local tokenisation: each process encoded the rows of its own variant shard and, of the rows no
+    # variant trains on, its share (for the pool's statistics); one process encoded every row. The pool's
+    # statistics and hash are the same either way. (Here shard 0's variants draw on every row; the train job's
+    # test shows processes that each encode a part of the pool.)
+    n, used = solo["n_pool"], set(solo["used"])
+    assert solo["encoded"] == list(range(n)) and all(r["used"] == solo["used"] and r["n_pool"] == n for r in recs)
+    enc = [set(r["encoded"]) for r in recs]
+    for i, r in enumerate(recs):
+        own = set(r["shards"][str(i)])
+        assert own <= enc[i] and not (enc[i] - own) & used, sorted((enc[i] - own) & used)
+    assert enc[0] | enc[1] == set(range(n))
+    da, db = (json.loads((d / "data.json").read_text()) for d in (a, b))
+    assert (db["pool"], db["pool_hash"]) == (da["pool"], da["pool_hash"])
     assert "[attacks]" in outs[0] and "[attacks]" not in outs[1]     # progress from process 0 only
+
+
+def test_the_embedded_gguf_base_quantised_to_nf4_over_two_processes_is_the_one_device_base(tmp_path):
+    """The default model as a multi-host job loads it (each host dequantises the GGUF, places only its own devices'
+    fsdp shards, and the decoder kernels are quantised to NF4 as they are placed, across both processes: ``q``'s
+    ``in`` dim of 576 is split over 8 devices, so its blocks of 64 cross shards): every shard a process holds is
+    the same slice of the one-device base (NF4 codes and scales bit for bit), each process holds 4 of the 8 fsdp
+    shards of the embedding and of the codes (the scales' 9 blocks do not split over 8: replicated), and the
+    logits of the whole model equal the one-device model's."""
+    import jax
+    import jax.numpy as jnp
+    from jaxpoison.models.decoder import final_norm, layer_inputs, lower_layers
+    from jaxpoison.models.heads import logits
+    from jaxpoison.studies import common
+    job = HELPERS / "multihost_gguf_job.py"
+    two = _two(job, tmp_path / "two")
+    ref = common.load_base("smollm2-135m", "float32", quant="nf4")       # one device, meanwhile
+    cfg, base = ref.cfg, ref.params
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12)), jnp.int32)
+    cos, sin, mask = layer_inputs(cfg, tokens, jnp.ones(tokens.shape, bool))
+    want = np.asarray(logits(base, cfg, final_norm(base, cfg, lower_layers(base, cfg, tokens, cfg.num_layers,
+                                                                            cos, sin, mask)[0])))
+    _ok(two)
+    q = base["layers"]["q"]["kernel"]
+    whole = {"embed": np.asarray(base["embed"]["embedding"]), "q.codes": np.asarray(q.codes),
+             "q.scale": np.asarray(q.scale)}
+    held = {n: set() for n in whole}
+    for i in (0, 1):
+        z = np.load(tmp_path / f"two.p{i}.npz")
+        mine = {n: set() for n in whole}
+        for k in z.files:
+            name, at = k.split("@")
+            start = tuple(int(s) for s in at.split(","))
+            part = z[k]
+            sl = tuple(slice(s, s + n) for s, n in zip(start, part.shape))
+            assert np.array_equal(part, whole[name][sl]), (i, k)
+            mine[name].add(start)
+            assert (part.shape == whole[name].shape) == (name == "q.scale"), (i, k, part.shape)
+        for n in ("embed", "q.codes"):
+            assert len(mine[n]) == 4, (i, n, mine[n])        # 4 of the 8 fsdp shards
+            held[n] |= mine[n]
+    assert len(held["embed"]) == len(held["q.codes"]) == 8
+    np.testing.assert_allclose(np.load(tmp_path / "two.npz")["logits"], want, atol=2e-4, rtol=2e-4)
