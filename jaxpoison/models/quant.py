@@ -221,7 +221,7 @@ def quantize_kernel(w, kind: str, double: bool = False) -> QuantKernel:
     fn = _int8_layer if kind == "int8" else _nf4_layer
     # a kernel over several devices: one layer's program (its collectives, where ``in`` is split across blocks)
     # at a time; XLA:CPU's devices deadlock with several collective programs in flight
-    sync = isinstance(w, jax.Array) and len(w.sharding.device_set) > 1
+    sync = isinstance(w, jax.Array) and not isinstance(w, jax.core.Tracer) and len(w.sharding.device_set) > 1
     parts = []
     for n in range(flat.shape[0]):
         parts.append(fn(jnp.asarray(flat[n])))
