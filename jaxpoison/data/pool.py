@@ -86,11 +86,10 @@ class Pool:
         lz.encode(np.union1d(need, owned))
         parts = [json.loads(t) for t in (gather or (lambda t: [t]))(json.dumps(lz.partial(owned)))]
         if (sum(p["n"] for p in parts) != R
-                or sum(int(p["rows"], 16) for p in parts) % 2 ** 64 != int(_cover(range(R)), 16)):
+                or sum(int(p["cover"], 16) for p in parts) % 2 ** 64 != int(_cover(range(R)), 16)):
             raise DataError(f"the processes' pool rows do not cover the pool's {R} rows exactly once (counted "
                             f"{[p['n'] for p in parts]}); every process must derive the same variants and mesh")
         self._stats, self._data_hash = lz.combine(parts, self.row_ids)
-        lz.T = self._stats["T"]
         return self
 
     def inputs_digest(self) -> str:
@@ -240,7 +239,6 @@ class _LazyRows:
         self.rows, self.tok, self.max_len, self.buckets = rows, tok, max_len, buckets
         self.loss_on, self.truncation, self.prefix, self.eos, self.pad = loss_on, truncation, prefix, eos, pad
         self.seqs: dict = {}
-        self.T: Optional[int] = None
 
     def encode(self, idx) -> None:
         for i in map(int, idx):
@@ -271,7 +269,7 @@ class _LazyRows:
         lt = [int(_padded(b, nc, len(b), self.pad, self.loss_on)[1].sum()) for b, nc, _ in seqs]
         long = [i for i, (_, _, full) in zip(owned, seqs) if full > self.max_len]
         digest = sum(int.from_bytes(_row_digest(i, b, nc), "big") for i, (b, nc, _) in zip(owned, seqs))
-        return {"n": len(owned), "rows": _cover(owned), "len_sum": sum(len(b) for b, _, _ in seqs),
+        return {"n": len(owned), "cover": _cover(owned), "len_sum": sum(len(b) for b, _, _ in seqs),
                 "len_max": max((len(b) for b, _, _ in seqs), default=0),
                 "longest": max((f for _, _, f in seqs), default=0), "n_long": len(long), "long": long[:50],
                 "dropped": sum(f - len(b) for b, _, f in seqs), "lt_min": min(lt, default=None),
